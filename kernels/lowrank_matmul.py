@@ -1,0 +1,199 @@
+"""Triton kernels for the low-rank linear y = (x V^T) U^T + b.
+
+Shapes: x (M, n) (the op flattens leading dims), V (r, n), U (m, r), b (m,), y (M, m). Both factors are
+row-major, so each factor product is a "rows of W times x" product and one kernel serves both:
+
+    _lowrank_matmul_kernel:  out[s] = (sum_t a[t]) . w^T   (+ bias, cast to out dtype)
+        a   (SPLIT_IN, M, K)   partial sums of the input, summed while loading (SPLIT_IN = 1 for x)
+        w   (N, K)             one factor, row-major
+        out (SPLIT_OUT, M, N)  program (pid_n, pid_m, pid_s) owns BLOCK_N rows of w and K-slice pid_s
+
+    shrink: a = x (1, M, n),  w = V (r, n) -> z (S, M, r) fp32 partials, split-K over n into S slices
+    expand: a = z (S, M, r),  w = U (m, r) -> y (1, M, m) in x's dtype, bias in the epilogue
+
+Why split-K without atomics: at decode the shrink has only r output columns (r = 256 -> 256 rows of V),
+too few rows of work to put ~2 programs on each of an H100's 132 SMs, yet V is 2 MB that must stream at full
+bandwidth. Splitting n into S slices multiplies the programs by S; the S fp32 partials (S * M * r * 4 bytes,
+<= 256 KB) are summed by the expand as it loads z, so no memset, no atomics, and the result is
+deterministic.
+
+Why two chained launches instead of one persistent kernel: with programmatic dependent launch (PDL, sm_90+)
+the expand grid is launched while the shrink still runs; every expand program loads its first chunk of U
+(which does not depend on z) before `gdc_wait`, so the launch gap and the first U fetch overlap the shrink.
+The shrink does the same with V against whatever kernel produced x. A grid-wide handoff inside one kernel
+would need a device-wide barrier and a co-resident grid; PDL gives the overlap without either. This choice
+is to be confirmed by the H100 benchmark (GPU figures pending at the time of writing).
+
+Inner product, per launch configuration (`_launch_config`):
+- M <= 4 ("FMA"): a [BLOCK_M, 1, BLOCK_K] x [1, BLOCK_N, BLOCK_K] broadcast product reduced over K in fp32.
+  BLOCK_M * BLOCK_N * BLOCK_K <= 4096 keeps the product at 32 fp32 registers per thread with 4 warps.
+- M > 4 ("DOT"): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles. Operands are promoted to fp32 and
+  multiplied in TF32 on the GPU: fp16/bf16 inputs are exact in TF32 (10-bit mantissa), only the fp32
+  intermediate z is rounded, to 10 bits -- finer than torch's two-GEMM path, which rounds z to the
+  activation dtype. Under the CPU interpreter tl.dot runs in IEEE fp32 (its bf16 tl.dot is wrong).
+  Every tl.dot dimension is >= 16, as the GPU compiler requires.
+Accumulation is fp32 throughout; offsets along rows are int64 (11008 x 4096 x M stays far from 2^31 but
+the leading-dim stride of a large x need not).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_ops.backends import triton_interpreting
+
+
+@triton.jit
+def _lowrank_matmul_kernel(
+    a_ptr,  # (SPLIT_IN, M, K)  fp16 / bf16 / fp32
+    w_ptr,  # (N, K)
+    bias_ptr,  # (N,) or dummy when HAS_BIAS is False
+    out_ptr,  # (SPLIT_OUT, M, N)
+    M,
+    N,
+    K,
+    K_PER_SPLIT,  # K-slice of one program along grid axis 2; multiple of BLOCK_K
+    stride_as,
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_os,
+    stride_om,
+    stride_on,
+    SPLIT_IN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+
+    # The weight does not depend on the previous kernel: fetch its first chunk before waiting on it.
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+    w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k[None, :] < k_end), other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch and prefetch its own weight
+        tl.extra.cuda.gdc_wait()  # `a` is written by the previous kernel
+
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_mask = m_mask[:, None] & (offs_k[None, :] < k_end)
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for t in tl.static_range(SPLIT_IN):
+            a += tl.load(a_rows + t * stride_as + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+        # Register double buffer: issue the next weight chunk before consuming this one.
+        w_ptrs += BLOCK_K * stride_wk
+        w_next = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k[None, :] + BLOCK_K < k_end), other=0.0)
+        if USE_DOT:
+            acc += tl.dot(a, tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = w_next
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+FMA_MAX_M = 4  # above this, tl.dot tiles (BLOCK_M = 16) beat the broadcast product's register footprint
+FMA_PRODUCT_ELEMS = 4096  # BLOCK_M * BLOCK_N * BLOCK_K of the broadcast product: 32 fp32 regs/thread, 4 warps
+DECODE_MAX_M = 16
+PROGRAMS_PER_SM = 2  # split-K targets this many programs per SM so the weight streams from every SM
+MAX_SPLIT = 16  # the expand re-reads all S partials of z per program (L2 traffic S * M * r * 4 B each)
+INTERPRETER_PROGRAMS = 4  # under TRITON_INTERPRET programs run one after another; fewer is faster
+
+
+@functools.cache
+def _target_programs(device_index: int | None) -> int:
+    if device_index is None:
+        return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_config(m_rows: int, n_out: int, k_in: int, target_programs: int, allow_split: bool) -> dict:
+    """Blocks and split count for one factor product out (M, N) = a (M, K) . w (N, K)^T."""
+    k_pow2 = triton.next_power_of_2(k_in)
+    if m_rows <= FMA_MAX_M:
+        block_m = triton.next_power_of_2(m_rows)
+        block_k = min(256, k_pow2)
+        block_n = max(1, min(FMA_PRODUCT_ELEMS // (block_m * block_k), triton.next_power_of_2(n_out)))
+        use_dot = False
+    elif m_rows <= DECODE_MAX_M:
+        block_m, block_n, block_k, use_dot = 16, 16, max(16, min(128, k_pow2)), True
+    else:
+        block_m, block_n, block_k, use_dot = 64, 64, max(16, min(64, k_pow2)), True
+    programs = triton.cdiv(n_out, block_n) * triton.cdiv(m_rows, block_m)
+    k_blocks = triton.cdiv(k_in, block_k)
+    split = max(1, min(k_blocks, MAX_SPLIT, target_programs // programs)) if allow_split else 1
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    split = triton.cdiv(k_in, k_per_split)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, split=split, k_per_split=k_per_split
+    )
+
+
+def _launch(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict, use_pdl: bool):
+    """out (S_out, M, N) = sum_t a[t] (S_in, M, K) . w (N, K)^T (+ bias) with the blocks in `cfg`."""
+    split_in, m_rows, k_in = a.shape
+    n_out = w.shape[0]
+    grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m_rows, cfg["BLOCK_M"]), out.shape[0])
+    extra = {"launch_pdl": True} if use_pdl else {}
+    _lowrank_matmul_kernel[grid](
+        a, w, bias if bias is not None else w, out,
+        m_rows, n_out, k_in, cfg["k_per_split"],
+        a.stride(0), a.stride(1), a.stride(2),
+        w.stride(0), w.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        SPLIT_IN=split_in,
+        HAS_BIAS=bias is not None,
+        USE_DOT=cfg["USE_DOT"],
+        DOT_PRECISION="ieee" if triton_interpreting() else "tf32",
+        USE_PDL=use_pdl,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=4,
+        **extra,
+    )  # fmt: skip
+
+
+def lowrank_matmul_triton(
+    x2d: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Launch shrink then expand for a 2-D x (M, n). Inputs are validated by the op (lowrank_ops.ops)."""
+    m_rows, n_in = x2d.shape
+    rank, m_out = v.shape[0], u.shape[0]
+    on_gpu = x2d.device.type == "cuda" and not triton_interpreting()
+    device_index = (
+        (x2d.device.index if x2d.device.index is not None else torch.cuda.current_device()) if on_gpu else None
+    )
+    target = _target_programs(device_index)
+    use_pdl = on_gpu and torch.cuda.get_device_capability(device_index)[0] >= 9  # griddepcontrol is sm_90+
+
+    shrink = _launch_config(m_rows, rank, n_in, target, allow_split=True)
+    z = torch.empty((shrink["split"], m_rows, rank), device=x2d.device, dtype=torch.float32)
+    _launch(x2d.unsqueeze(0), v, None, z, shrink, use_pdl)
+
+    expand = _launch_config(m_rows, m_out, rank, target, allow_split=False)
+    y = torch.empty((1, m_rows, m_out), device=x2d.device, dtype=x2d.dtype)
+    _launch(z, u, bias, y, expand, use_pdl)
+    return y[0]

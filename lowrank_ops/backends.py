@@ -1,0 +1,147 @@
+"""Backend choice for every lowrank_ops op, in one place.
+
+`select_backend` is the single dispatch point: ops call it with the device and the number of rows M of the
+activation, and get back which implementation runs. Rules (AUTO):
+
+- CPU tensors run the torch path. Triton on CPU only exists as the slow interpreter (``TRITON_INTERPRET=1``),
+  which tests request explicitly.
+- CUDA tensors with M <= DECODE_MAX_M run the Triton decode path (split-K shrink + fused expand, chained with
+  programmatic dependent launch) -- the regime where two library GEMV launches plus a dependency gap cost
+  more than the bytes (H100 anchor: two cuBLAS GEMMs 10.6 us vs a 1.25 us byte floor at 4096^2, r=256).
+- CUDA tensors with DECODE_MAX_M < M <= TRITON_TILED_MAX_M run the Triton tiled path; larger M goes to the
+  torch backend (two cuBLAS tensor-core GEMMs, rank padded to a multiple of 16), which is compute-bound and
+  near peak there. The crossover constants are provisional until the H100 benchmark has been run
+  (benchmarks/bench_lowrank_matmul.py); they are not yet measured on this package's kernels.
+
+An explicitly requested backend that is unavailable raises `BackendUnavailableError` with the reason.
+AUTO never fails: it falls back to torch and logs one line per (op, reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+logger = logging.getLogger("lowrank_ops")
+
+DECODE_MAX_M = 16
+TRITON_TILED_MAX_M = 64
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    TRITON = "triton"
+    TORCH = "torch"
+    CUDA = "cuda"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when Triton can run on `device`, else a sentence saying why not."""
+    if (reason := _triton_import_error()) is not None:
+        return reason
+    if device.type == "cuda":
+        if triton_interpreting():
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"Triton kernels need compute capability >= 8.0, {torch.cuda.get_device_name(device)} has {major}.x"
+        return None
+    if device.type == "cpu":
+        if triton_interpreting():
+            return None
+        return "Triton on CPU only runs under the interpreter (set TRITON_INTERPRET=1 before importing lowrank_ops)"
+    return f"Triton does not run on device type {device.type!r}"
+
+
+def cuda_unavailable_reason(op: str, device: torch.device) -> str | None:
+    """None when the csrc/ extension provides `op` for `device`, else why not."""
+    if device.type != "cuda":
+        return f"the CUDA backend needs a CUDA tensor, got device {device}"
+    from lowrank_ops import _C_loader
+
+    if (reason := _C_loader.extension_unavailable_reason()) is not None:
+        return reason
+    if op not in _C_loader.CUDA_OPS:
+        return f"the CUDA extension has no {op} kernel yet (CUDA decode kernels are issue 9)"
+    return None
+
+
+_requested: Backend | None = None
+
+
+def requested_backend() -> Backend:
+    """The backend asked for by `use_backend(...)`, else $LOWRANK_OPS_BACKEND, else AUTO."""
+    if _requested is not None:
+        return _requested
+    env = os.environ.get("LOWRANK_OPS_BACKEND", "auto").lower()
+    try:
+        return Backend(env)
+    except ValueError:
+        raise ValueError(f"LOWRANK_OPS_BACKEND={env!r} is not one of {[b.value for b in Backend]}") from None
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend | str) -> Iterator[None]:
+    """Force a backend for the ops called inside the block (tests, benchmarks, debugging)."""
+    global _requested
+    previous, _requested = _requested, Backend(backend)
+    try:
+        yield
+    finally:
+        _requested = previous
+
+
+@functools.cache
+def _log_fallback_once(op: str, reason: str) -> None:
+    logger.info("lowrank_ops.%s: AUTO uses the torch backend because %s", op, reason)
+
+
+def select_backend(op: str, device: torch.device, m_rows: int, requested: Backend | str | None = None) -> Backend:
+    """Pick the implementation of `op` for activations with `m_rows` rows on `device`.
+
+    Returns TRITON, TORCH or CUDA, never AUTO. See the module docstring for the rules.
+    """
+    requested = requested_backend() if requested is None else Backend(requested)
+    if requested is Backend.TORCH:
+        return Backend.TORCH
+    if requested is Backend.TRITON:
+        if (reason := triton_unavailable_reason(device)) is not None:
+            raise BackendUnavailableError(f"{op}: backend 'triton' is unavailable: {reason}")
+        return Backend.TRITON
+    if requested is Backend.CUDA:
+        if (reason := cuda_unavailable_reason(op, device)) is not None:
+            raise BackendUnavailableError(f"{op}: backend 'cuda' is unavailable: {reason}")
+        return Backend.CUDA
+    # AUTO
+    if device.type != "cuda":
+        _log_fallback_once(op, f"the tensors are on {device.type}, where torch is the fast path")
+        return Backend.TORCH
+    if m_rows > TRITON_TILED_MAX_M:
+        return Backend.TORCH  # compute-bound: cuBLAS tensor-core GEMMs (see module docstring)
+    if (reason := triton_unavailable_reason(device)) is not None:
+        _log_fallback_once(op, reason)
+        return Backend.TORCH
+    return Backend.TRITON

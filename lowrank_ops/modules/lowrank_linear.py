@@ -1,0 +1,126 @@
+"""LowRankLinear: a drop-in nn.Linear whose weight is stored as two factors, W ~= U V.
+
+Forward: y = U (V x) + b through `torch.ops.lowrank_ops.lowrank_matmul` (Triton decode / tiled kernels on
+GPU, torch elsewhere).
+
+state_dict keys (stable; later modules and checkpoints rely on them):
+    v     (rank, in_features)   the "shrink" factor, V = Sigma_r^{1/2} V_r^T for plain SVD
+    u     (out_features, rank)  the "expand" factor, U = U_r Sigma_r^{1/2}
+    bias  (out_features,)       only when bias=True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
+from lowrank_ops.rank import DEFAULT_ALIGN, param_ratio, rank_for_param_ratio, validate_rank
+
+
+class LowRankLinear(nn.Module):
+    """y = U (V x) + b with U (out_features, rank), V (rank, in_features).
+
+    Args mirror nn.Linear plus `rank` (1 <= rank <= min(in_features, out_features)). Fresh modules are
+    initialised so that U V has nn.Linear's default variance; use `from_linear` to factor a trained layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, dtype=None, device=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LowRankLinear: {name}={value!r} must be an int >= 1")
+        validate_rank(rank, out_features, in_features, "LowRankLinear")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        factory = {"dtype": dtype, "device": device}
+        self.v = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.u = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Match nn.Linear's init variance Var(W_ij) = 1 / (3 n) for W = U V.
+
+        Var(W_ij) = r Var(U) Var(V); V ~ U(-1/sqrt(n), 1/sqrt(n)) has Var 1 / (3 n), so Var(U) = 1 / r,
+        i.e. U ~ U(-sqrt(3 / r), sqrt(3 / r)).
+        """
+        n, r = self.in_features, self.rank
+        v_bound = 1.0 / math.sqrt(n)
+        u_bound = math.sqrt(3.0 / r)
+        nn.init.uniform_(self.v, -v_bound, v_bound)
+        nn.init.uniform_(self.u, -u_bound, u_bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -v_bound, v_bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowrank_matmul(x, self.v, self.u, self.bias)
+
+    @property
+    def param_ratio(self) -> float:
+        """Fraction of the dense weight's parameters kept: r (m + n) / (m n) (bias excluded)."""
+        return param_ratio(self.out_features, self.in_features, self.rank)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, param_ratio={self.param_ratio:.3f}"
+        )
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, rank: int | None = None, param_ratio: float | None = None, align: int = DEFAULT_ALIGN
+    ) -> LowRankLinear:
+        """Factor `linear` by truncated SVD, W ~= (U_r Sigma_r^{1/2}) (Sigma_r^{1/2} V_r^T).
+
+        Give exactly one of `rank` (honoured exactly) or `param_ratio` (fraction of parameters kept; the rank is
+        rounded down to a multiple of `align`, see lowrank_ops.rank). The SVD runs in float32 (float64 if the
+        layer is float64) on the layer's device; the factors take the layer's dtype and device.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LowRankLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if (rank is None) == (param_ratio is None):
+            raise ValueError(
+                "LowRankLinear.from_linear: give exactly one of rank or param_ratio "
+                f"(got rank={rank}, param_ratio={param_ratio})"
+            )
+        weight = linear.weight.detach()
+        m, n = weight.shape
+        if rank is None:
+            rank = rank_for_param_ratio(m, n, param_ratio, align=align)
+        validate_rank(rank, m, n, "LowRankLinear.from_linear")
+        if not torch.isfinite(weight).all():
+            bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
+            raise ValueError(
+                f"LowRankLinear.from_linear: the weight ({m}, {n}) has NaN/Inf, first at index {tuple(bad)}"
+            )
+        u, v = _truncated_svd_factors(weight, rank)
+        module = cls(n, m, rank, bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            module.u.copy_(u)
+            module.v.copy_(v)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        return module
+
+    def to_linear(self) -> nn.Linear:
+        """The dense layer with W = U V (computed in float32 at least, cast to the factors' dtype)."""
+        factory = {"dtype": self.u.dtype, "device": self.u.device}
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **factory)
+        compute = torch.promote_types(self.u.dtype, torch.float32)
+        with torch.no_grad():
+            linear.weight.copy_(self.u.detach().to(compute) @ self.v.detach().to(compute))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.detach())
+        return linear
+
+
+def _truncated_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r Sigma_r^{1/2}, Sigma_r^{1/2} V_r^T) of `weight`, computed in float32 or float64."""
+    from lowrank_ops.engine import exact_svd
+
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    u, s, vh = exact_svd(weight.to(compute))
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
