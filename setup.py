@@ -11,15 +11,25 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["lowrank_ops", "lowrank_ops.ops", "lowrank_ops.modules", "lowrank_ops.kernels"]
-PACKAGE_DIR = {"lowrank_ops.kernels": "kernels"}  # kernels/ ships inside lowrank_ops, never as top-level
+# Every subpackage of lowrank_ops/ (found, so a new one cannot be left out of the wheel), plus kernels/ shipped as
+# lowrank_ops.kernels, never as a top-level `kernels` (tests/test_build.py checks the wheel's file list).
+PACKAGES = [
+    *find_packages(include=["lowrank_ops", "lowrank_ops.*"]),
+    "lowrank_ops.kernels",
+    *(f"lowrank_ops.kernels.{p}" for p in find_packages("kernels")),
+]
+PACKAGE_DIR = {"lowrank_ops.kernels": "kernels"}
 CUDA_SOURCES = ["csrc/device_info.cu", "csrc/bindings.cpp"]
 
 
 def _log(msg: str) -> None:
     print(f"lowrank-ops setup: {msg}", file=sys.stderr)
+
+
+def _arch_flags() -> list[str]:
+    return [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else ["-gencode=arch=compute_90a,code=sm_90a"]
 
 
 def _cuda_extension_or_reason():
@@ -40,7 +50,11 @@ def _cuda_extension_or_reason():
     ext = CUDAExtension(
         name="lowrank_ops._C",
         sources=CUDA_SOURCES,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        # No -std: torch's cpp_extension picks the standard its headers need (C++17 on older torch, C++20 on 2.13,
+        # whose headers #error under C++17 from 2.14 on). An explicit flag would override that choice.
+        # sm_90a (Hopper features for the decode kernels) unless the user picks archs; any "arch" flag turns off
+        # torch's own arch detection, so a build without a matching image fails self_check loudly.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *_arch_flags()]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
