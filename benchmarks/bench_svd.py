@@ -311,7 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target-ms", type=float, default=None, help="timing budget per row (default 1000 GPU, 300 CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="tqdm bars in the whole-model run")
-    p.add_argument("--threads", type=int, default=None, help="CPU only: torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None, help="CPU only: torch.set_num_threads (default 1)")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -320,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.is_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if args.is_gpu else "cpu")
-    if not args.is_gpu and args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if not args.is_gpu:
+        # One thread by default, as in bench_lowrank_matmul: on the shared 2-core dev machines two OpenMP threads
+        # next to any other busy process turn timings into multiples of a scheduler slice.
+        torch.set_num_threads(args.threads or 1)
     grid = GPU_GRID if args.is_gpu else CPU_GRID
     args.shapes = args.shapes or grid["shapes"]
     args.ranks = args.ranks or ((512,) if args.quick and args.is_gpu else grid["ranks"])

@@ -12,6 +12,8 @@ one aligned block). Unaligned ranks are slow on tensor cores (DESIGN.md: H100 cu
 
 from __future__ import annotations
 
+import torch
+
 DEFAULT_ALIGN = 16
 
 
@@ -57,3 +59,33 @@ def validate_rank(rank: int, m: int, n: int, where: str) -> int:
             f"{where}: rank={rank} must satisfy 1 <= rank <= min(m, n) = {min(m, n)} for W of shape ({m}, {n})"
         )
     return rank
+
+
+def discarded_energy(singular_values: torch.Tensor, rank: int | None = None, *, relative: bool = False) -> torch.Tensor:
+    """E(r) = sum_{i >= r} sigma_i^2 for singular values (..., k) in descending order (0-based i), in float64.
+
+    By Eckart-Young, E(r) is the squared Frobenius error of the best rank-r approximation; for the singular values of
+    W S (whitened SVD) it is the activation-weighted loss ||(W - U V) X^T||_F^2. `rank` in [0, k] gives E(rank)
+    with shape (...); rank=None gives the whole curve E(0), ..., E(k) with shape (..., k + 1), for allocators.
+    relative=True divides by E(0) = sum_i sigma_i^2 (0 where all sigma are 0).
+    """
+    where = "discarded_energy"
+    if not isinstance(singular_values, torch.Tensor) or not singular_values.is_floating_point():
+        kind = type(singular_values).__name__
+        raise TypeError(f"{where}: singular_values must be a floating torch.Tensor, got {kind}")
+    if singular_values.ndim < 1:
+        raise ValueError(f"{where}: singular_values.shape={tuple(singular_values.shape)} must be (..., k)")
+    k = singular_values.shape[-1]
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"{where}: rank={rank!r} must be an int or None")
+        if not 0 <= rank <= k:
+            raise ValueError(f"{where}: rank={rank} must satisfy 0 <= rank <= k = {k}")
+    s2 = singular_values.to(torch.float64).square()
+    tail = s2.flip(-1).cumsum(-1).flip(-1)  # tail[..., r] = sum_{i >= r} sigma_i^2
+    curve = torch.cat([tail, torch.zeros_like(tail[..., :1])], dim=-1)
+    if relative:
+        total = curve[..., :1]
+        tiny = torch.finfo(torch.float64).tiny
+        curve = torch.where(total > 0, curve / total.clamp_min(tiny), torch.zeros_like(curve))
+    return curve if rank is None else curve[..., rank]
