@@ -1,8 +1,10 @@
 """Command line: `lowrank-ops <command>` (also `python -m lowrank_ops <command>`).
 
 Commands:
-  env    versions, GPU, and which backends are available (and why not)
-  demo   factor real nn.Linear layers of the default model at a few ranks: error, param ratio, timing
+  compress  calibrate and compress a causal LM (default: SmolLM2-135M), evaluate perplexity, save
+  eval      perplexity of a saved compressed model (or any model) on the Wikipedia test split
+  env       versions, GPU, and which backends are available (and why not)
+  demo      factor real nn.Linear layers of the default model at a few ranks: error, param ratio, timing
 """
 
 from __future__ import annotations
@@ -27,9 +29,96 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank_ops.configs import LowRankConfig
+    from lowrank_ops.pipeline import run_compression
+
+    config = LowRankConfig(
+        method=args.method, param_ratio=args.param_ratio, allocator=args.allocator, alpha=args.alpha, align=args.align,
+        targets=args.targets, ignore=args.ignore, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
+        batch_size=args.batch_size, device=args.device,
+    )  # fmt: skip
+    result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
+                             evaluate_dense=not args.no_dense_eval)  # fmt: skip
+    print(_summary(result))
+    if args.out:
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _summary(result: dict) -> str:
+    from lowrank_ops.compress import CompressionReport, LayerResult
+
+    compression = result["compression"]
+    report = CompressionReport(compression["config"], [LayerResult(**layer) for layer in compression["layers"]],
+                               compression["embedding_and_lm_head_params"], compression["seconds"])  # fmt: skip
+    config = result["config"]
+    lines = [report.format_table(), ""]
+    lines.append(f"{'model':42s} {'method':7s} {'allocator':11s} {'ratio':>6s} {'perplexity':>11s} {'seconds':>8s}")
+    if "dense" in result:
+        lines.append(f"{result['model']:42s} {'dense':7s} {'':11s} {1.0:6.3f} {result['dense']['perplexity']:11.3f}")
+    ppl = result.get("compressed", {}).get("perplexity", float("nan"))
+    lines.append(f"{result['model']:42s} {config['method']:7s} {config['allocator']:11s} {report.param_ratio:6.3f} "
+                 f"{ppl:11.3f} {compression['seconds']['total']:8.1f}")  # fmt: skip
+    if "compressed" in result:
+        ev = result["compressed"]
+        lines.append(f"perplexity on {ev['tokens']} Wikipedia test tokens, windows of {ev['seq_len']} (BOS-prefixed)")
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lowrank_ops.compress import resolve_device
+    from lowrank_ops.pipeline import evaluate_perplexity, load_model
+
+    model, tokenizer, source = load_model(args.model, resolve_device(args.device))
+    ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, args.batch_size)
+    print(f"{source}: perplexity {ev['perplexity']:.3f} on {ev['tokens']} Wikipedia test tokens "
+          f"(windows of {ev['seq_len']}, BOS-prefixed), {ev['seconds']:.1f} s")  # fmt: skip
+    if args.json:
+        print(json.dumps(ev))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from lowrank_ops.configs import ALLOCATORS, DEVICES, METHODS, LowRankConfig
+    from lowrank_ops.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_MODEL
+
+    d = LowRankConfig()
+    comp = sub.add_parser("compress", help="calibrate, compress, evaluate and save a causal LM")
+    comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
+    comp.add_argument("--method", default=d.method, choices=METHODS)
+    comp.add_argument(
+        "--param-ratio",
+        type=float,
+        default=d.param_ratio,
+        help="fraction of the targeted Linear parameters KEPT, in (0, 1]",
+    )
+    comp.add_argument("--allocator", default=d.allocator, choices=ALLOCATORS)
+    comp.add_argument("--alpha", type=float, default=d.alpha, help="ASVD exponent of mean|x|")
+    comp.add_argument("--align", type=int, default=d.align, help="ranks are multiples of this")
+    comp.add_argument("--targets", nargs="+", default=None, help="class names, qualified names or re:<regex>")
+    comp.add_argument(
+        "--ignore", nargs="+", default=None, help="patterns to leave dense (default: lm_head, embeddings)"
+    )
+    comp.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
+    comp.add_argument("--seq-len", type=int, default=d.seq_len)
+    comp.add_argument("--batch-size", type=int, default=d.batch_size)
+    comp.add_argument("--device", default=d.device, choices=DEVICES)
+    comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
+    comp.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    comp.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
+    comp.add_argument("--out", default=None, help="directory to save the compressed model into (atomically)")
+    comp.set_defaults(func=_cmd_compress)
+    ev = sub.add_parser("eval", help="perplexity on the Wikipedia test split")
+    ev.add_argument("model", help="a directory written by compress, a model directory, a hub id or 'default'")
+    ev.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
+    ev.add_argument("--seq-len", type=int, default=d.seq_len)
+    ev.add_argument("--batch-size", type=int, default=d.batch_size)
+    ev.add_argument("--device", default="auto", choices=DEVICES)
+    ev.add_argument("--json", action="store_true", help="also print the result as JSON")
+    ev.set_defaults(func=_cmd_eval)
     env = sub.add_parser("env", help="versions, GPU and available backends")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(func=_cmd_env)

@@ -1,0 +1,107 @@
+"""Compression configs: small validated dataclasses with a JSON round trip (`to_dict` / `config_from_dict`).
+
+`LowRankConfig` covers the three low-rank methods of `compress_`:
+- "svd":    plain truncated SVD of W (baseline; no calibration data),
+- "asvd":   ASVD, W diag(s) with s = mean|x|^alpha per input channel, then SVD (Yuan et al., 2023),
+- "whiten": SVD-LLM-style whitening, W S with S S^T = X^T X from the calibration Gram (Wang et al., 2024).
+and three rank allocators:
+- "uniform":     every layer at the same param ratio,
+- "loss":        global greedy on the discarded whitened energy (SVD-LLM V2 style), one SVD per layer,
+- "sensitivity": ASVD's search: calibration perplexity of each layer alone at candidate ratios, then one
+                 global perplexity threshold found by binary search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+METHODS = ("svd", "asvd", "whiten")
+ALLOCATORS = ("uniform", "loss", "sensitivity")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class LowRankConfig:
+    """What `compress_` does to the targeted Linear layers.
+
+    param_ratio: fraction of the targeted Linear parameters KEPT, in (0, 1] (embeddings, lm_head excluded).
+    align: ranks are multiples of this (16: tensor-core friendly; see lowrank_ops.rank).
+    targets / ignore: surgery patterns (class name, qualified name or "re:" regex); None = family defaults.
+    calib_tokens / seq_len / batch_size: calibration budget, window length and batch (methods that need data).
+    sensitivity_ratios: candidate per-layer ratios of the "sensitivity" allocator.
+    """
+
+    method: str = "whiten"
+    param_ratio: float = 0.9
+    allocator: str = "uniform"
+    alpha: float = 0.5
+    align: int = 16
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 4
+    device: str = "auto"
+    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    kind: str = field(default="lowrank", init=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.method not in METHODS:
+            raise ValueError(f"{name}: method={self.method!r} must be one of {list(METHODS)}")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"{name}: allocator={self.allocator!r} must be one of {list(ALLOCATORS)}")
+        if not 0.0 < self.param_ratio <= 1.0:
+            raise ValueError(f"{name}: param_ratio={self.param_ratio} must be in (0, 1] (fraction of parameters kept)")
+        if not self.alpha > 0:
+            raise ValueError(f"{name}: alpha={self.alpha} must be > 0")
+        for attr in ("align", "calib_tokens", "seq_len", "batch_size"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {attr}={value!r} must be an int >= 1")
+        if self.calib_tokens < self.seq_len:
+            raise ValueError(f"{name}: calib_tokens={self.calib_tokens} must be >= seq_len={self.seq_len} (one window)")
+        if self.device not in DEVICES:
+            raise ValueError(f"{name}: device={self.device!r} must be one of {list(DEVICES)}")
+        if not self.sensitivity_ratios or any(not 0 < r <= 1 for r in self.sensitivity_ratios):
+            raise ValueError(f"{name}: sensitivity_ratios={self.sensitivity_ratios} must be non-empty, each in (0, 1]")
+        for attr in ("targets", "ignore"):
+            value = getattr(self, attr)
+            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
+                raise ValueError(f"{name}: {attr}={value!r} must be a list of pattern strings or None")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "svd" or self.allocator == "sensitivity"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+CONFIG_KINDS = {"lowrank": LowRankConfig}
+
+
+def config_from_dict(data: dict):
+    """Inverse of `to_dict`: the config class is chosen by the "kind" key."""
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"config_from_dict: kind={kind!r} must be one of {list(CONFIG_KINDS)}")
+    cls = CONFIG_KINDS[kind]
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config_from_dict: unknown field(s) {unknown} for {cls.__name__}")
+    return cls(**data)
+
+
+def config_from_json(text: str):
+    return config_from_dict(json.loads(text))

@@ -1,0 +1,188 @@
+"""Save / load compressed Hugging Face models, and convert them back to dense.
+
+A saved directory holds
+    config.json           the model's transformers config (save_pretrained)
+    model.safetensors     the full state dict (factors under <layer>.u / <layer>.v / <layer>.bias)
+    lowrank_ops.json      the manifest: format version, compression config, per-layer modules and ranks,
+                          package / torch / transformers versions, the source model
+    tokenizer files       when a tokenizer is given
+It is written into a temporary sibling directory and renamed at the end, so an interrupted save leaves
+nothing half-written. `load_compressed` rebuilds the model from the config on the meta device, swaps in the
+compressed modules named by the manifest and assigns the saved tensors: the round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowrank_ops.modules import LowRankLinear
+from lowrank_ops.surgery import replace_module
+
+MANIFEST = "lowrank_ops.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _versions() -> dict:
+    import transformers
+
+    from lowrank_ops import __version__
+
+    return {"lowrank_ops": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def compressed_layers(model: nn.Module) -> dict[str, dict]:
+    """Manifest entries of every compressed module in `model`."""
+    return {
+        name: {
+            "module": type(module).__name__,
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "rank": module.rank,
+            "bias": module.bias is not None,
+            "dense_class": getattr(module, "dense_class", "Linear"),
+        }
+        for name, module in model.named_modules()
+        if isinstance(module, LowRankLinear)
+    }
+
+
+def atomic_directory(out_dir: str | os.PathLike):
+    """Context manager yielding a temporary directory next to `out_dir` that replaces it on success."""
+    return _AtomicDirectory(Path(out_dir))
+
+
+class _AtomicDirectory:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            self.target.rename(old)
+            self.tmp.rename(self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.target)
+        return False
+
+
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None, tokenizer=None, source=None,
+                    extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """Write `model` (with its compressed layers) to `out_dir` atomically; returns the path.
+
+    extra_files: file name -> text written into the same directory (e.g. evaluation results)."""
+    from safetensors.torch import save_model
+
+    layers = compressed_layers(model)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "config": None if config is None else config.to_dict(),
+        "layers": layers,
+        "versions": _versions(),
+        "source": source,
+    }
+    with atomic_directory(out_dir) as tmp:
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out_dir)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"load_compressed: {path} has no {MANIFEST}; not a directory written by save_compressed"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"load_compressed: {manifest_path} has format_version={manifest.get('format_version')}, "
+                         f"this lowrank_ops reads {FORMAT_VERSION}")  # fmt: skip
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"load_compressed: {path} has no weights file {WEIGHTS}")
+    return manifest
+
+
+def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Rebuild the model saved by `save_compressed`: (model, manifest). Bit-exact when dtype is None."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    hf_config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    for name, entry in manifest["layers"].items():
+        if entry["module"] != "LowRankLinear":
+            raise ValueError(f"load_compressed: layer {name} has unknown module {entry['module']!r}")
+        with torch.device("meta"):
+            module = LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
+        module.dense_class = entry.get("dense_class", "Linear")
+        replace_module(model, name, module)
+    model.to_empty(device=device)
+    load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+    _recompute_non_persistent_buffers(model, hf_config, device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), manifest
+
+
+def _recompute_non_persistent_buffers(model: nn.Module, hf_config, device) -> None:
+    """Buffers not in the state dict (rotary inv_freq) were left uninitialised by to_empty: rebuild them
+    from a reference model built on CPU from the same config."""
+    missing = [name for name, _ in model.named_buffers() if name not in model.state_dict()]
+    if not missing:
+        return
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cpu"):
+        reference = AutoModelForCausalLM.from_config(hf_config)
+    reference_buffers = dict(reference.named_buffers())
+    for name in missing:
+        module_name, _, buffer_name = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._buffers[buffer_name] = reference_buffers[name].to(device)
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace every LowRankLinear by its dense layer (nn.Linear, or transformers' Conv1D where the original
+    layer was one) in place, so that `save_pretrained` writes a plain model. Returns the model."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LowRankLinear):
+            continue
+        dense = module.to_linear()
+        if getattr(module, "dense_class", "Linear") == "Conv1D":
+            from transformers.pytorch_utils import Conv1D
+
+            conv = Conv1D(module.out_features, module.in_features).to(
+                dtype=dense.weight.dtype, device=dense.weight.device
+            )
+            with torch.no_grad():
+                conv.weight.copy_(dense.weight.t())
+                conv.bias.copy_(dense.bias if dense.bias is not None else torch.zeros_like(conv.bias))
+            dense = conv
+        replace_module(model, name, dense)
+    return model

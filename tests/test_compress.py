@@ -1,0 +1,155 @@
+"""compress_ on tiny models: configs, calibration hooks, the three methods, allocators, save / load / to_dense."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_gpt2, tiny_llama_gqa
+
+from lowrank_ops import LowRankLinear
+from lowrank_ops.calibration import collect_input_statistics
+from lowrank_ops.compress import compress_
+from lowrank_ops.configs import LowRankConfig, config_from_dict, config_from_json
+from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
+from lowrank_ops.surgery import find_targets, linear_weight
+
+
+def _tokens(n_windows=6, seq_len=32, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n_windows, seq_len), generator=g)
+
+
+def _config(**kwargs):
+    defaults = dict(calib_tokens=6 * 32, seq_len=32, batch_size=3, align=4, device="cpu")
+    return LowRankConfig(**{**defaults, **kwargs})
+
+
+def test_config_json_round_trip_and_validation():
+    config = _config(method="asvd", allocator="loss", param_ratio=0.8, targets=["re:.*mlp.*"])
+    assert config_from_json(config.to_json()) == config
+    for bad, message in [
+        (dict(method="pca"), "method='pca' must be one of"),
+        (dict(allocator="magic"), "allocator='magic' must be one of"),
+        (dict(param_ratio=1.5), "param_ratio=1.5 must be in (0, 1]"),
+        (dict(param_ratio=0.0), "param_ratio=0.0 must be in (0, 1]"),
+        (dict(calib_tokens=10), "calib_tokens=10 must be >= seq_len=32"),
+        (dict(targets="Linear"), "must be a list of pattern strings"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            _config(**bad)
+        assert message in str(info.value)
+    with pytest.raises(ValueError, match="unknown field"):
+        config_from_dict({**config.to_dict(), "rank": 3})
+
+
+def test_calibration_shares_statistics_between_layers_reading_the_same_input_and_removes_hooks():
+    model = tiny_llama_gqa()
+    names = list(find_targets(model))
+    stats = collect_input_statistics(model, names, _tokens(), gram=True, batch_size=4, progress=False)
+    layer0 = "model.layers.0."
+    assert stats[layer0 + "self_attn.q_proj"] is stats[layer0 + "self_attn.v_proj"]
+    assert stats[layer0 + "mlp.gate_proj"] is stats[layer0 + "mlp.up_proj"]
+    assert stats[layer0 + "self_attn.o_proj"] is not stats[layer0 + "self_attn.q_proj"]
+    assert stats[layer0 + "mlp.down_proj"].token_count == 6 * 32
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_hooks_are_removed_when_calibration_fails():
+    model = tiny_llama_gqa()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN|Inf|non-finite"):
+        collect_input_statistics(model, list(find_targets(model)), _tokens(), gram=True, progress=False)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def _calibration_loss(model_before, model_after, tokens):
+    """Sum over targeted layers of the relative output error on the calibration inputs, via the Gram."""
+    names = list(find_targets(model_before))
+    stats = collect_input_statistics(model_before, names, tokens, gram=True, progress=False)
+    total = 0.0
+    for name in names:
+        w = linear_weight(model_before.get_submodule(name)).double()
+        after = model_after.get_submodule(name)
+        w2 = (after.u @ after.v).double() if isinstance(after, LowRankLinear) else linear_weight(after).double()
+        g = stats[name].gram
+        total += (torch.trace((w - w2) @ g @ (w - w2).T) / torch.trace(w @ g @ w.T)).item()
+    return total
+
+
+def test_whitening_is_optimal_on_calibration_data_and_reports_its_exact_loss():
+    tokens = _tokens()
+    losses, reports = {}, {}
+    for method in ("svd", "asvd", "whiten"):
+        model = tiny_llama_gqa()
+        reports[method] = compress_(model, _config(method=method, param_ratio=0.6), tokens, progress=False)
+        losses[method] = _calibration_loss(tiny_llama_gqa(), model, tokens)
+    assert losses["whiten"] < losses["asvd"] < losses["svd"]
+    # whitened truncation loss == discarded singular energy of W S (reported per layer)
+    reported = sum(layer.discarded_energy for layer in reports["whiten"].layers)
+    assert reported == pytest.approx(losses["whiten"], rel=1e-3)
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "loss", "sensitivity"])
+def test_allocators_meet_the_budget_and_list_every_layer(allocator, tmp_path):
+    model = tiny_llama_gqa()
+    config = _config(method="whiten", allocator=allocator, param_ratio=0.5, sensitivity_ratios=[0.2, 0.4, 0.6, 0.8])
+    report = compress_(model, config, _tokens(), progress=False, cache_dir=tmp_path)
+    assert report.param_ratio <= 0.5 and len(report.layers) == 14
+    swapped = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    assert swapped == [layer.name for layer in report.layers if layer.rank is not None]
+    assert all(layer.rank is None or layer.rank % 4 == 0 for layer in report.layers)
+    assert "targeted params kept" in report.format_table()
+    if allocator == "sensitivity":
+        assert len(list(tmp_path.glob("sensitivity-*.json"))) == 1
+        again = compress_(tiny_llama_gqa(), config, _tokens(), progress=False, cache_dir=tmp_path)
+        assert [layer.rank for layer in again.layers] == [layer.rank for layer in report.layers]
+
+
+def test_loss_allocator_beats_uniform_on_calibration_loss():
+    tokens = _tokens()
+    losses = {}
+    for allocator in ("uniform", "loss"):
+        model = tiny_llama_gqa()
+        compress_(model, _config(method="whiten", allocator=allocator, param_ratio=0.5), tokens, progress=False)
+        losses[allocator] = _calibration_loss(tiny_llama_gqa(), model, tokens)
+    assert losses["loss"] <= losses["uniform"]
+
+
+def test_gpt2_conv1d_layers_compress_and_convert_back_to_dense():
+    model, reference = tiny_gpt2(), tiny_gpt2()
+    compress_(model, _config(method="svd", param_ratio=0.7), progress=False)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, LowRankLinear)
+    tokens = _tokens(2)
+    compressed_logits = model(tokens).logits
+    to_dense(model)
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    torch.testing.assert_close(model(tokens).logits, compressed_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(model(tokens).logits, reference(tokens).logits, atol=1e-3)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = tiny_llama_gqa()
+    config = _config(method="asvd", param_ratio=0.6)
+    compress_(model, config, _tokens(), progress=False)
+    out = save_compressed(model, tmp_path / "compressed", config=config, source="tiny")
+    assert not list(tmp_path.glob(".compressed*")), "no temporary directory may be left behind"
+    loaded, manifest = load_compressed(out)
+    assert manifest["config"] == config.to_dict() and manifest["source"] == "tiny"
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    tokens = _tokens(2)
+    assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+    assert json.loads((out / "lowrank_ops.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]["rank"] > 0
+
+
+def test_bad_input():
+    model = tiny_llama_gqa()
+    with pytest.raises(ValueError, match="needs calibration token ids"):
+        compress_(model, _config(method="whiten"))
+    with pytest.raises(ValueError, match="match no Linear"):
+        compress_(model, _config(method="svd", targets=["re:nothing"]))
+    with pytest.raises(TypeError, match="config must be a LowRankConfig"):
+        compress_(model, {"method": "svd"})
+    with pytest.raises(FileNotFoundError, match="has no lowrank_ops.json"):
+        load_compressed(".")
