@@ -20,7 +20,7 @@ from lowrank_ops.engine import InputStatistics
 from lowrank_ops.surgery import linear_weight
 
 
-class _StatisticsHooks:
+class StatisticsHooks:
     """Forward pre-hooks that feed each target's input into its (possibly shared) accumulator."""
 
     def __init__(self, model: nn.Module, target_names: list[str], gram: bool, stats_device: torch.device | None):
@@ -85,7 +85,7 @@ def collect_input_statistics(
             f"collect_input_statistics: sequences.shape={tuple(sequences.shape)} must be (N >= 1, seq_len)"
         )
     device = next(model.parameters()).device
-    hooks = _StatisticsHooks(model, list(target_names), gram, stats_device)
+    hooks = StatisticsHooks(model, list(target_names), gram, stats_device)
     try:
         batches: Iterable[torch.Tensor] = sequences.split(batch_size)
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):

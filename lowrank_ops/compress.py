@@ -25,6 +25,7 @@ from lowrank_ops.configs import LowRankConfig
 from lowrank_ops.engine import WhitenedSVD, whitened_svd
 from lowrank_ops.modules import LowRankLinear
 from lowrank_ops.rank import discarded_energy, rank_for_param_ratio
+from lowrank_ops.sequential import compress_sequentially
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_weight, replace_module
 
 SENSITIVITY_WINDOWS = 4  # calibration windows per perplexity probe of the sensitivity search
@@ -128,6 +129,24 @@ def _lowrank_module(original: nn.Module, factors: WhitenedSVD, rank: int) -> Low
     return module
 
 
+def factor_and_swap(model, targets: dict[str, nn.Module], factorer: _LayerFactorer, ranks, progress=True):
+    """Replace each target with its LowRankLinear at the given rank (None: stays dense); one row per layer."""
+    results = []
+    for (name, module), rank in tqdm(
+        list(zip(targets.items(), ranks)), desc="factoring", unit="layer", disable=not progress
+    ):
+        m, n = linear_weight(module).shape
+        if rank is None:
+            results.append(LayerResult(name, m, n, None, m * n, 0.0))
+            continue
+        factors = factorer.factor(name)
+        replace_module(model, name, _lowrank_module(module, factors, rank))
+        kept = min(rank, factors.singular_values.shape[-1])
+        dropped = discarded_energy(factors.singular_values, kept, relative=True)
+        results.append(LayerResult(name, m, n, rank, layer_cost(m, n, rank), float(dropped)))
+    return results
+
+
 def compress_(
     model: nn.Module,
     config: LowRankConfig,
@@ -151,6 +170,21 @@ def compress_(
     names = list(targets)
     device = resolve_device(config.device)
     calibration = _calibration_windows(calibration, config) if config.needs_calibration else None
+
+    if config.sequential:
+        tic = time.perf_counter()
+
+        def compress_layer(layer_targets, layer_stats):
+            factorer = _LayerFactorer(model, layer_targets, config, layer_stats, device)
+            shapes = [tuple(linear_weight(module).shape) for module in layer_targets.values()]
+            ranks = allocate_uniform(shapes, config.param_ratio, config.align)
+            return factor_and_swap(model, layer_targets, factorer, ranks, progress=False)
+
+        layers = compress_sequentially(model, targets, calibration, gram=config.method == "whiten",
+                                       batch_size=config.batch_size, device=device, compress_layer=compress_layer,
+                                       progress=progress)  # fmt: skip
+        seconds["sequential"] = seconds["total"] = time.perf_counter() - tic
+        return CompressionReport(config.to_dict(), layers, embedding_parameter_count(model), seconds)
 
     stats = {}
     if config.method != "svd":
@@ -177,17 +211,7 @@ def compress_(
     seconds["allocation"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    layers = []
-    for name, (m, n), rank in tqdm(
-        list(zip(names, shapes, ranks)), desc="factoring", unit="layer", disable=not progress
-    ):
-        if rank is None:
-            layers.append(LayerResult(name, m, n, None, m * n, 0.0))
-            continue
-        factors = factorer.factor(name)
-        replace_module(model, name, _lowrank_module(targets[name], factors, rank))
-        dropped = discarded_energy(factors.singular_values, min(rank, factors.singular_values.shape[-1]), relative=True)
-        layers.append(LayerResult(name, m, n, rank, layer_cost(m, n, rank), float(dropped)))
+    layers = factor_and_swap(model, targets, factorer, ranks, progress)
     seconds["factoring"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - start
     return CompressionReport(config.to_dict(), layers, embedding_parameter_count(model), seconds)

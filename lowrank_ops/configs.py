@@ -31,6 +31,9 @@ class LowRankConfig:
     targets / ignore: surgery patterns (class name, qualified name or "re:" regex); None = family defaults.
     calib_tokens / seq_len / batch_size: calibration budget, window length and batch (methods that need data).
     sensitivity_ratios: candidate per-layer ratios of the "sensitivity" allocator.
+    sequential: calibrate and compress one decoder layer at a time, feeding the next layer the outputs of the
+        compressed one (only one decoder layer is on the device; see lowrank_ops.sequential). Needs a
+        calibrating method and the "uniform" allocator (the others need every layer's statistics at once).
     """
 
     method: str = "whiten"
@@ -44,6 +47,7 @@ class LowRankConfig:
     seq_len: int = 512
     batch_size: int = 4
     device: str = "auto"
+    sequential: bool = False
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
     kind: str = field(default="lowrank", init=False)
 
@@ -70,6 +74,11 @@ class LowRankConfig:
             raise ValueError(f"{name}: device={self.device!r} must be one of {list(DEVICES)}")
         if not self.sensitivity_ratios or any(not 0 < r <= 1 for r in self.sensitivity_ratios):
             raise ValueError(f"{name}: sensitivity_ratios={self.sensitivity_ratios} must be non-empty, each in (0, 1]")
+        if self.sequential and (self.method == "svd" or self.allocator != "uniform"):
+            raise ValueError(
+                f"{name}: sequential=True needs a calibrating method (asvd, whiten) and allocator='uniform', "
+                f"got method={self.method!r}, allocator={self.allocator!r}"
+            )
         for attr in ("targets", "ignore"):
             value = getattr(self, attr)
             if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):

@@ -153,3 +153,24 @@ def test_bad_input():
         compress_(model, {"method": "svd"})
     with pytest.raises(FileNotFoundError, match="has no lowrank_ops.json"):
         load_compressed(".")
+
+
+def test_sequential_mode_matches_the_one_shot_mode_on_the_first_layer_and_feeds_compressed_outputs_forward():
+    tokens = _tokens()
+    one_shot, sequential = tiny_llama_gqa(), tiny_llama_gqa()
+    compress_(one_shot, _config(method="whiten", param_ratio=0.6), tokens, progress=False)
+    report = compress_(sequential, _config(method="whiten", param_ratio=0.6, sequential=True), tokens, progress=False)
+    assert report.param_ratio <= 0.6 and len(report.layers) == 14
+    first, second = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(sequential.get_submodule(first).u, one_shot.get_submodule(first).u)
+    # layer 1 was calibrated on the outputs of the compressed layer 0, so its factors differ
+    assert not torch.allclose(sequential.get_submodule(second).u, one_shot.get_submodule(second).u, atol=1e-4)
+    assert all(not m._forward_pre_hooks for m in sequential.modules())
+    assert torch.isfinite(sequential(tokens[:1]).logits).all()
+
+
+def test_sequential_needs_uniform_allocator_and_a_calibrating_method():
+    with pytest.raises(ValueError, match="sequential=True needs a calibrating method"):
+        _config(method="whiten", allocator="loss", sequential=True)
+    with pytest.raises(ValueError, match="sequential=True needs a calibrating method"):
+        _config(method="svd", sequential=True)
