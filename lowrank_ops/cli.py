@@ -36,7 +36,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     config = LowRankConfig(
         method=args.method, param_ratio=args.param_ratio, allocator=args.allocator, alpha=args.alpha, align=args.align,
         targets=args.targets, ignore=args.ignore, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-        batch_size=args.batch_size, device=args.device,
+        batch_size=args.batch_size, device=args.device, sequential=args.sequential,
     )  # fmt: skip
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
                              evaluate_dense=not args.no_dense_eval)  # fmt: skip
