@@ -9,7 +9,8 @@ line across their panel; the smallest `byte_floor_us` at each x is drawn dotted.
 from the header; CPU results say so in the title.
 
 Hints a bench may put in `header["plot"]`: x (row key for the x axis, default "rank"), panel_cols (row key,
-default "M"), line (row key, default "provider"), shape_keys (row keys forming the shape, default ["m", "n"]).
+default "M"), line (row key, default "provider"), shape_keys (row keys forming the shape, default ["m", "n"]),
+y (row key for the y axis, default "median_us"), log_y (bool, default False).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
     col_key = hints.get("panel_cols", "M")
     line_key = hints.get("line", "provider")
     shape_keys = hints.get("shape_keys", ["m", "n"])
+    y_key = hints.get("y", "median_us")
+    log_y = bool(hints.get("log_y", False))
 
-    rows = [r for r in rows if r.get("median_us") is not None]
+    rows = [r for r in rows if r.get(y_key) is not None]
     panel_rows: list[str] = []
     panel_cols: list = []
     panels: dict[tuple, list[dict]] = defaultdict(list)
@@ -80,13 +83,15 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
                 flat = [r for r in line if r.get(x_key) is None]
                 if pts:
                     xs = [r[x_key] for r in pts]
-                    ax.plot(xs, [r["median_us"] for r in pts], "o-", ms=3, lw=1.2, color=colors[name], label=name)
-                    if all(r.get("p20_us") is not None and r.get("p80_us") is not None for r in pts):
+                    ax.plot(xs, [r[y_key] for r in pts], "o-", ms=3, lw=1.2, color=colors[name], label=name)
+                    if y_key == "median_us" and all(
+                        r.get("p20_us") is not None and r.get("p80_us") is not None for r in pts
+                    ):
                         ax.fill_between(
                             xs, [r["p20_us"] for r in pts], [r["p80_us"] for r in pts], color=colors[name], alpha=0.2
                         )
                 for r in flat:
-                    ax.axhline(r["median_us"], ls="--", lw=1.2, color=colors[name], label=name)
+                    ax.axhline(r[y_key], ls="--", lw=1.2, color=colors[name], label=name)
             floors = {}
             for r in group:
                 if r.get(x_key) is not None and r.get("byte_floor_us") is not None:
@@ -99,14 +104,17 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
                     ax.set_xscale("log", base=2)
                     ax.xaxis.set_major_formatter(ScalarFormatter())
                     ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_ylim(bottom=0)
+            if log_y:
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(bottom=0)
             ax.set_title(f"{shape}, {col_key}={col}", fontsize=9)
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
             if i == n_rows - 1:
                 ax.set_xlabel(x_key, fontsize=8)
             if j == 0:
-                ax.set_ylabel("median us", fontsize=8)
+                ax.set_ylabel("median us" if y_key == "median_us" else y_key, fontsize=8)
     handles, labels = {}, []
     for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):

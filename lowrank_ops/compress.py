@@ -28,8 +28,6 @@ from lowrank_ops.rank import discarded_energy, rank_for_param_ratio
 from lowrank_ops.sequential import compress_sequentially
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_weight, replace_module
 
-SENSITIVITY_WINDOWS = 4  # calibration windows per perplexity probe of the sensitivity search
-
 
 @dataclass
 class LayerResult:
@@ -236,7 +234,8 @@ def sensitivity_table(model, targets, factorer, calibration, config, progress=Tr
     the method, alpha, the candidate ratios, the alignment and the probe windows."""
     from lowrank_ops.evaluate import perplexity
 
-    probe = calibration[:SENSITIVITY_WINDOWS]
+    windows = max(1, config.sensitivity_tokens // calibration.shape[1])
+    probe = calibration[:windows, : config.sensitivity_tokens]
     cache_path = _sensitivity_cache_path(targets, config, probe, cache_dir)
     if cache_path.is_file():
         return [{float(k): v for k, v in row.items()} for row in json.loads(cache_path.read_text())]

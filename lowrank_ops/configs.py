@@ -30,7 +30,9 @@ class LowRankConfig:
     align: ranks are multiples of this (16: tensor-core friendly; see lowrank_ops.rank).
     targets / ignore: surgery patterns (class name, qualified name or "re:" regex); None = family defaults.
     calib_tokens / seq_len / batch_size: calibration budget, window length and batch (methods that need data).
-    sensitivity_ratios: candidate per-layer ratios of the "sensitivity" allocator.
+    sensitivity_ratios / sensitivity_tokens: candidate per-layer ratios of the "sensitivity" allocator and the
+        number of calibration tokens of each perplexity probe (one probe per layer and ratio: the search costs
+        layers x ratios forwards of that many tokens; 4 x 210 x 256 tokens take ~11 min for SmolLM2 on 2 CPU cores).
     sequential: calibrate and compress one decoder layer at a time, feeding the next layer the outputs of the
         compressed one (only one decoder layer is on the device; see lowrank_ops.sequential). Needs a
         calibrating method and the "uniform" allocator (the others need every layer's statistics at once).
@@ -48,7 +50,8 @@ class LowRankConfig:
     batch_size: int = 4
     device: str = "auto"
     sequential: bool = False
-    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
+    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 0.95])
+    sensitivity_tokens: int = 256
     kind: str = field(default="lowrank", init=False)
 
     def __post_init__(self):
@@ -64,7 +67,7 @@ class LowRankConfig:
             raise ValueError(f"{name}: param_ratio={self.param_ratio} must be in (0, 1] (fraction of parameters kept)")
         if not self.alpha > 0:
             raise ValueError(f"{name}: alpha={self.alpha} must be > 0")
-        for attr in ("align", "calib_tokens", "seq_len", "batch_size"):
+        for attr in ("align", "calib_tokens", "seq_len", "batch_size", "sensitivity_tokens"):
             value = getattr(self, attr)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {attr}={value!r} must be an int >= 1")

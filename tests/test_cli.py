@@ -1,0 +1,36 @@
+"""The command line and env_report: what a user sees first."""
+
+import json
+
+import pytest
+
+from lowrank_ops import env_report
+from lowrank_ops.cli import build_parser, main
+
+
+def test_env_report_names_versions_and_why_backends_are_unavailable():
+    report = env_report()
+    assert report["torch"] and report["triton"] and "lowrank_matmul" in report["backends"]
+    status = report["backends"]["lowrank_matmul"]
+    assert status["torch"] == "available"
+    if report["gpu"] is None:
+        assert report["device"] == "cpu"
+        assert "CUDA" in status["cuda"] or "cuda" in status["cuda"]
+    assert status["cuda"] != "available" or report["cuda_extension"] == "built"
+
+
+def test_env_command_prints_text_and_json(capsys):
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert "lowrank_matmul:" in text and "GPU:" in text
+    assert main(["env", "--json"]) == 0
+    assert "backends" in json.loads(capsys.readouterr().out)
+
+
+def test_compress_arguments_are_validated_before_any_work():
+    args = build_parser().parse_args(["compress", "--method", "asvd", "--param-ratio", "0.8", "--sequential"])
+    assert args.method == "asvd" and args.param_ratio == 0.8 and args.sequential
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--method", "pca"])
+    with pytest.raises(ValueError, match="param_ratio=1.5 must be in"):
+        main(["compress", "--param-ratio", "1.5", "--no-eval"])
