@@ -65,6 +65,8 @@ def test_wheel_file_list(tmp_path):
         "lowrank_ops/kernels/lowrank_matmul.py",
         "lowrank_ops/ops/lowrank_matmul.py",
         "lowrank_ops/modules/__init__.py",
+        "lowrank_ops/data/wikipedia/articles.jsonl.gz",
+        "lowrank_ops/data/wikipedia/ATTRIBUTION.md",
     ):
         assert required in names, f"{required} missing from {wheel.name}"
     # A subpackage missing from setup.py's package list would import from the repo but not from the wheel.
