@@ -1,14 +1,14 @@
 """Tiny causal LMs built from transformers configs with random weights (no downloads), for fast tests."""
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+from lowrank_ops.assets import tiny_llama
 
 
 def tiny_llama_gqa():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    """Llama with GQA (k/v 24 x 48 next to q 48 x 48), vocab 128."""
+    return tiny_llama(vocab_size=128, hidden_size=48, intermediate_size=80, max_position_embeddings=64)
 
 
 def tiny_gpt2():
