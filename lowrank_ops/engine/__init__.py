@@ -5,6 +5,7 @@ See `lowrank_ops.engine.svd` for the math and the measured accuracy, `lowrank_op
 and `lowrank_ops.rank` for the rank rules (param ratio, break-even rank, alignment, discarded energy).
 """
 
+from lowrank_ops.engine.kmeans import INIT_METHODS, KMeansResult, kmeans, kmeans_many
 from lowrank_ops.engine.stats import InputStatistics
 from lowrank_ops.engine.svd import (
     DEFAULT_SEED,
@@ -26,6 +27,10 @@ from lowrank_ops.engine.svd import (
 
 __all__ = [
     "DEFAULT_SEED",
+    "INIT_METHODS",
+    "KMeansResult",
+    "kmeans",
+    "kmeans_many",
     "InputStatistics",
     "SVDResult",
     "WhitenedSVD",
