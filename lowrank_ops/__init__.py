@@ -7,7 +7,15 @@ Public face: the modules, `env_report()`, and the ops (importing the package reg
 from lowrank_ops import ops  # noqa: F401  (registers torch.ops.lowrank_ops.*)
 from lowrank_ops.backends import Backend, BackendUnavailableError, use_backend
 from lowrank_ops.env import env_report
-from lowrank_ops.modules import LowRankLinear
+from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear
 
 __version__ = "0.1.0"
-__all__ = ["Backend", "BackendUnavailableError", "LowRankLinear", "env_report", "use_backend", "__version__"]
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "LowRankLinear",
+    "QuantLowRankLinear",
+    "env_report",
+    "use_backend",
+    "__version__",
+]

@@ -12,6 +12,9 @@ activation, and get back which implementation runs. Rules (AUTO):
   torch backend (two cuBLAS tensor-core GEMMs, rank padded to a multiple of 16), which is compute-bound and
   near peak there. The crossover constants are provisional until the H100 benchmark has been run
   (benchmarks/bench_lowrank_matmul.py); they are not yet measured on this package's kernels.
+- Ops in TRITON_ALL_M_OPS take the Triton backend on CUDA at every M: their Triton backend has its own
+  large-M path (quant_lowrank_matmul: one Triton dequantisation pass, then cuBLAS; its torch backend would
+  dequantise in several eager passes).
 
 An explicitly requested backend that is unavailable raises `BackendUnavailableError` with the reason.
 AUTO never fails: it falls back to torch and logs one line per (op, reason).
@@ -32,6 +35,7 @@ logger = logging.getLogger("lowrank_ops")
 
 DECODE_MAX_M = 16
 TRITON_TILED_MAX_M = 64
+TRITON_ALL_M_OPS = frozenset({"quant_lowrank_matmul"})
 
 
 class Backend(str, enum.Enum):
@@ -139,7 +143,7 @@ def select_backend(op: str, device: torch.device, m_rows: int, requested: Backen
     if device.type != "cuda":
         _log_fallback_once(op, f"the tensors are on {device.type}, where torch is the fast path")
         return Backend.TORCH
-    if m_rows > TRITON_TILED_MAX_M:
+    if m_rows > TRITON_TILED_MAX_M and op not in TRITON_ALL_M_OPS:
         return Backend.TORCH  # compute-bound: cuBLAS tensor-core GEMMs (see module docstring)
     if (reason := triton_unavailable_reason(device)) is not None:
         _log_fallback_once(op, reason)

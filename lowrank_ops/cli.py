@@ -106,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seq-len", type=int, default=d.seq_len)
     comp.add_argument("--batch-size", type=int, default=d.batch_size)
     comp.add_argument("--device", default=d.device, choices=DEVICES)
-    comp.add_argument("--sequential", action="store_true",
-                      help="one decoder layer on the device at a time (uniform allocator, asvd/whiten)")
+    comp.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one decoder layer on the device at a time (uniform allocator, asvd/whiten)",
+    )
     comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     comp.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     comp.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")

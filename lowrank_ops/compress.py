@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lowrank_ops.algorithms.allocation import allocate_by_loss, allocate_by_sensitivity, allocate_uniform, layer_cost
 from lowrank_ops.algorithms.lowrank import whitening_for
 from lowrank_ops.calibration import collect_input_statistics
-from lowrank_ops.configs import LowRankConfig
+from lowrank_ops.configs import EoraConfig, LowRankConfig
 from lowrank_ops.engine import WhitenedSVD, whitened_svd
 from lowrank_ops.modules import LowRankLinear
 from lowrank_ops.rank import discarded_energy, rank_for_param_ratio
@@ -147,7 +147,7 @@ def factor_and_swap(model, targets: dict[str, nn.Module], factorer: _LayerFactor
 
 def compress_(
     model: nn.Module,
-    config: LowRankConfig,
+    config: LowRankConfig | EoraConfig,
     calibration: torch.Tensor | None = None,
     *,
     progress: bool = True,
@@ -159,8 +159,12 @@ def compress_(
         allocator "sensitivity"); at most config.calib_tokens tokens are used.
     cache_dir: where the sensitivity table is cached (default ~/.cache/lowrank_ops).
     """
+    if isinstance(config, EoraConfig):  # quantized base + low-rank residual: its own pipeline
+        from lowrank_ops.compress_quantized import compress_quantized_
+
+        return compress_quantized_(model, config, calibration, progress=progress)
     if not isinstance(config, LowRankConfig):
-        raise TypeError(f"compress_: config must be a LowRankConfig, got {type(config).__name__}")
+        raise TypeError(f"compress_: config must be a LowRankConfig or an EoraConfig, got {type(config).__name__}")
     config.validate()
     seconds: dict[str, float] = {}
     start = time.perf_counter()

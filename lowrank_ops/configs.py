@@ -9,6 +9,7 @@ and three rank allocators:
 - "loss":        global greedy on the discarded whitened energy (SVD-LLM V2 style), one SVD per layer,
 - "sensitivity": ASVD's search: calibration perplexity of each layer alone at candidate ratios, then one
                  global perplexity threshold found by binary search.
+`EoraConfig` covers a compressed (quantized) base plus a low-rank residual: EoRA, SVD-of-error and LQER residuals.
 """
 
 from __future__ import annotations
@@ -98,7 +99,76 @@ class LowRankConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-CONFIG_KINDS = {"lowrank": LowRankConfig}
+RESIDUAL_METHODS = ("eora", "svd", "lqer")
+
+
+@dataclass
+class EoraConfig:
+    """Compressed base plus low-rank residual (`compress_` -> `lowrank_ops.compress_quantized.compress_quantized_`).
+
+    base: the base spec, "[gptq-]int{3,4,8}[-g<group_size>][-sym]" (e.g. "int4-g128", "gptq-int4-g128") or
+        "2:4-magnitude" / "2:4-wanda" (grammar and meaning: `lowrank_ops.algorithms.eora`).
+    rank: rank of the residual U V that compensates the base's error (0 = base only); capped per layer at
+        min(m, n).
+    residual: "eora" (eigenspace of the calibration Gram), "svd" (plain SVD of the error, ZeroQuant-V2 / LoRC) or
+        "lqer" (diagonal mean-|x| scaling, LQER).
+    targets / ignore / calib_tokens / seq_len / batch_size / device: as in LowRankConfig. Calibration runs when the
+        base (GPTQ, Wanda) or the residual (eora, lqer) needs statistics.
+    """
+
+    base: str = "int4-g128"
+    rank: int = 64
+    residual: str = "eora"
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 4
+    device: str = "auto"
+    kind: str = field(default="eora", init=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        from lowrank_ops.algorithms.eora import parse_base_spec
+
+        name = type(self).__name__
+        try:
+            parse_base_spec(self.base)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: base={self.base!r} is invalid ({exc})") from None
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"{name}: rank={self.rank!r} must be an int >= 0 (0 = base only)")
+        if self.residual not in RESIDUAL_METHODS:
+            raise ValueError(f"{name}: residual={self.residual!r} must be one of {list(RESIDUAL_METHODS)}")
+        for attr in ("calib_tokens", "seq_len", "batch_size"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {attr}={value!r} must be an int >= 1")
+        if self.calib_tokens < self.seq_len:
+            raise ValueError(f"{name}: calib_tokens={self.calib_tokens} must be >= seq_len={self.seq_len} (one window)")
+        if self.device not in DEVICES:
+            raise ValueError(f"{name}: device={self.device!r} must be one of {list(DEVICES)}")
+        for attr in ("targets", "ignore"):
+            value = getattr(self, attr)
+            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
+                raise ValueError(f"{name}: {attr}={value!r} must be a list of pattern strings or None")
+
+    @property
+    def needs_calibration(self) -> bool:
+        from lowrank_ops.algorithms.eora import parse_base_spec
+
+        return parse_base_spec(self.base).needs_gram or (self.rank > 0 and self.residual != "svd")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+CONFIG_KINDS = {"lowrank": LowRankConfig, "eora": EoraConfig}
 
 
 def config_from_dict(data: dict):

@@ -2,7 +2,8 @@
 
 A saved directory holds
     config.json           the model's transformers config (save_pretrained)
-    model.safetensors     the full state dict (factors under <layer>.u / <layer>.v / <layer>.bias)
+    model.safetensors     the full state dict (factors under <layer>.u / <layer>.v / <layer>.bias; a QuantLowRankLinear
+                          adds its packed base <layer>.qweight / .scales / .zeros, layout of lowrank_ops.quant_format)
     lowrank_ops.json      the manifest: format version, compression config, per-layer modules and ranks,
                           package / torch / transformers versions, the source model
     tokenizer files       when a tokenizer is given
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_ops.modules import LowRankLinear
+from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear
 from lowrank_ops.surgery import replace_module
 
 MANIFEST = "lowrank_ops.json"
@@ -38,20 +39,52 @@ def _versions() -> dict:
     return {"lowrank_ops": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+COMPRESSED_MODULES = (LowRankLinear, QuantLowRankLinear)
+
+
+def _manifest_entry(module: nn.Module) -> dict:
+    entry = {
+        "module": type(module).__name__,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "rank": module.rank,
+        "bias": module.bias is not None,
+        "dense_class": getattr(module, "dense_class", "Linear"),
+    }
+    if isinstance(module, QuantLowRankLinear):
+        entry.update(bits=module.bits, group_size=module.group_size, layout_version=module.packed.layout_version,
+                     dtype=str(module.scales.dtype).removeprefix("torch."))  # fmt: skip
+    return entry
+
+
 def compressed_layers(model: nn.Module) -> dict[str, dict]:
     """Manifest entries of every compressed module in `model`."""
     return {
-        name: {
-            "module": type(module).__name__,
-            "in_features": module.in_features,
-            "out_features": module.out_features,
-            "rank": module.rank,
-            "bias": module.bias is not None,
-            "dense_class": getattr(module, "dense_class", "Linear"),
-        }
+        name: _manifest_entry(module)
         for name, module in model.named_modules()
-        if isinstance(module, LowRankLinear)
+        if isinstance(module, COMPRESSED_MODULES)
     }
+
+
+def _empty_module(name: str, entry: dict) -> nn.Module:
+    """The compressed module a manifest entry describes, on the meta device (filled by load_model)."""
+    from lowrank_ops.quant_format import LAYOUT_VERSION
+
+    kind = entry["module"]
+    with torch.device("meta"):
+        if kind == "LowRankLinear":
+            return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
+        if kind == "QuantLowRankLinear":
+            if entry.get("layout_version") != LAYOUT_VERSION:
+                raise ValueError(
+                    f"load_compressed: layer {name} was packed with layout_version={entry.get('layout_version')}, "
+                    f"this lowrank_ops reads {LAYOUT_VERSION}"
+                )
+            # built in the default dtype like the rest of the model: the saved fp16 / bf16 scales load into it
+            # exactly, so W_hat is unchanged ("dtype" in the entry records what was saved)
+            return QuantLowRankLinear(entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"],
+                                      entry["rank"], bias=entry["bias"])  # fmt: skip
+    raise ValueError(f"load_compressed: layer {name} has unknown module {kind!r}")
 
 
 def atomic_directory(out_dir: str | os.PathLike):
@@ -136,10 +169,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     for name, entry in manifest["layers"].items():
-        if entry["module"] != "LowRankLinear":
-            raise ValueError(f"load_compressed: layer {name} has unknown module {entry['module']!r}")
-        with torch.device("meta"):
-            module = LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
+        module = _empty_module(name, entry)
         module.dense_class = entry.get("dense_class", "Linear")
         replace_module(model, name, module)
     model.to_empty(device=device)
@@ -168,10 +198,10 @@ def _recompute_non_persistent_buffers(model: nn.Module, hf_config, device) -> No
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every LowRankLinear by its dense layer (nn.Linear, or transformers' Conv1D where the original
-    layer was one) in place, so that `save_pretrained` writes a plain model. Returns the model."""
+    """Replace every LowRankLinear / QuantLowRankLinear by its dense layer (nn.Linear, or transformers' Conv1D where
+    the original layer was one) in place, so that `save_pretrained` writes a plain model. Returns the model."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LowRankLinear):
+        if not isinstance(module, COMPRESSED_MODULES):
             continue
         dense = module.to_linear()
         if getattr(module, "dense_class", "Linear") == "Conv1D":

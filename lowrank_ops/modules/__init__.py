@@ -1,5 +1,6 @@
 """Drop-in nn.Modules backed by lowrank_ops ops."""
 
 from lowrank_ops.modules.lowrank_linear import LowRankLinear
+from lowrank_ops.modules.quant_lowrank_linear import QuantLowRankLinear
 
-__all__ = ["LowRankLinear"]
+__all__ = ["LowRankLinear", "QuantLowRankLinear"]

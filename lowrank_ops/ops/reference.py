@@ -5,10 +5,33 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_ops.quant_format import dequantize
+
 
 def lowrank_matmul_ref(
     x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y = (x V^T) U^T + b with x (..., n), V (r, n), U (m, r), b (m,): two plain matmuls in x's dtype."""
     y = (x @ v.transpose(-1, -2)) @ u.transpose(-1, -2)
+    return y if bias is None else y + bias
+
+
+def quant_lowrank_matmul_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    v: torch.Tensor | None,
+    u: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """y = x W_hat^T + (x V^T) U^T + b in x's dtype, W_hat = quant_format.dequantize(...) (computed in fp32, or
+    fp64 for fp64 x, and rounded once to x's dtype); v = u = None (or rank 0) means no residual. Plain matmuls:
+    call it with float64 x, scales, zeros, v, u, b for the ground truth."""
+    w = dequantize(qweight, scales, zeros, bits, group_size, x.shape[-1], x.dtype)
+    y = x @ w.transpose(-1, -2)
+    if v is not None and v.shape[0] > 0:
+        y = y + (x @ v.transpose(-1, -2)) @ u.transpose(-1, -2)
     return y if bias is None else y + bias

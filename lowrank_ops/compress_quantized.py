@@ -1,0 +1,116 @@
+"""`compress_quantized_(model, EoraConfig, calibration)`: swap targeted Linear layers for QuantLowRankLinear.
+
+`compress_(model, EoraConfig(...))` dispatches here. Pipeline: find targets (surgery) -> calibrate when the base
+(GPTQ, Wanda) or the residual (eora, lqer) needs statistics -> per layer: build the base
+(`algorithms.eora.quantized_base`, packed in the layer's dtype), fit the residual against the PACKED base's own
+dequantisation (`algorithms.eora.residual_svd`) -> swap in QuantLowRankLinear. Layers that read the same input share
+one whitening (one eigendecomposition of their Gram).
+
+2:4 bases: `quantized_base` builds them (dense), but there is no module for "dense pruned base + residual" yet, so
+compress_ rejects them with a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank_ops.algorithms.eora import base_weight, parse_base_spec, quantized_base, residual_svd, residual_whitening
+from lowrank_ops.calibration import collect_input_statistics
+from lowrank_ops.compress import CompressionReport, LayerResult, resolve_device
+from lowrank_ops.configs import EoraConfig
+from lowrank_ops.modules import QuantLowRankLinear
+from lowrank_ops.quant_format import SCALE_DTYPES
+from lowrank_ops.rank import discarded_energy
+from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_weight, replace_module
+
+
+@dataclass
+class QuantLayerResult(LayerResult):
+    """LayerResult of a quantized layer. kept_params counts the base's m n entries plus the residual's r (m + n)
+    (so the report's param_ratio is >= 1: parameters, not bytes); bits_per_weight is the storage cost
+    (`QuantLowRankLinear.bits_per_weight`); discarded_energy is the fraction of the base error's energy, in the
+    residual method's norm, that the residual leaves (1.0 at rank 0; for "eora" the calibration output error
+    ||(dW - U V) X^T||^2 / ||dW X^T||^2)."""
+
+    bits_per_weight: float = 0.0
+
+
+def _calibration_windows(calibration, config: EoraConfig) -> torch.Tensor:
+    if calibration is None:
+        raise ValueError(
+            f"compress_: base={config.base!r} with residual={config.residual!r} needs calibration token ids "
+            "(N, seq_len); pass calibration=..."
+        )
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise ValueError("compress_: calibration must be a LongTensor of token ids with shape (N, seq_len)")
+    windows = max(1, config.calib_tokens // calibration.shape[1])
+    return calibration[:windows]
+
+
+def compress_quantized_(
+    model: nn.Module, config: EoraConfig, calibration: torch.Tensor | None = None, *, progress: bool = True
+) -> CompressionReport:
+    """Replace the targeted Linear layers of `model` in place by QuantLowRankLinear (base + residual, `config`).
+
+    calibration: token ids (N, seq_len), needed when config.needs_calibration; at most config.calib_tokens used.
+    """
+    if not isinstance(config, EoraConfig):
+        raise TypeError(f"compress_quantized_: config must be an EoraConfig, got {type(config).__name__}")
+    config.validate()
+    spec = parse_base_spec(config.base)
+    if spec.kind != "quant":
+        raise ValueError(
+            f"compress_: base={config.base!r} (2:4 pruning) has no compressed module yet; build the pruned base and "
+            f"its residual with lowrank_ops.algorithms.eora.quantized_base / compensate"
+        )
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    targets = find_targets(model, config.targets, config.ignore)
+    device = resolve_device(config.device)
+    stats: dict = {}
+    if config.needs_calibration:
+        windows = _calibration_windows(calibration, config)
+        tic = time.perf_counter()
+        gram = spec.needs_gram or (config.rank > 0 and config.residual == "eora")
+        stats = collect_input_statistics(
+            model, list(targets), windows, gram=gram, batch_size=config.batch_size, progress=progress
+        )
+        seconds["calibration"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    whitenings: dict[tuple[int, int], object] = {}
+    layers = []
+    for name, module in tqdm(list(targets.items()), desc="quantizing", unit="layer", disable=not progress):
+        weight = linear_weight(module).detach()
+        m, n = weight.shape
+        W = weight.to(device, torch.float32)
+        layer_stats = stats.get(name)
+        dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float32
+        base = quantized_base(W, spec, layer_stats, dtype=dtype)
+        rank = min(config.rank, m, n)
+        whitening = None
+        if config.residual != "svd" and rank > 0:
+            key = (id(layer_stats), n)
+            if key not in whitenings:
+                whitenings[key] = residual_whitening(config.residual, layer_stats, n, device=device)
+            whitening = whitenings[key]
+        method = config.residual if rank > 0 else "svd"  # rank 0: no residual (and maybe no statistics)
+        factors = residual_svd(W, base_weight(base), whitening, rank, method)
+        factor_dtype = dtype
+        u = factors.U.to(weight.device, factor_dtype) if rank else None
+        v = factors.V.to(weight.device, factor_dtype) if rank else None
+        bias = None if module.bias is None else module.bias.detach().to(factor_dtype)
+        new = QuantLowRankLinear.from_packed(base.to(weight.device), u=u, v=v, bias=bias)
+        new.dense_class = type(module).__name__
+        replace_module(model, name, new)
+        kept = min(rank, factors.singular_values.shape[-1])
+        dropped = float(discarded_energy(factors.singular_values.to(torch.float64), kept, relative=True))
+        layers.append(QuantLayerResult(name, m, n, rank, m * n + rank * (m + n), dropped, new.bits_per_weight))
+    seconds["quantizing"] = time.perf_counter() - tic
+    seconds["total"] = time.perf_counter() - start
+    return CompressionReport(config.to_dict(), layers, embedding_parameter_count(model), seconds)

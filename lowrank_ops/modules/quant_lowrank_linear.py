@@ -1,0 +1,183 @@
+"""QuantLowRankLinear: a drop-in nn.Linear whose weight is a packed group-wise quantized base plus a low-rank residual.
+
+Forward: y = dequant(W_hat) x + U (V x) + b through `torch.ops.lowrank_ops.quant_lowrank_matmul` (fused Triton
+kernels on GPU, torch elsewhere). W_hat is frozen (buffers); the residual factors and the bias are parameters.
+
+state_dict keys (stable; checkpoints rely on them), layout of `lowrank_ops.quant_format` (LAYOUT_VERSION 1):
+    qweight  int32 (out_features, ceil(in_features / 8)) for bits 3 / 4, uint8 (out_features, in_features) for 8
+    scales   (out_features, ceil(in_features / group_size))   the activation dtype of the layer
+    zeros    (out_features, ceil(in_features / group_size))   same dtype as scales (integers in [0, 2^bits - 1])
+    v        (rank, in_features)    the residual's shrink factor (only when rank > 0)
+    u        (out_features, rank)   the residual's expand factor (only when rank > 0)
+    bias     (out_features,)        only when bias=True
+
+The stored scales and zeros DEFINE W_hat: casting the module to another dtype (`module.to(torch.bfloat16)`) rounds
+the scales and so changes W_hat slightly; a residual fitted against the old W_hat then no longer matches exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank_ops.ops.quant_lowrank_matmul import quant_lowrank_matmul
+from lowrank_ops.quant_format import (
+    LAYOUT_VERSION,
+    PackedQuantWeight,
+    check_format_args,
+    check_packed,
+    dequantize,
+    num_groups,
+    packed_width,
+    qweight_dtype,
+)
+
+
+class QuantLowRankLinear(nn.Module):
+    """y = dequant(W_hat) x + U (V x) + b with a packed (bits, group_size) base and an optional rank-r residual.
+
+    Args mirror nn.Linear plus bits (3, 4 or 8), group_size (>= 1, a multiple of 8 for bits <= 4) and rank
+    (0 <= rank <= min(in_features, out_features); 0 = base only). `dtype` is the activation dtype: scales, zeros,
+    v, u and bias are stored in it. A fresh module is a placeholder with W_hat = 0 and a zero residual
+    (u = 0, v uniform as nn.Linear's weight, the LoRA convention); fill it with `from_packed` or `load_state_dict`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        rank: int = 0,
+        bias: bool = True,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        where = "QuantLowRankLinear"
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {name}={value!r} must be an int >= 1")
+        check_format_args(where, bits, group_size)
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"{where}: rank={rank!r} must be an int")
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"{where}: rank={rank} must satisfy 0 <= rank <= min(in_features, out_features) = "
+                f"{min(in_features, out_features)}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.rank = bits, group_size, rank
+        factory = {"dtype": dtype, "device": device}
+        groups = num_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight",
+            torch.zeros(out_features, packed_width(in_features, bits), dtype=qweight_dtype(bits), device=device),
+        )
+        self.register_buffer("scales", torch.ones(out_features, groups, **factory))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, **factory))
+        if rank > 0:
+            self.v = nn.Parameter(torch.empty(rank, in_features, **factory))
+            self.u = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        else:
+            self.v = self.u = None
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        if rank > 0:
+            bound = 1.0 / math.sqrt(in_features)
+            nn.init.uniform_(self.v, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_lowrank_matmul(
+            x, self.qweight, self.scales, self.zeros, self.v, self.u, self.bias, self.bits, self.group_size
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def packed(self) -> PackedQuantWeight:
+        """The base as a PackedQuantWeight (sharing the buffers, no copy)."""
+        return PackedQuantWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                 (self.out_features, self.in_features), LAYOUT_VERSION)  # fmt: skip
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the stored weight: packed codes + scales + zeros + residual factors (bias excluded)."""
+        tensors = [self.qweight, self.scales, self.zeros] + ([self.u, self.v] if self.rank else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 * storage_bytes / (out_features * in_features): codes as stored (3-bit codes occupy 4-bit slots in
+        layout v1), scales, zeros and the residual factors, per entry of the dense weight."""
+        return 8.0 * self.storage_bytes / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, rank={self.rank}, bias={self.bias is not None}, "
+            f"bits_per_weight={self.bits_per_weight:.3f}"
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_hat (out_features, in_features) in `dtype` (default: the scales' dtype), the op's own dequantisation."""
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features, dtype)
+
+    @classmethod
+    def from_packed(
+        cls,
+        packed: PackedQuantWeight,
+        u: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> QuantLowRankLinear:
+        """A module holding `packed` (checked: layout version, shapes) and the residual U (m, r), V (r, n).
+
+        The module's dtype is the packed scales' dtype; u, v and bias are cast to it. u and v: both or neither
+        (rank 0 factors (m, 0) / (0, n) count as neither). Tensors are copied onto the packed weight's device.
+        """
+        where = "QuantLowRankLinear.from_packed"
+        check_packed(packed, where)
+        m, n = packed.shape
+        if (u is None) != (v is None):
+            raise ValueError(f"{where}: give both u (m, r) and v (r, n) or neither")
+        for name, t in (("u", u), ("v", v), ("bias", bias)):
+            if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+                raise TypeError(f"{where}: {name} must be a floating torch.Tensor, got {type(t).__name__}")
+        rank = 0
+        if u is not None:
+            if u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape[1] != n or u.shape[1] != v.shape[0]:
+                raise ValueError(
+                    f"{where}: u.shape={tuple(u.shape)}, v.shape={tuple(v.shape)} must be (m, r), (r, n) with "
+                    f"(m, n) = {(m, n)}"
+                )
+            rank = u.shape[1]
+        if bias is not None and tuple(bias.shape) != (m,):
+            raise ValueError(f"{where}: bias.shape={tuple(bias.shape)} must be ({m},)")
+        dtype, device = packed.scales.dtype, packed.qweight.device
+        module = cls(n, m, packed.bits, packed.group_size, rank, bias=bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            module.qweight.copy_(packed.qweight)
+            module.scales.copy_(packed.scales)
+            module.zeros.copy_(packed.zeros)
+            if rank:
+                module.u.copy_(u.detach())
+                module.v.copy_(v.detach())
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        return module
+
+    def to_linear(self) -> nn.Linear:
+        """The dense layer with W = W_hat + U V (computed in float32 at least, cast to the module's dtype)."""
+        dtype, device = self.scales.dtype, self.scales.device
+        compute = torch.promote_types(dtype, torch.float32)
+        weight = self.dequantized_weight(compute)
+        if self.rank:
+            weight = weight + self.u.detach().to(compute) @ self.v.detach().to(compute)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.detach())
+        return linear

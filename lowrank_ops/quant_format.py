@@ -1,0 +1,243 @@
+"""Packed storage of a group-wise quantized weight W_hat (m, n), the base of `quant_lowrank_matmul`.
+
+Quantizers produce unsigned codes q (m, n) in [0, 2^bits - 1], scales (m, G) and zero points (m, G), with
+G = ceil(n / group_size) (the last group may be partial: n = 576 with group_size = 128 in SmolLM2), and
+define the dequantised weight as
+
+    W_hat[i, j] = (q[i, j] - zeros[i, j // group_size]) * scales[i, j // group_size]
+
+`pack` turns them, once and offline, into the layout below; the op and its kernels read that layout
+directly and never re-pack.
+
+LAYOUT_VERSION = 1
+- bits = 4 (and bits = 3, stored in the same 4-bit slots -- layout v1 has no dense 3-bit packing; 3-bit
+  codes simply never use the top bit): qweight int32 (m, ceil(n / 8)). The code of column k sits at bits
+  4 * (k % 8) .. 4 * (k % 8) + 3 of word k // 8 (column 8j in the low nibble of word j). n is padded to a
+  multiple of 8 with zero codes; the padding is never read as weight (the kernels mask x beyond n).
+  Little-endian consequence: viewed as uint8 (m, 4 * ceil(n / 8)), byte b holds columns 2b (low nibble) and
+  2b + 1 (high nibble), i.e. the common "two per byte, low first" order.
+  Why this order and not one interleaved for the kernel: the Triton kernels take a (rows, words) tile and
+  extract sub-tile c = (word >> 4c) & 15, which holds columns 8j + c -- a plain 2-D tile with the words' own
+  register layout, no reshape and no gather of the packed words -- and pair it with x's columns 8j + c
+  (x is a few KB: a stride-8 load, or one contiguous load split in registers). The order also keeps every
+  word inside one group, which lets the M = 1 kernel fold zero point and scale out of the per-code work.
+  A candidate for a later layout version, to be decided by GPU measurements (kernels/quant_lowrank_matmul.py):
+  interleave each 64-column block (word j holding columns j + 8c) so each thread's x columns are contiguous.
+- bits = 8: qweight uint8 (m, n), the codes themselves.
+- group_size: >= 1; a multiple of 8 when bits <= 4, so that a 32-bit word never straddles two groups.
+- scales, zeros: (m, G), contiguous, stored in the activation dtype the layer runs in (fp16 / bf16, or fp32
+  for fp32 layers). Why not fp32: at group 128 fp32 scale + zero cost 0.5 bit per weight against 0.25 in
+  16 bits (4.5 vs 4.25 bits per weight, +6% bytes for a memory-bound decode kernel; +20% at group 32), and
+  16-bit scales are what GPTQ / AWQ / torchao checkpoints ship. Zero points that are integers up to 256 are
+  exact in fp16 and bf16; the kernels upcast both to fp32 and dequantise in fp32. The stored (rounded)
+  scales and zeros DEFINE W_hat: compute any residual (EoRA's dW = W - W_hat) against `dequantize_packed`
+  of the packed weight, not against the quantizer's unrounded values.
+
+`PackedQuantWeight` carries the tensors with bits, group_size, the logical shape (m, n) and the layout
+version; `check_packed` rejects a packed weight written with another layout version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+LAYOUT_VERSION = 1
+SUPPORTED_BITS = (3, 4, 8)  # codes of <= 4 bits live in 4-bit slots of int32 words; 8-bit codes in uint8
+CODES_PER_INT32 = 8
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def container_bits(bits: int) -> int:
+    """Bits of the slot a code occupies in the packed qweight: 4 for bits <= 4, 8 for bits = 8."""
+    return 4 if bits <= 4 else 8
+
+
+def num_groups(n: int, group_size: int) -> int:
+    """G = ceil(n / group_size): scale / zero columns of an (m, n) weight (the last group may be partial)."""
+    return -(-n // group_size)
+
+
+def packed_width(n: int, bits: int) -> int:
+    """qweight.shape[1] for n input features: ceil(n / 8) int32 words for bits <= 4, n bytes for bits = 8."""
+    return -(-n // CODES_PER_INT32) if container_bits(bits) == 4 else n
+
+
+def qweight_dtype(bits: int) -> torch.dtype:
+    return torch.int32 if container_bits(bits) == 4 else torch.uint8
+
+
+def check_format_args(what: str, bits, group_size) -> None:
+    """bits in SUPPORTED_BITS and group_size >= 1 (a multiple of 8 for 4-bit slots), else TypeError / ValueError."""
+    for name, value in (("bits", bits), ("group_size", group_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{what}: bits={bits} must be one of {SUPPORTED_BITS}")
+    if group_size < 1:
+        raise ValueError(f"{what}: group_size={group_size} must be >= 1")
+    if container_bits(bits) == 4 and group_size % CODES_PER_INT32 != 0:
+        raise ValueError(
+            f"{what}: group_size={group_size} must be a multiple of {CODES_PER_INT32} for bits={bits} "
+            f"(8 codes share an int32 word, which must not straddle two groups)"
+        )
+
+
+@dataclasses.dataclass
+class PackedQuantWeight:
+    """A group-wise quantized (m, n) weight in the layout of LAYOUT_VERSION (see the module docstring).
+
+    qweight  int32 (m, ceil(n / 8)) for bits <= 4, uint8 (m, n) for bits = 8
+    scales   (m, G) fp16 / bf16 / fp32
+    zeros    (m, G) same dtype as scales
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+    layout_version: int = LAYOUT_VERSION
+
+    def to(self, device: torch.device | str) -> PackedQuantWeight:
+        """The same packed weight on `device` (dtypes unchanged)."""
+        return dataclasses.replace(
+            self, qweight=self.qweight.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device)
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+
+def check_packed(packed: PackedQuantWeight, what: str = "PackedQuantWeight") -> None:
+    """Raise if `packed` has another layout version or inconsistent shapes / dtypes."""
+    if not isinstance(packed, PackedQuantWeight):
+        raise TypeError(f"{what}: expected a PackedQuantWeight, got {type(packed).__name__}")
+    if packed.layout_version != LAYOUT_VERSION:
+        raise ValueError(
+            f"{what}: layout_version={packed.layout_version} is not this package's LAYOUT_VERSION={LAYOUT_VERSION}; "
+            f"re-pack the weight with lowrank_ops.quant_format.pack"
+        )
+    check_format_args(what, packed.bits, packed.group_size)
+    m, n = packed.shape
+    want_q = (m, packed_width(n, packed.bits))
+    if tuple(packed.qweight.shape) != want_q or packed.qweight.dtype != qweight_dtype(packed.bits):
+        raise ValueError(
+            f"{what}: qweight {packed.qweight.dtype} {tuple(packed.qweight.shape)} must be "
+            f"{qweight_dtype(packed.bits)} {want_q} for shape={packed.shape}, bits={packed.bits}"
+        )
+    want_s = (m, num_groups(n, packed.group_size))
+    for name, t in (("scales", packed.scales), ("zeros", packed.zeros)):
+        if tuple(t.shape) != want_s:
+            raise ValueError(f"{what}: {name}.shape={tuple(t.shape)} must be {want_s} (m, ceil(n / group_size))")
+        if t.dtype not in SCALE_DTYPES:
+            raise TypeError(f"{what}: {name}.dtype={t.dtype} must be one of {[str(d) for d in SCALE_DTYPES]}")
+    if packed.zeros.dtype != packed.scales.dtype:
+        raise TypeError(f"{what}: zeros.dtype={packed.zeros.dtype} must equal scales.dtype={packed.scales.dtype}")
+
+
+def pack(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> PackedQuantWeight:
+    """Pack unsigned codes (m, n) with their scales / zeros (m, G) into LAYOUT_VERSION; done once, offline.
+
+    `dtype` is the storage dtype of scales and zeros: the activation dtype of the layer (fp16 / bf16 / fp32).
+    Raises if a code lies outside [0, 2^bits - 1] or the shapes disagree.
+    """
+    what = "quant_format.pack"
+    check_format_args(what, bits, group_size)
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+        raise ValueError(f"{what}: codes must be a 2-D tensor (m, n), got {getattr(codes, 'shape', type(codes))}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"{what}: codes.dtype={codes.dtype} must be an integer dtype (uint8 preferred)")
+    if dtype not in SCALE_DTYPES:
+        raise TypeError(f"{what}: dtype={dtype} must be one of {[str(d) for d in SCALE_DTYPES]}")
+    m, n = codes.shape
+    if m < 1 or n < 1:
+        raise ValueError(f"{what}: codes.shape={tuple(codes.shape)} must have m >= 1 and n >= 1")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2**bits - 1):
+        raise ValueError(
+            f"{what}: codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {2**bits - 1}] for bits={bits}"
+        )
+    want_s = (m, num_groups(n, group_size))
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want_s:
+            raise ValueError(
+                f"{what}: {name}.shape={tuple(getattr(t, 'shape', ()))} must be {want_s} (m, ceil(n / group_size))"
+            )
+        if t.device != codes.device:
+            raise ValueError(f"{what}: {name} is on {t.device} but codes are on {codes.device}")
+
+    if container_bits(bits) == 8:
+        qweight = codes.to(torch.uint8).contiguous()
+    else:
+        width = packed_width(n, bits)
+        padded = torch.zeros((m, width * CODES_PER_INT32), dtype=torch.int64, device=codes.device)
+        padded[:, :n] = codes.to(torch.int64)
+        shifts = 4 * torch.arange(CODES_PER_INT32, device=codes.device, dtype=torch.int64)
+        words = (padded.view(m, width, CODES_PER_INT32) << shifts).sum(-1)  # in [0, 2^32): wrap into int32
+        qweight = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    return PackedQuantWeight(
+        qweight=qweight,
+        scales=scales.detach().to(dtype).contiguous(),
+        zeros=zeros.detach().to(dtype).contiguous(),
+        bits=bits,
+        group_size=group_size,
+        shape=(m, n),
+    )
+
+
+def unpack_qweight(qweight: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The codes (m, n) uint8 of a packed qweight (inverse of the packing in `pack`)."""
+    if container_bits(bits) == 8:
+        return qweight[:, :n].to(torch.uint8)
+    m, width = qweight.shape
+    shifts = 4 * torch.arange(CODES_PER_INT32, device=qweight.device, dtype=torch.int32)
+    codes = (qweight.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift of negative words: the mask drops the sign
+    return codes.reshape(m, width * CODES_PER_INT32)[:, :n].to(torch.uint8)
+
+
+def unpack_codes(packed: PackedQuantWeight) -> torch.Tensor:
+    """The codes (m, n) uint8 of a PackedQuantWeight."""
+    check_packed(packed, "quant_format.unpack_codes")
+    return unpack_qweight(packed.qweight, packed.bits, packed.shape[1])
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    n: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """W_hat (m, n) = (q - zeros) * scales, group-wise; the torch reference of every kernel's dequantisation.
+
+    Computed in float64 when `dtype` is float64, else in float32 and rounded once to `dtype`
+    (default: scales.dtype).
+    """
+    dtype = scales.dtype if dtype is None else dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    codes = unpack_qweight(qweight, bits, n).to(compute)
+    m, groups = scales.shape
+    pad = groups * group_size - n
+    codes = torch.nn.functional.pad(codes, (0, pad)).view(m, groups, group_size)
+    w = (codes - zeros.to(compute).unsqueeze(-1)) * scales.to(compute).unsqueeze(-1)
+    return w.view(m, groups * group_size)[:, :n].to(dtype)
+
+
+def dequantize_packed(packed: PackedQuantWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W_hat (m, n) of a PackedQuantWeight in `dtype` (default: the scales' dtype); see `dequantize`."""
+    check_packed(packed, "quant_format.dequantize_packed")
+    return dequantize(
+        packed.qweight, packed.scales, packed.zeros, packed.bits, packed.group_size, packed.shape[1], dtype
+    )
