@@ -30,14 +30,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from lowrank_ops.configs import LowRankConfig
+    from lowrank_ops.configs import EoraConfig, LowRankConfig
     from lowrank_ops.pipeline import run_compression
 
-    config = LowRankConfig(
-        method=args.method, param_ratio=args.param_ratio, allocator=args.allocator, alpha=args.alpha, align=args.align,
-        targets=args.targets, ignore=args.ignore, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-        batch_size=args.batch_size, device=args.device, sequential=args.sequential,
-    )  # fmt: skip
+    common = dict(targets=args.targets, ignore=args.ignore, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
+                  batch_size=args.batch_size, device=args.device)  # fmt: skip
+    if args.method == "eora":
+        config = EoraConfig(base=args.base, rank=args.rank, residual=args.residual, **common)
+    else:
+        config = LowRankConfig(method=args.method, param_ratio=args.param_ratio, allocator=args.allocator,
+                               alpha=args.alpha, align=args.align, sequential=args.sequential, **common)  # fmt: skip
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
                              evaluate_dense=not args.no_dense_eval)  # fmt: skip
     print(_summary(result))
@@ -47,19 +49,17 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _summary(result: dict) -> str:
-    from lowrank_ops.compress import CompressionReport, LayerResult
-
-    compression = result["compression"]
-    report = CompressionReport(compression["config"], [LayerResult(**layer) for layer in compression["layers"]],
-                               compression["embedding_and_lm_head_params"], compression["seconds"])  # fmt: skip
-    config = result["config"]
-    lines = [report.format_table(), ""]
-    lines.append(f"{'model':42s} {'method':7s} {'allocator':11s} {'ratio':>6s} {'perplexity':>11s} {'seconds':>8s}")
+    config, compression = result["config"], result["compression"]
+    if config["kind"] == "eora":
+        variant = f"eora {config['base']} + {config['residual']} r={config['rank']}"
+    else:
+        variant = f"{config['method']} / {config['allocator']}"
+    lines = [result["layer_table"], "", f"{'variant':40s} {'kept':>6s} {'perplexity':>11s} {'seconds':>8s}"]
     if "dense" in result:
-        lines.append(f"{result['model']:42s} {'dense':7s} {'':11s} {1.0:6.3f} {result['dense']['perplexity']:11.3f}")
+        lines.append(f"{'dense':40s} {1.0:6.3f} {result['dense']['perplexity']:11.3f}")
     ppl = result.get("compressed", {}).get("perplexity", float("nan"))
-    lines.append(f"{result['model']:42s} {config['method']:7s} {config['allocator']:11s} {report.param_ratio:6.3f} "
-                 f"{ppl:11.3f} {compression['seconds']['total']:8.1f}")  # fmt: skip
+    lines.append(f"{variant:40s} {compression['param_ratio']:6.3f} {ppl:11.3f} {compression['seconds']['total']:8.1f}")
+    lines.append(f"model: {result['model']}; kept = fraction of the targeted Linear parameters")
     if "compressed" in result:
         ev = result["compressed"]
         lines.append(f"perplexity on {ev['tokens']} Wikipedia test tokens, windows of {ev['seq_len']} (BOS-prefixed)")
@@ -82,13 +82,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from lowrank_ops.configs import ALLOCATORS, DEVICES, METHODS, LowRankConfig
+    from lowrank_ops.configs import ALLOCATORS, DEVICES, METHODS, EoraConfig, LowRankConfig
     from lowrank_ops.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_MODEL
 
     d = LowRankConfig()
     comp = sub.add_parser("compress", help="calibrate, compress, evaluate and save a causal LM")
     comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
-    comp.add_argument("--method", default=d.method, choices=METHODS)
+    comp.add_argument("--method", default=d.method, choices=[*METHODS, "eora"])
+    e = EoraConfig()
+    comp.add_argument("--base", default=e.base, help="eora: quantized base, e.g. int4-g128, int3-g128, gptq-int4-g128")
+    comp.add_argument("--rank", type=int, default=e.rank, help="eora: rank of the residual (0: base only)")
+    comp.add_argument("--residual", default=e.residual, choices=["eora", "svd", "lqer"], help="eora: residual method")
     comp.add_argument(
         "--param-ratio",
         type=float,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lowrank_ops.compress import CompressionReport, compress_, resolve_device
-from lowrank_ops.configs import LowRankConfig
+from lowrank_ops.configs import EoraConfig, LowRankConfig
 from lowrank_ops.serialization import MANIFEST, load_compressed, save_compressed
 
 DEFAULT_MODEL = "default"
@@ -69,7 +69,7 @@ def evaluate_perplexity(model, tokenizer, seq_len: int, eval_tokens: int, batch_
 
 def run_compression(
     model_name: str,
-    config: LowRankConfig,
+    config: LowRankConfig | EoraConfig,
     out_dir: str | Path | None,
     *,
     evaluate: bool = True,
@@ -90,6 +90,7 @@ def run_compression(
         calibration = text_windows(tokenizer, "calibration", config.seq_len, config.calib_tokens)
     report: CompressionReport = compress_(model, config, calibration, progress=progress)
     result["compression"] = report.to_dict()
+    result["layer_table"] = report.format_table()
     if evaluate:
         result["compressed"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress

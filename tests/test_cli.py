@@ -34,3 +34,10 @@ def test_compress_arguments_are_validated_before_any_work():
         build_parser().parse_args(["compress", "--method", "pca"])
     with pytest.raises(ValueError, match="param_ratio=1.5 must be in"):
         main(["compress", "--param-ratio", "1.5", "--no-eval"])
+
+
+def test_eora_arguments():
+    args = build_parser().parse_args(["compress", "--method", "eora", "--base", "gptq-int4-g128", "--rank", "32"])
+    assert (args.method, args.base, args.rank, args.residual) == ("eora", "gptq-int4-g128", 32, "eora")
+    with pytest.raises(ValueError, match="base"):
+        main(["compress", "--method", "eora", "--base", "int5-g7", "--no-eval"])
