@@ -94,3 +94,14 @@ def collect_input_statistics(
     finally:
         hooks.remove()
     return hooks.shared_stats()
+
+
+def calibration_windows(calibration: torch.Tensor | None, calib_tokens: int, needed_by: str) -> torch.Tensor:
+    """The first calib_tokens // seq_len windows (at least one) of `calibration` token ids (N, seq_len).
+
+    `needed_by` names what needs the data, for the error raised when none is given."""
+    if calibration is None:
+        raise ValueError(f"compress_: {needed_by} needs calibration token ids (N, seq_len); pass calibration=...")
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise ValueError("compress_: calibration must be a LongTensor of token ids with shape (N, seq_len)")
+    return calibration[: max(1, calib_tokens // calibration.shape[1])]

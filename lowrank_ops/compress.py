@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lowrank_ops.algorithms.allocation import allocate_by_loss, allocate_by_sensitivity, allocate_uniform, layer_cost
 from lowrank_ops.algorithms.lowrank import whitening_for
-from lowrank_ops.calibration import collect_input_statistics
+from lowrank_ops.calibration import calibration_windows, collect_input_statistics
 from lowrank_ops.configs import EoraConfig, LowRankConfig
 from lowrank_ops.engine import WhitenedSVD, whitened_svd
 from lowrank_ops.modules import LowRankLinear
@@ -171,7 +171,9 @@ def compress_(
     targets = find_targets(model, config.targets, config.ignore)
     names = list(targets)
     device = resolve_device(config.device)
-    calibration = _calibration_windows(calibration, config) if config.needs_calibration else None
+    if config.needs_calibration:
+        needed_by = f"method={config.method!r} with allocator={config.allocator!r}"
+        calibration = calibration_windows(calibration, config.calib_tokens, needed_by)
 
     if config.sequential:
         tic = time.perf_counter()
@@ -217,18 +219,6 @@ def compress_(
     seconds["factoring"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - start
     return CompressionReport(config.to_dict(), layers, embedding_parameter_count(model), seconds)
-
-
-def _calibration_windows(calibration: torch.Tensor | None, config: LowRankConfig) -> torch.Tensor:
-    if calibration is None:
-        raise ValueError(
-            f"compress_: method={config.method!r} with allocator={config.allocator!r} needs calibration token ids "
-            "(N, seq_len); pass calibration=..."
-        )
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
-        raise ValueError("compress_: calibration must be a LongTensor of token ids with shape (N, seq_len)")
-    windows = max(1, config.calib_tokens // calibration.shape[1])
-    return calibration[:windows]
 
 
 def sensitivity_table(model, targets, factorer, calibration, config, progress=True, cache_dir=None) -> list[dict]:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_ops.algorithms.eora import base_weight, parse_base_spec, quantized_base, residual_svd, residual_whitening
-from lowrank_ops.calibration import collect_input_statistics
+from lowrank_ops.calibration import calibration_windows, collect_input_statistics
 from lowrank_ops.compress import CompressionReport, LayerResult, resolve_device
 from lowrank_ops.configs import EoraConfig
 from lowrank_ops.modules import QuantLowRankLinear
@@ -38,18 +38,6 @@ class QuantLayerResult(LayerResult):
     ||(dW - U V) X^T||^2 / ||dW X^T||^2)."""
 
     bits_per_weight: float = 0.0
-
-
-def _calibration_windows(calibration, config: EoraConfig) -> torch.Tensor:
-    if calibration is None:
-        raise ValueError(
-            f"compress_: base={config.base!r} with residual={config.residual!r} needs calibration token ids "
-            "(N, seq_len); pass calibration=..."
-        )
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
-        raise ValueError("compress_: calibration must be a LongTensor of token ids with shape (N, seq_len)")
-    windows = max(1, config.calib_tokens // calibration.shape[1])
-    return calibration[:windows]
 
 
 def compress_quantized_(
@@ -74,7 +62,8 @@ def compress_quantized_(
     device = resolve_device(config.device)
     stats: dict = {}
     if config.needs_calibration:
-        windows = _calibration_windows(calibration, config)
+        needed_by = f"base={config.base!r} with residual={config.residual!r}"
+        windows = calibration_windows(calibration, config.calib_tokens, needed_by)
         tic = time.perf_counter()
         gram = spec.needs_gram or (config.rank > 0 and config.residual == "eora")
         stats = collect_input_statistics(

@@ -23,6 +23,22 @@ ALLOCATORS = ("uniform", "loss", "sensitivity")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _check_common_fields(config, name: str, extra_positive_ints: tuple[str, ...] = ()) -> None:
+    """Checks shared by every config: calibration budget, device, surgery patterns."""
+    for attr in ("calib_tokens", "seq_len", "batch_size", *extra_positive_ints):
+        value = getattr(config, attr)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {attr}={value!r} must be an int >= 1")
+    if config.calib_tokens < config.seq_len:
+        raise ValueError(f"{name}: calib_tokens={config.calib_tokens} must be >= seq_len={config.seq_len} (one window)")
+    if config.device not in DEVICES:
+        raise ValueError(f"{name}: device={config.device!r} must be one of {list(DEVICES)}")
+    for attr in ("targets", "ignore"):
+        value = getattr(config, attr)
+        if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
+            raise ValueError(f"{name}: {attr}={value!r} must be a list of pattern strings or None")
+
+
 @dataclass
 class LowRankConfig:
     """What `compress_` does to the targeted Linear layers.
@@ -68,14 +84,7 @@ class LowRankConfig:
             raise ValueError(f"{name}: param_ratio={self.param_ratio} must be in (0, 1] (fraction of parameters kept)")
         if not self.alpha > 0:
             raise ValueError(f"{name}: alpha={self.alpha} must be > 0")
-        for attr in ("align", "calib_tokens", "seq_len", "batch_size", "sensitivity_tokens"):
-            value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {attr}={value!r} must be an int >= 1")
-        if self.calib_tokens < self.seq_len:
-            raise ValueError(f"{name}: calib_tokens={self.calib_tokens} must be >= seq_len={self.seq_len} (one window)")
-        if self.device not in DEVICES:
-            raise ValueError(f"{name}: device={self.device!r} must be one of {list(DEVICES)}")
+        _check_common_fields(self, name, ("align", "sensitivity_tokens"))
         if not self.sensitivity_ratios or any(not 0 < r <= 1 for r in self.sensitivity_ratios):
             raise ValueError(f"{name}: sensitivity_ratios={self.sensitivity_ratios} must be non-empty, each in (0, 1]")
         if self.sequential and (self.method == "svd" or self.allocator != "uniform"):
@@ -83,10 +92,6 @@ class LowRankConfig:
                 f"{name}: sequential=True needs a calibrating method (asvd, whiten) and allocator='uniform', "
                 f"got method={self.method!r}, allocator={self.allocator!r}"
             )
-        for attr in ("targets", "ignore"):
-            value = getattr(self, attr)
-            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
-                raise ValueError(f"{name}: {attr}={value!r} must be a list of pattern strings or None")
 
     @property
     def needs_calibration(self) -> bool:
@@ -142,18 +147,7 @@ class EoraConfig:
             raise ValueError(f"{name}: rank={self.rank!r} must be an int >= 0 (0 = base only)")
         if self.residual not in RESIDUAL_METHODS:
             raise ValueError(f"{name}: residual={self.residual!r} must be one of {list(RESIDUAL_METHODS)}")
-        for attr in ("calib_tokens", "seq_len", "batch_size"):
-            value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {attr}={value!r} must be an int >= 1")
-        if self.calib_tokens < self.seq_len:
-            raise ValueError(f"{name}: calib_tokens={self.calib_tokens} must be >= seq_len={self.seq_len} (one window)")
-        if self.device not in DEVICES:
-            raise ValueError(f"{name}: device={self.device!r} must be one of {list(DEVICES)}")
-        for attr in ("targets", "ignore"):
-            value = getattr(self, attr)
-            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
-                raise ValueError(f"{name}: {attr}={value!r} must be a list of pattern strings or None")
+        _check_common_fields(self, name)
 
     @property
     def needs_calibration(self) -> bool:
