@@ -29,9 +29,6 @@ Results: `<out>/quant_lowrank_matmul-<device>.json` (+ .png), rewritten atomical
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -39,18 +36,20 @@ import torch
 import torch.nn.functional as F
 
 import lowrank_ops  # noqa: F401  (registers torch.ops.lowrank_ops.*)
-from lowrank_ops.backends import select_backend, use_backend
 from lowrank_ops.benchmarking import (
     OpCost,
-    byte_floor_us,
-    compute_floor_us,
+    add_common_bench_args,
+    cpu_threads,
     dense_linear_cost,
     environment_header,
-    measure_copy_bandwidth_GBps,
-    read_results,
-    results_path,
+    finish_bench,
+    int_list,
+    kernel_bench_header,
+    load_previous_rows,
+    measure_row,
+    resolve_common_args,
     sets_to_exceed_l2,
-    time_op,
+    shape_list,
     write_results,
 )
 from lowrank_ops.ops.reference import quant_lowrank_matmul_ref
@@ -157,61 +156,16 @@ FUNCS = {
 # ------------------------------------------------------------------------------------------------------ runner
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def _row_metrics(timing: dict, cost: OpCost, peaks: dict) -> dict:
-    median = timing["median_us"]
-    floor = byte_floor_us(cost.bytes, peaks["bandwidth_GBps"])
-    return {
-        **timing,
-        "bytes": cost.bytes,
-        "flops": cost.flops,
-        "GBps": cost.bytes / (median * 1e3),
-        "TFLOPs": cost.flops / (median * 1e6),
-        "byte_floor_us": floor,
-        "pct_of_byte_floor": None if floor is None else 100.0 * floor / median,
-        "compute_floor_us": compute_floor_us(cost.flops, peaks["bf16_tflops"]),
-    }
-
-
 def _measure(provider, sets, ref, meta, cost, peaks, device, args, skip_reason=None) -> dict:
     """One row: check the provider against float64 on set 0, then time it over the rotated sets."""
     row = {"op": OP, "provider": provider, **meta, "backend": "torch", "error": None, "skipped": skip_reason}
     if skip_reason is not None:
         row["median_us"] = None
         return row
-    backend = BACKEND_OF.get(provider)
-    ctx = use_backend(backend) if backend else contextlib.nullcontext()
-    try:
-        with ctx:
-            if backend:
-                row["backend"] = select_backend(OP, device, meta["M"]).value
-            fn = FUNCS[provider]
-            out = fn(*sets[0])
-            row["rel_err"] = err = _rel_err(out, ref)
-            del out
-            if not err <= MAX_REL_ERR[meta["dtype"]]:
-                raise RuntimeError(f"rel_err {err:.3e} vs float64 exceeds {MAX_REL_ERR[meta['dtype']]:.0e}")
-            timing = time_op(
-                fn,
-                make_args=lambda i: sets[i],
-                n_weight_sets=len(sets),
-                device=device,
-                use_graph=not args.no_graph,
-                target_ms=args.target_ms,
-            )
-        row.update(_row_metrics(timing, cost, peaks))
-        row["working_set_bytes"] = len(sets) * cost.bytes
-    except Exception as exc:  # one bad cell must not lose the other rows; it is reported and fails the run
-        row.update(median_us=None, error=f"{type(exc).__name__}: {exc}")
-        print(
-            f"  ERROR {provider} m={meta['m']} n={meta['n']} r={meta['rank']} M={meta['M']}: {row['error']}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return row
+    return measure_row(
+        row, FUNCS[provider], sets, ref, cost, peaks, args, device=device, backend=BACKEND_OF.get(provider),
+        max_rel_err=MAX_REL_ERR[meta["dtype"]],
+    )  # fmt: skip
 
 
 def _row_key(row: dict) -> tuple:
@@ -354,43 +308,15 @@ def format_table(header: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load_plot_module():
-    spec = importlib.util.spec_from_file_location("lowrank_ops_bench_plot", Path(__file__).with_name("plot.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
-def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
-    shapes = []
-    for item in text.split(","):
-        m, _, n = item.strip().lower().partition("x")
-        if not (m.isdigit() and n.isdigit()):
-            raise argparse.ArgumentTypeError(f"--shapes: {item!r} must be MxN (out x in), e.g. 4096x11008")
-        shapes.append((int(m), int(n)))
-    return tuple(shapes)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for quant_lowrank_matmul-<device>.json and .png")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--bits", type=int, choices=(3, 4, 8), default=4)
     p.add_argument("--group-size", type=int, default=GROUP_SIZE)
-    p.add_argument("--shapes", type=_shape_list, default=None, help="MxN,... (out x in)")
-    p.add_argument("--ms", type=_int_list, default=None, help="rows of x, e.g. 1,16,64,2048")
-    p.add_argument("--ranks", type=_int_list, default=None, help="residual ranks, e.g. 64,128")
-    p.add_argument("--providers", default=None, help=f"comma list from {','.join(PROVIDERS)}")
-    p.add_argument("--merge", action="store_true", help="keep rows of an existing results file for this device")
-    p.add_argument("--target-ms", type=float, default=None, help="timing budget per row (default 60 GPU, 40 CPU)")
-    p.add_argument("--max-sets", type=int, default=512, help="cap on rotated argument sets")
-    p.add_argument("--threads", type=int, default=1, help="CPU only: torch.set_num_threads (default 1)")
-    p.add_argument("--no-graph", action="store_true", help="time plain launches between CUDA events")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--shapes", type=shape_list, default=None, help="MxN,... (out x in)")
+    p.add_argument("--ms", type=int_list, default=None, help="rows of x, e.g. 1,16,64,2048")
+    p.add_argument("--ranks", type=int_list, default=None, help="residual ranks, e.g. 64,128")
+    add_common_bench_args(p, BENCH, PROVIDERS)
     return p.parse_args(argv)
 
 
@@ -399,50 +325,24 @@ def resolve_grid(args: argparse.Namespace, is_gpu: bool) -> argparse.Namespace:
     for key in ("shapes", "ranks", "ms"):
         if getattr(args, key) is None:
             setattr(args, key, tuple(base[key]))
-    if args.providers is None:
-        args.providers = PROVIDERS if is_gpu else CPU_PROVIDERS
-    else:
-        args.providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-        unknown = sorted(set(args.providers) - set(PROVIDERS))
-        if unknown:
-            raise SystemExit(f"--providers: unknown {unknown}; choose from {list(PROVIDERS)}")
-        if not is_gpu and "lowrank_ops_triton" in args.providers:
-            raise SystemExit("--providers: lowrank_ops_triton needs a GPU (the CPU Triton interpreter is no timing)")
-    if args.target_ms is None:
-        args.target_ms = 60.0 if is_gpu else 40.0
-    return args
+    return resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(args.threads)  # see bench_lowrank_matmul.py: 2 OpenMP threads on 2 shared cores stall
-    try:
+    with cpu_threads(args.threads):  # one thread on the CPU by default, see `cpu_threads`
         return _main(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     header = environment_header()
     args = resolve_grid(args, header["is_gpu"])
-    device = "cuda" if header["is_gpu"] else "cpu"
-    header.update(
-        bench=BENCH,
-        dtype=args.dtype,
-        bits=args.bits,
-        group_size=args.group_size,
-        providers=list(args.providers),
-        grid={"shapes_mxn": [list(s) for s in args.shapes], "ranks": list(args.ranks), "ms": list(args.ms)},
-        l2_bytes_for_rotation=header["gpu"]["l2_bytes"] if header["gpu"] else 50 * 2**20,
-        timing={
-            "method": ("cuda_graph" if not args.no_graph else "cuda_events") if header["is_gpu"] else "perf_counter",
-            "target_ms_per_row": args.target_ms,
-            "rotation": "argument sets (packed weights, factors, x) rotated until their total exceeds 2 x L2",
-            "max_sets": args.max_sets,
-        },
+    kernel_bench_header(
+        header,
+        args,
+        BENCH,
+        rotation="argument sets (packed weights, factors, x) rotated until their total exceeds 2 x L2",
         definitions={
             "bytes": "fewest bytes moved: packed codes + scales and zeros + V, U + x + y (dense: W + x + y)",
             "flops": "2 M m n + 2 M r (m + n)",
@@ -450,30 +350,17 @@ def _main(args: argparse.Namespace) -> int:
             "rel_err": "||y - y64|| / ||y64|| against float64 on the first argument set",
             "skipped": "reason a provider could not run on this device (no timing, not an error)",
         },
-        plot={"x": "rank", "panel_cols": "M", "line": "provider", "shape_keys": ["m", "n"]},
+        cpu_note="CPU only: torch providers on a tiny grid; these are not GPU numbers",
+        dtype=args.dtype,
+        bits=args.bits,
+        group_size=args.group_size,
+        providers=list(args.providers),
+        grid={"shapes_mxn": [list(s) for s in args.shapes], "ranks": list(args.ranks), "ms": list(args.ms)},
     )
-    if header["is_gpu"]:
-        header["copy_bandwidth_measured_now_GBps"] = round(measure_copy_bandwidth_GBps(device), 1)
-    else:
-        header["note"] = "CPU only: torch providers on a tiny grid; these are not GPU numbers"
-    args.previous_rows = []
-    path = results_path(args.out, BENCH, header)
-    if args.merge and path.exists():
-        old = read_results(path)
-        args.previous_rows = old["rows"]
-        header["merged_runs"] = old["header"].get("merged_runs", []) + [
-            {k: old["header"].get(k) for k in ("git_sha", "git_dirty", "date_utc", "grid")}
-        ]
+    args.previous_rows = load_previous_rows(args.out, BENCH, header, args.merge)
     print(f"{BENCH}: {header['device']} | torch {header['torch']} | {args.dtype} int{args.bits} g{args.group_size}")
     rows = run(args, header)
-    path = write_results(args.out, BENCH, header, rows)
-    print(format_table(header, rows))
-    print(f"results: {path}")
-    if not args.no_plot:
-        print(f"plot:    {_load_plot_module().plot_results(path, path.with_suffix('.png'))}")
-    errors = [r for r in rows if r.get("error")]
-    print(f"{len(rows)} rows, {len(errors)} errors, {time.perf_counter() - t0:.1f} s")
-    return 1 if errors else 0
+    return finish_bench(args.out, BENCH, header, rows, format_table(header, rows), t0, plot=not args.no_plot)
 
 
 if __name__ == "__main__":

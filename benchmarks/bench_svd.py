@@ -31,15 +31,20 @@ Results: `<out>/svd-<device>.json` (+ .png via benchmarks/plot.py), rewritten at
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from lowrank_ops.benchmarking import environment_header, time_op, write_results
+from lowrank_ops.benchmarking import (
+    environment_header,
+    int_list,
+    load_plot_module,
+    shape_list,
+    time_op,
+    write_results,
+)
 from lowrank_ops.engine.svd import default_oversample, exact_svd, randomized_svd, randomized_svd_many
 from lowrank_ops.rank import rank_for_param_ratio
 
@@ -274,35 +279,14 @@ def run_model(args, device, emit) -> None:
         del results
 
 
-def _load_plot_module():
-    spec = importlib.util.spec_from_file_location("lowrank_ops_bench_plot", Path(__file__).with_name("plot.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
-    shapes = []
-    for item in text.split(","):
-        m, _, n = item.strip().partition("x")
-        if not (m.isdigit() and n.isdigit()):
-            raise argparse.ArgumentTypeError(f"--shapes: {item!r} must be MxN, e.g. 4096x11008")
-        shapes.append((int(m), int(n)))
-    return tuple(shapes)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for svd-<device>.json and .png")
     p.add_argument("--quick", action="store_true", help="GPU: r = 512 only, 8 layers; always scaled down on CPU")
     p.add_argument("--alpha", type=float, default=0.5, help="spectrum decay sigma_i = (i+1)^-alpha (default 0.5)")
     p.add_argument("--batch", type=int, default=None, help="batched rows' batch size (default 8 GPU, 4 CPU)")
-    p.add_argument("--shapes", type=_shape_list, default=None, help="MxN,... (default: the grid above)")
-    p.add_argument("--ranks", type=_int_list, default=None, help="ranks (default 128,512,1024; CPU 16,64,128)")
+    p.add_argument("--shapes", type=shape_list, default=None, help="MxN,... (default: the grid above)")
+    p.add_argument("--ranks", type=int_list, default=None, help="ranks (default 128,512,1024; CPU 16,64,128)")
     p.add_argument("--layers", type=int, default=None, help="whole-model layers (default 32 GPU, 4 CPU)")
     p.add_argument("--skip-matrices", action="store_true", help="only the whole-model run")
     p.add_argument("--skip-model", action="store_true", help="skip the whole-model run")
@@ -365,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     print(path)
     if not args.no_plot:
         try:
-            print(_load_plot_module().plot_results(path))
+            print(load_plot_module().plot_results(path))
         except ImportError as exc:  # matplotlib is a dev extra
             print(f"no plot: {exc}", file=sys.stderr)
     return 0
