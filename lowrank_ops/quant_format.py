@@ -211,6 +211,24 @@ def unpack_codes(packed: PackedQuantWeight) -> torch.Tensor:
     return unpack_qweight(packed.qweight, packed.bits, packed.shape[1])
 
 
+def dequantize_codes(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """W_hat (m, n) = (codes - zeros[:, j // g]) * scales[:, j // g] from unpacked codes (m, n).
+
+    Computed in float64 when `dtype` is float64, else in float32 and rounded once to `dtype`
+    (default: scales.dtype). The one implementation of the format's formula.
+    """
+    dtype = scales.dtype if dtype is None else dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    m, n = codes.shape
+    groups = scales.shape[1]
+    pad = groups * group_size - n
+    grouped = torch.nn.functional.pad(codes.to(compute), (0, pad)).view(m, groups, group_size)
+    w = (grouped - zeros.to(compute).unsqueeze(-1)) * scales.to(compute).unsqueeze(-1)
+    return w.view(m, groups * group_size)[:, :n].to(dtype)
+
+
 def dequantize(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -220,19 +238,8 @@ def dequantize(
     n: int,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """W_hat (m, n) = (q - zeros) * scales, group-wise; the torch reference of every kernel's dequantisation.
-
-    Computed in float64 when `dtype` is float64, else in float32 and rounded once to `dtype`
-    (default: scales.dtype).
-    """
-    dtype = scales.dtype if dtype is None else dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    codes = unpack_qweight(qweight, bits, n).to(compute)
-    m, groups = scales.shape
-    pad = groups * group_size - n
-    codes = torch.nn.functional.pad(codes, (0, pad)).view(m, groups, group_size)
-    w = (codes - zeros.to(compute).unsqueeze(-1)) * scales.to(compute).unsqueeze(-1)
-    return w.view(m, groups * group_size)[:, :n].to(dtype)
+    """W_hat (m, n) from the packed qweight: the torch reference of every kernel's dequantisation."""
+    return dequantize_codes(unpack_qweight(qweight, bits, n), scales, zeros, group_size, dtype)
 
 
 def dequantize_packed(packed: PackedQuantWeight, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 
 from lowrank_ops.engine.stats import InputStatistics
 from lowrank_ops.engine.svd import _check_finite, _check_matrix, _checked_gram
-from lowrank_ops.quant_format import PackedQuantWeight, check_format_args, num_groups, pack
+from lowrank_ops.quant_format import PackedQuantWeight, check_format_args, dequantize_codes, num_groups, pack
 
 PRUNE_METHODS = ("magnitude", "wanda")
 _DAMP_LADDER = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -206,13 +206,10 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     bit-identical to `quant_format.dequantize` of the packed weight with float32 scales.
     """
     where = "dequantize"
-    _, n, _ = _check_quantized(qw, where)
+    _check_quantized(qw, where)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dequantize: dtype={dtype!r} must be a floating torch.dtype")
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    s = _expand(qw.scales.to(compute), qw.group_size, n)
-    z = _expand(qw.zeros.to(compute), qw.group_size, n)
-    return ((qw.codes.to(compute) - z) * s).to(dtype)
+    return dequantize_codes(qw.codes, qw.scales, qw.zeros, qw.group_size, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
