@@ -92,3 +92,13 @@ def test_bad_ratio(ratio):
     for call in (lambda: allocate_uniform(SHAPES, ratio), lambda: allocate_by_loss(SHAPES, [], ratio)):
         with pytest.raises(ValueError, match=f"ratio={ratio} must be in"):
             call()
+
+
+def test_absolute_loss_gives_rank_to_the_layer_with_more_energy():
+    shapes = [(128, 128), (128, 128)]
+    same_shape_of_spectrum = _spectrum(128, 0.5)
+    energies = [same_shape_of_spectrum, 100 * same_shape_of_spectrum]
+    relative = allocate_by_loss(shapes, energies, 0.4)
+    absolute = allocate_by_loss(shapes, energies, 0.4, relative=False)
+    assert abs(relative[0] - relative[1]) <= 16  # equal fractions: scale does not matter (one block for ties)
+    assert absolute[1] > absolute[0]  # absolute: the loud layer wins the budget

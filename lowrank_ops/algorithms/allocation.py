@@ -55,9 +55,12 @@ def allocate_uniform(shapes: Sequence[Shape], ratio: float, align: int = 16) -> 
 
 
 def allocate_by_loss(
-    shapes: Sequence[Shape], energies: Sequence[torch.Tensor], ratio: float, align: int = 16
+    shapes: Sequence[Shape], energies: Sequence[torch.Tensor], ratio: float, align: int = 16, relative: bool = True
 ) -> list[int | None]:
-    """Greedy global allocation on discarded energy; `energies[l]` = sigma_l^2 in descending order."""
+    """Greedy global allocation on discarded energy; `energies[l]` = sigma_l^2 in descending order.
+
+    relative=True minimises sum_l E_l(r_l) / E_l(0) (every layer's fraction counts alike); relative=False
+    minimises sum_l E_l(r_l), the absolute calibration output error of the whitened layers."""
     _check_ratio(ratio, "allocate_by_loss")
     if len(shapes) != len(energies):
         raise ValueError(f"allocate_by_loss: {len(shapes)} shapes but {len(energies)} energy vectors")
@@ -67,7 +70,7 @@ def allocate_by_loss(
     spent = 0.0
     for (m, n), energy in zip(shapes, energies, strict=True):
         energy = energy.detach().double().cpu().clamp_min(0)
-        total = energy.sum().clamp_min(1e-300)
+        total = energy.sum().clamp_min(1e-300) if relative else 1.0
         tails.append(torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]) / total)
         start = min(align, min(m, n))
         ranks.append(start)
