@@ -84,7 +84,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from lowrank_ops.engine.svd import DEFAULT_SEED, _check_finite, _check_int, _compute_dtype
+from lowrank_ops.engine.svd import DEFAULT_SEED, _check_finite, _check_int, _compute_dtype, named_matrices
 
 _CHUNK_BYTES = 256 << 20
 """Bound on each working block (distances (B, chunk, k), one-hot (B, k_chunk, N), differences (B, chunk, d)) in
@@ -477,16 +477,7 @@ def kmeans_many(
         progress: show a tqdm bar (matrices done).
     """
     where = "kmeans_many"
-    if isinstance(matrices, Mapping):
-        keys = list(matrices.keys())
-        mats = [matrices[key] for key in keys]
-        labels = [f"matrix {key!r}" for key in keys]
-    elif isinstance(matrices, Sequence) and not isinstance(matrices, (torch.Tensor, str)):
-        keys, mats = None, list(matrices)
-        labels = [f"matrix {i}" for i in range(len(mats))]
-    else:
-        kind = type(matrices).__name__
-        raise TypeError(f"{where}: matrices must be a sequence or a mapping of 2-D tensors, got {kind}")
+    keys, mats, labels = named_matrices(matrices, where)
     ks = _per_matrix(k, keys, len(mats), where, "k")
     ws = [None] * len(mats) if weights is None else _per_matrix(weights, keys, len(mats), where, "weights")
     if not isinstance(init, str):

@@ -357,6 +357,18 @@ def randomized_svd(
     return SVDResult(*(t.reshape(*batch, *t.shape[1:]) for t in result))
 
 
+def named_matrices(matrices, where: str) -> tuple[list | None, list, list[str]]:
+    """(keys or None, matrices, labels for errors) of a sequence or a mapping of matrices (the *_many inputs)."""
+    if isinstance(matrices, Mapping):
+        keys = list(matrices.keys())
+        return keys, [matrices[k] for k in keys], [f"matrix {k!r}" for k in keys]
+    if isinstance(matrices, Sequence) and not isinstance(matrices, (torch.Tensor, str)):
+        mats = list(matrices)
+        return None, mats, [f"matrix {i}" for i in range(len(mats))]
+    kind = type(matrices).__name__
+    raise TypeError(f"{where}: matrices must be a sequence or a mapping of 2-D tensors, got {kind}")
+
+
 def randomized_svd_many(
     matrices: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     rank: int | Sequence[int] | Mapping[str, int],
@@ -388,16 +400,7 @@ def randomized_svd_many(
         progress: show a tqdm bar (matrices done).
     """
     where = "randomized_svd_many"
-    if isinstance(matrices, Mapping):
-        keys = list(matrices.keys())
-        mats = [matrices[k] for k in keys]
-        labels = [f"matrix {k!r}" for k in keys]
-    elif isinstance(matrices, Sequence) and not isinstance(matrices, torch.Tensor):
-        keys, mats = None, list(matrices)
-        labels = [f"matrix {i}" for i in range(len(mats))]
-    else:
-        kind = type(matrices).__name__
-        raise TypeError(f"{where}: matrices must be a sequence or a mapping of 2-D tensors, got {kind}")
+    keys, mats, labels = named_matrices(matrices, where)
     ranks = _per_matrix_ranks(rank, keys, len(mats), where)
     if generator is not None and (isinstance(generator, bool) or not isinstance(generator, int)):
         raise TypeError(f"{where}: generator={generator!r} must be None or an int seed (every batch restarts from it)")
