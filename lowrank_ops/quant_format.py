@@ -44,7 +44,7 @@ import dataclasses
 import torch
 
 LAYOUT_VERSION = 1
-SUPPORTED_BITS = (3, 4, 8)  # codes of <= 4 bits live in 4-bit slots of int32 words; 8-bit codes in uint8
+SUPPORTED_BITS = (2, 3, 4, 8)  # codes of <= 4 bits live in 4-bit slots of int32 words; 8-bit codes in uint8
 CODES_PER_INT32 = 8
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -202,7 +202,7 @@ def _bad_cases():
     return [
         ((x.numpy(), q, s, z, v, u, b, bits, g), TypeError, "x must be a torch.Tensor"),
         ((x, q, s, z, v, u, b, True, g), TypeError, "bits must be an int"),
-        ((x, q, s, z, v, u, b, 5, g), ValueError, "bits=5 must be one of (3, 4, 8)"),
+        ((x, q, s, z, v, u, b, 5, g), ValueError, "bits=5 must be one of (2, 3, 4, 8)"),
         ((x, q, s, z, v, u, b, bits, 0), ValueError, "group_size=0 must be >= 1"),
         ((x, q, s, z, v, u, b, bits, 12), ValueError, "group_size=12 must be a multiple of 8 for bits=4"),
         ((x[0, 0], q, s, z, v, u, b, bits, g), ValueError, "x must have at least 1 dimension"),
@@ -240,7 +240,7 @@ def test_bad_input_raises_with_op_value_and_rule(case):
 # ------------------------------------------------------------------------------------------- packed format
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n", [1, 7, 8, 200, 576])
 def test_pack_unpack_round_trip_and_dequantize(bits, n):
     g = torch.Generator().manual_seed(n * 10 + bits)

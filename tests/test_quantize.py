@@ -29,7 +29,7 @@ from lowrank_ops.engine import InputStatistics
 # (m, n, group_size): partial last groups (130 = 4 x 32 + 2; 576 = 4 x 128 + 64; 200 = 3 x 64 + 8), a group wider
 # than the row (40 < 64), odd m
 RTN_SHAPES = [(70, 130, 32), (33, 576, 128), (17, 200, 64), (5, 40, 64), (8, 576, 32)]
-BITS = [3, 4, 8]
+BITS = [2, 3, 4, 8]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -374,8 +374,8 @@ def test_bad_input_errors():
     inf[7, 63] = float("inf")
     with pytest.raises(ValueError, match=r"quantize_rtn.*\(7, 63\)"):
         quantize_rtn(inf, 4, 32)
-    with pytest.raises(ValueError, match="bits=2"):
-        quantize_rtn(W, 2, 32)
+    with pytest.raises(ValueError, match="bits=5"):
+        quantize_rtn(W, 5, 32)
     with pytest.raises(ValueError, match="bits=16"):
         quantize_gptq(W, H, 16, 32)
     with pytest.raises(TypeError, match="bits"):

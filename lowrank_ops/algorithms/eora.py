@@ -24,7 +24,7 @@ differ only in the whitening S (S S^T ~ X^T X), i.e. in the norm in which U V ap
 
 Bases are named by spec strings (`parse_base_spec`):
 
-    [gptq-]int{3,4,8}[-g<group_size>][-sym]     e.g. "int4-g128", "int3-g128", "int8-g128", "gptq-int4-g128",
+    [gptq-]int{2,3,4,8}[-g<group_size>][-sym]     e.g. "int4-g128", "int3-g128", "int8-g128", "gptq-int4-g128",
                                                  "gptq-int4" (group 128 by default), "int4-g32-sym"
     2:4-magnitude | 2:4-wanda                    2:4 semi-structured pruning, stored dense
 
@@ -52,7 +52,7 @@ DEFAULT_GROUP_SIZE = 128
 _WHITENING_KIND = {"eora": "eigh", "svd": "identity", "lqer": "diagonal"}
 _QUANT_SPEC = re.compile(r"^(?:(?P<algo>gptq)-)?int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<sym>-sym)?$")
 _PRUNE_SPEC = re.compile(r"^2:4-(?P<method>magnitude|wanda)$")
-SPEC_GRAMMAR = "'[gptq-]int{3,4,8}[-g<group_size>][-sym]' or '2:4-magnitude' / '2:4-wanda'"
+SPEC_GRAMMAR = "'[gptq-]int{2,3,4,8}[-g<group_size>][-sym]' or '2:4-magnitude' / '2:4-wanda'"
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,7 @@ def quantize_rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
     """Group-wise round-to-nearest quantization of W (m, n) on the asymmetric or symmetric grid (module docstring).
 
     Every entry satisfies |W - W_hat| <= scale / 2 of its group (up to fp32 rounding of W / scale).
-    bits in (3, 4, 8); group_size >= 1 and a multiple of 8 for bits <= 4 (packed words must not straddle groups).
+    bits in (2, 3, 4, 8); group_size >= 1 and a multiple of 8 for bits <= 4 (packed words must not straddle groups).
     """
     where = "quantize_rtn"
     check_format_args(where, bits, group_size)

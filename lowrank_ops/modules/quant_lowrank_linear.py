@@ -109,7 +109,7 @@ class QuantLowRankLinear(nn.Module):
 
     @property
     def bits_per_weight(self) -> float:
-        """8 * storage_bytes / (out_features * in_features): codes as stored (3-bit codes occupy 4-bit slots in
+        """8 * storage_bytes / (out_features * in_features): codes as stored (2- and 3-bit codes occupy 4-bit slots in
         layout v1), scales, zeros and the residual factors, per entry of the dense weight."""
         return 8.0 * self.storage_bytes / (self.out_features * self.in_features)
 

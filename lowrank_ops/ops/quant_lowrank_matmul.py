@@ -14,7 +14,7 @@ Schema (all positional, no defaults):
   (`quant_format.pack` does that, once).
 - No residual: v = u = None, or rank-0 tensors v (0, n), u (m, 0). Otherwise v (r, n), u (m, r) in x's
   dtype with 1 <= r <= min(m, n). bias (m,) in x's dtype or None.
-- bits in {3, 4, 8} (3-bit codes sit in 4-bit slots), group_size >= 1 and a multiple of 8 for bits <= 4.
+- bits in {2, 3, 4, 8} (2- and 3-bit codes sit in 4-bit slots), group_size >= 1 and a multiple of 8 for bits <= 4.
 
 Backends (chosen by `lowrank_ops.backends.select_backend`; on CUDA AUTO picks Triton at every M for this op):
 - triton: M <= FUSED_MAX_M (64): kernels/quant_lowrank_matmul.py (split-K shrink, then the dequantising
