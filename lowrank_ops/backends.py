@@ -15,6 +15,10 @@ activation, and get back which implementation runs. Rules (AUTO):
 - Ops in TRITON_ALL_M_OPS take the Triton backend on CUDA at every M: their Triton backend has its own
   large-M path (quant_lowrank_matmul: one Triton dequantisation pass, then cuBLAS; its torch backend would
   dequantise in several eager passes).
+- codebook_matmul (SWSC) takes the default M rule on purpose: its Triton decode path (shrink over [C; V], then
+  gather + expand) removes the launches and the dependency gap at small M, while above TRITON_TILED_MAX_M the
+  torch backend is compute-bound cuBLAS work plus O(M m) extra elements: rows shared, one K-wide GEMM x C^T and
+  a gather; columns shared, an index_add_ over x (O(M n)) and one K-deep GEMM.
 
 An explicitly requested backend that is unavailable raises `BackendUnavailableError` with the reason.
 AUTO never fails: it falls back to torch and logs one line per (op, reason).

@@ -30,13 +30,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from lowrank_ops.configs import EoraConfig, LowRankConfig
+    from lowrank_ops.configs import EoraConfig, LowRankConfig, SwscConfig
     from lowrank_ops.pipeline import run_compression
 
     common = dict(targets=args.targets, ignore=args.ignore, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
                   batch_size=args.batch_size, device=args.device)  # fmt: skip
     if args.method == "eora":
-        config = EoraConfig(base=args.base, rank=args.rank, residual=args.residual, **common)
+        config = EoraConfig(base=args.base, rank=_option(args, "rank", EoraConfig),
+                            residual=_option(args, "residual", EoraConfig), **common)  # fmt: skip
+    elif args.method == "swsc":
+        bits = args.bits if args.bits is not None or args.clusters is not None else SwscConfig().bits
+        config = SwscConfig(shared=args.shared, clusters=args.clusters, bits=bits,
+                            rank=_option(args, "rank", SwscConfig), residual=_option(args, "residual", SwscConfig),
+                            weighted=args.shared == "rows" and not args.unweighted, **common)  # fmt: skip
     else:
         config = LowRankConfig(method=args.method, param_ratio=args.param_ratio, allocator=args.allocator,
                                alpha=args.alpha, align=args.align, sequential=args.sequential, **common)  # fmt: skip
@@ -48,10 +54,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option(args: argparse.Namespace, name: str, config_class):
+    """An option shared by several methods (--rank, --residual): its value, or the method's own default."""
+    value = getattr(args, name)
+    return getattr(config_class(), name) if value is None else value
+
+
 def _summary(result: dict) -> str:
     config, compression = result["config"], result["compression"]
     if config["kind"] == "eora":
         variant = f"eora {config['base']} + {config['residual']} r={config['rank']}"
+    elif config["kind"] == "swsc":
+        size = f"K={config['clusters']}" if config["clusters"] is not None else f"{config['bits']} bits"
+        variant = f"swsc {config['shared']} {size} + {config['residual']} r={config['rank']}"
     else:
         variant = f"{config['method']} / {config['allocator']}"
     lines = [result["layer_table"], "", f"{'variant':40s} {'kept':>6s} {'perplexity':>11s} {'seconds':>8s}"]
@@ -82,17 +97,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from lowrank_ops.configs import ALLOCATORS, DEVICES, METHODS, EoraConfig, LowRankConfig
+    from lowrank_ops.configs import ALLOCATORS, DEVICES, METHODS, EoraConfig, LowRankConfig, SwscConfig
     from lowrank_ops.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_MODEL
 
     d = LowRankConfig()
     comp = sub.add_parser("compress", help="calibrate, compress, evaluate and save a causal LM")
     comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
-    comp.add_argument("--method", default=d.method, choices=[*METHODS, "eora"])
-    e = EoraConfig()
+    comp.add_argument("--method", default=d.method, choices=[*METHODS, "eora", "swsc"])
+    e, w = EoraConfig(), SwscConfig()
     comp.add_argument("--base", default=e.base, help="eora: quantized base, e.g. int4-g128, int3-g128, gptq-int4-g128")
-    comp.add_argument("--rank", type=int, default=e.rank, help="eora: rank of the residual (0: base only)")
-    comp.add_argument("--residual", default=e.residual, choices=["eora", "svd", "lqer"], help="eora: residual method")
+    comp.add_argument("--rank", type=int, default=None,
+                      help=f"eora / swsc: rank of the residual, 0: none (default {e.rank} / {w.rank})")  # fmt: skip
+    comp.add_argument("--residual", default=None, choices=["eora", "svd", "lqer"],
+                      help=f"eora / swsc: residual method (default {e.residual} / {w.residual})")  # fmt: skip
+    comp.add_argument("--clusters", type=int, default=None, help="swsc: shared channels K per layer")
+    comp.add_argument("--bits", type=float, default=None,
+                      help=f"swsc: bits per weight per layer instead of --clusters (default {w.bits})")  # fmt: skip
+    comp.add_argument("--shared", default=w.shared, choices=["rows", "columns"], help="swsc: which channels share")
+    comp.add_argument("--unweighted", action="store_true",
+                      help="swsc: plain k-means distance (rows: weighted by (mean|x|)^2 by default)")  # fmt: skip
     comp.add_argument(
         "--param-ratio",
         type=float,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lowrank_ops.algorithms.allocation import allocate_by_loss, allocate_by_sensitivity, allocate_uniform, layer_cost
 from lowrank_ops.algorithms.lowrank import whitening_for
 from lowrank_ops.calibration import calibration_windows, collect_input_statistics
-from lowrank_ops.configs import EoraConfig, LowRankConfig
+from lowrank_ops.configs import EoraConfig, LowRankConfig, SwscConfig
 from lowrank_ops.engine import WhitenedSVD, whitened_svd
 from lowrank_ops.modules import LowRankLinear
 from lowrank_ops.rank import discarded_energy, rank_for_param_ratio
@@ -59,10 +59,21 @@ class CompressionReport:
         """Fraction of the targeted Linear parameters kept (embeddings and lm_head excluded)."""
         return self.kept_params / self.targeted_params
 
+    @property
+    def bits_per_weight(self) -> float | None:
+        """Storage bits per targeted weight, for layers that report it (quantized / shared-channel layers; dense
+        layers count 16 bits); None when no layer does (plain low-rank: param_ratio is the headline)."""
+        if not any(hasattr(layer, "bits_per_weight") for layer in self.layers):
+            return None
+        bits = sum(getattr(layer, "bits_per_weight", 16.0) * layer.out_features * layer.in_features
+                   for layer in self.layers)  # fmt: skip
+        return bits / self.targeted_params
+
     def to_dict(self) -> dict:
         return {
             "config": self.config,
             "param_ratio": self.param_ratio,
+            "bits_per_weight": self.bits_per_weight,
             "targeted_params": self.targeted_params,
             "kept_params": self.kept_params,
             "embedding_and_lm_head_params": self.embedding_params,
@@ -71,17 +82,22 @@ class CompressionReport:
         }
 
     def format_table(self) -> str:
-        lines = [f"{'layer':48s} {'shape':>11s} {'rank':>6s} {'kept':>6s} {'dropped energy':>14s}"]
+        bits = self.bits_per_weight
+        bits_header = f" {'bits/w':>7s}" if bits is not None else ""
+        lines = [f"{'layer':48s} {'shape':>11s} {'rank':>6s} {'kept':>6s} {'dropped energy':>14s}{bits_header}"]
         for layer in self.layers:
             rank = "dense" if layer.rank is None else str(layer.rank)
             kept = layer.kept_params / (layer.out_features * layer.in_features)
             dropped = "" if layer.discarded_energy is None else f"{layer.discarded_energy:.4f}"
             shape = f"{layer.out_features}x{layer.in_features}"
-            lines.append(f"{layer.name:48s} {shape:>11s} {rank:>6s} {kept:6.3f} {dropped:>14s}")
+            layer_bits = f" {getattr(layer, 'bits_per_weight', 16.0):7.3f}" if bits is not None else ""
+            lines.append(f"{layer.name:48s} {shape:>11s} {rank:>6s} {kept:6.3f} {dropped:>14s}{layer_bits}")
         lines.append(
             f"targeted params kept: {self.kept_params:,} / {self.targeted_params:,} = {self.param_ratio:.4f} "
             f"(embeddings + lm_head, not targeted: {self.embedding_params:,})"
         )
+        if bits is not None:
+            lines.append(f"storage of the targeted layers: {bits:.3f} bits per weight")
         return "\n".join(lines)
 
 
@@ -147,7 +163,7 @@ def factor_and_swap(model, targets: dict[str, nn.Module], factorer: _LayerFactor
 
 def compress_(
     model: nn.Module,
-    config: LowRankConfig | EoraConfig,
+    config: LowRankConfig | EoraConfig | SwscConfig,
     calibration: torch.Tensor | None = None,
     *,
     progress: bool = True,
@@ -163,8 +179,14 @@ def compress_(
         from lowrank_ops.compress_quantized import compress_quantized_
 
         return compress_quantized_(model, config, calibration, progress=progress)
+    if isinstance(config, SwscConfig):  # shared channels (k-means codebook) + low-rank residual
+        from lowrank_ops.compress_shared import compress_shared_channels_
+
+        return compress_shared_channels_(model, config, calibration, progress=progress)
     if not isinstance(config, LowRankConfig):
-        raise TypeError(f"compress_: config must be a LowRankConfig or an EoraConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"compress_: config must be a LowRankConfig, EoraConfig or SwscConfig, got {type(config).__name__}"
+        )
     config.validate()
     seconds: dict[str, float] = {}
     start = time.perf_counter()

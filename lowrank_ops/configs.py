@@ -10,6 +10,7 @@ and three rank allocators:
 - "sensitivity": ASVD's search: calibration perplexity of each layer alone at candidate ratios, then one
                  global perplexity threshold found by binary search.
 `EoraConfig` covers a compressed (quantized) base plus a low-rank residual: EoRA, SVD-of-error and LQER residuals.
+`SwscConfig` covers shared weights for similar channels (k-means codebook) plus a low-rank residual.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ RESIDUAL_METHODS = ("eora", "svd", "lqer")
 class EoraConfig:
     """Compressed base plus low-rank residual (`compress_` -> `lowrank_ops.compress_quantized.compress_quantized_`).
 
-    base: the base spec, "[gptq-]int{3,4,8}[-g<group_size>][-sym]" (e.g. "int4-g128", "gptq-int4-g128") or
+    base: the base spec, "[gptq-]int{2,3,4,8}[-g<group_size>][-sym]" (e.g. "int4-g128", "gptq-int4-g128") or
         "2:4-magnitude" / "2:4-wanda" (grammar and meaning: `lowrank_ops.algorithms.eora`).
     rank: rank of the residual U V that compensates the base's error (0 = base only); capped per layer at
         min(m, n).
@@ -162,7 +163,85 @@ class EoraConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-CONFIG_KINDS = {"lowrank": LowRankConfig, "eora": EoraConfig}
+SHARED_DIMS = ("rows", "columns")
+
+
+@dataclass
+class SwscConfig:
+    """Shared weight for similar channels plus a low-rank residual (`compress_` ->
+    `lowrank_ops.compress_shared.compress_shared_channels_`; the math is in `lowrank_ops.algorithms.swsc`).
+
+    shared: "rows" (output channels share K codebook rows) or "columns" (input channels share K codebook columns).
+    clusters / bits: give exactly one. clusters: K for every layer (an error for a layer with fewer channels);
+        bits: a per-layer budget in bits per weight (codebook + int32 index + residual factors, 16-bit values), K is
+        the largest that fits next to the rank-`rank` residual.
+    rank: rank of the residual that compensates W - W_shared (0: none).
+    residual: "svd" (plain SVD of the error, as in the SWSC paper), "eora" (whitened by the calibration Gram) or
+        "lqer" (mean-|x| scaled); see `lowrank_ops.algorithms.eora`.
+    weighted: weight the k-means distance of shared rows by (mean |x|)^2 per input channel (needs calibration).
+    n_iter / seed: k-means iteration cap and seed.
+    targets / ignore / calib_tokens / seq_len / batch_size / device: as in LowRankConfig.
+    """
+
+    shared: str = "rows"
+    clusters: int | None = None
+    bits: float | None = 3.0
+    rank: int = 32
+    residual: str = "svd"
+    weighted: bool = True
+    n_iter: int = 50
+    seed: int = 0
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 4
+    device: str = "auto"
+    kind: str = field(default="swsc", init=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.shared not in SHARED_DIMS:
+            raise ValueError(f"{name}: shared={self.shared!r} must be one of {list(SHARED_DIMS)}")
+        if (self.clusters is None) == (self.bits is None):
+            raise ValueError(f"{name}: give exactly one of clusters or bits (got clusters={self.clusters}, "
+                             f"bits={self.bits})")  # fmt: skip
+        if self.clusters is not None and (isinstance(self.clusters, bool) or not isinstance(self.clusters, int)
+                                          or self.clusters < 1):  # fmt: skip
+            raise ValueError(f"{name}: clusters={self.clusters!r} must be an int >= 1")
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, (int, float))
+                                      or not 0 < self.bits < 16):  # fmt: skip
+            raise ValueError(f"{name}: bits={self.bits!r} must be a number in (0, 16) (bits per weight)")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"{name}: rank={self.rank!r} must be an int >= 0 (0 = no residual)")
+        if self.residual not in RESIDUAL_METHODS:
+            raise ValueError(f"{name}: residual={self.residual!r} must be one of {list(RESIDUAL_METHODS)}")
+        if not isinstance(self.weighted, bool):
+            raise ValueError(f"{name}: weighted={self.weighted!r} must be a bool")
+        if self.weighted and self.shared == "columns":
+            raise ValueError(f"{name}: weighted=True applies to shared rows only (shared columns would need "
+                             f"per-point k-means weights); pass weighted=False")  # fmt: skip
+        for attr in ("n_iter", "seed"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: {attr}={value!r} must be an int >= 0")
+        _check_common_fields(self, name)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.weighted or (self.rank > 0 and self.residual != "svd")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+CONFIG_KINDS = {"lowrank": LowRankConfig, "eora": EoraConfig, "swsc": SwscConfig}
 
 
 def config_from_dict(data: dict):

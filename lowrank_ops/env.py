@@ -9,7 +9,7 @@ import torch
 from lowrank_ops import _C_loader
 from lowrank_ops.backends import cuda_unavailable_reason, triton_interpreting, triton_unavailable_reason
 
-OPS = ("lowrank_matmul", "quant_lowrank_matmul")
+OPS = ("lowrank_matmul", "quant_lowrank_matmul", "codebook_matmul")
 
 
 def _version(module_name: str) -> str:

@@ -3,7 +3,8 @@
 A saved directory holds
     config.json           the model's transformers config (save_pretrained)
     model.safetensors     the full state dict (factors under <layer>.u / <layer>.v / <layer>.bias; a QuantLowRankLinear
-                          adds its packed base <layer>.qweight / .scales / .zeros, layout of lowrank_ops.quant_format)
+                          adds its packed base <layer>.qweight / .scales / .zeros, layout of lowrank_ops.quant_format;
+                          a SharedChannelLinear its <layer>.codebook and int32 <layer>.index)
     lowrank_ops.json      the manifest: format version, compression config, per-layer modules and ranks,
                           package / torch / transformers versions, the source model
     tokenizer files       when a tokenizer is given
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear
+from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear
 from lowrank_ops.surgery import replace_module
 
 MANIFEST = "lowrank_ops.json"
@@ -39,7 +40,7 @@ def _versions() -> dict:
     return {"lowrank_ops": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-COMPRESSED_MODULES = (LowRankLinear, QuantLowRankLinear)
+COMPRESSED_MODULES = (LowRankLinear, QuantLowRankLinear, SharedChannelLinear)
 
 
 def _manifest_entry(module: nn.Module) -> dict:
@@ -54,6 +55,8 @@ def _manifest_entry(module: nn.Module) -> dict:
     if isinstance(module, QuantLowRankLinear):
         entry.update(bits=module.bits, group_size=module.group_size, layout_version=module.packed.layout_version,
                      dtype=str(module.scales.dtype).removeprefix("torch."))  # fmt: skip
+    if isinstance(module, SharedChannelLinear):
+        entry.update(shared=module.shared, clusters=module.clusters)
     return entry
 
 
@@ -84,6 +87,9 @@ def _empty_module(name: str, entry: dict) -> nn.Module:
             # exactly, so W_hat is unchanged ("dtype" in the entry records what was saved)
             return QuantLowRankLinear(entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"],
                                       entry["rank"], bias=entry["bias"])  # fmt: skip
+        if kind == "SharedChannelLinear":  # the index range is checked when the state dict is loaded
+            return SharedChannelLinear(entry["in_features"], entry["out_features"], entry["clusters"], entry["rank"],
+                                       entry["shared"], bias=entry["bias"])  # fmt: skip
     raise ValueError(f"load_compressed: layer {name} has unknown module {kind!r}")
 
 
@@ -198,7 +204,7 @@ def _recompute_non_persistent_buffers(model: nn.Module, hf_config, device) -> No
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every LowRankLinear / QuantLowRankLinear by its dense layer (nn.Linear, or transformers' Conv1D where
+    """Replace every compressed module (COMPRESSED_MODULES) by its dense layer (nn.Linear, or transformers' Conv1D where
     the original layer was one) in place, so that `save_pretrained` writes a plain model. Returns the model."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, COMPRESSED_MODULES):

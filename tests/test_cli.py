@@ -38,6 +38,15 @@ def test_compress_arguments_are_validated_before_any_work():
 
 def test_eora_arguments():
     args = build_parser().parse_args(["compress", "--method", "eora", "--base", "gptq-int4-g128", "--rank", "32"])
-    assert (args.method, args.base, args.rank, args.residual) == ("eora", "gptq-int4-g128", 32, "eora")
+    assert (args.method, args.base, args.rank, args.residual) == ("eora", "gptq-int4-g128", 32, None)  # None: default
     with pytest.raises(ValueError, match="base"):
         main(["compress", "--method", "eora", "--base", "int5-g7", "--no-eval"])
+
+
+def test_swsc_arguments_are_validated_before_any_work():
+    args = build_parser().parse_args(["compress", "--method", "swsc", "--clusters", "64", "--rank", "16"])
+    assert (args.method, args.clusters, args.rank, args.shared) == ("swsc", 64, 16, "rows")
+    with pytest.raises(ValueError, match="give exactly one of clusters or bits"):
+        main(["compress", "--method", "swsc", "--clusters", "64", "--bits", "3", "--no-eval"])
+    with pytest.raises(ValueError, match="clusters=0 must be an int >= 1"):
+        main(["compress", "--method", "swsc", "--clusters", "0", "--no-eval"])

@@ -2,5 +2,6 @@
 
 from lowrank_ops.modules.lowrank_linear import LowRankLinear
 from lowrank_ops.modules.quant_lowrank_linear import QuantLowRankLinear
+from lowrank_ops.modules.shared_channel_linear import SharedChannelLinear
 
-__all__ = ["LowRankLinear", "QuantLowRankLinear"]
+__all__ = ["LowRankLinear", "QuantLowRankLinear", "SharedChannelLinear"]

@@ -16,6 +16,25 @@ def lowrank_matmul_ref(
     return y if bias is None else y + bias
 
 
+def codebook_matmul_ref(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    index: torch.Tensor,
+    v: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shared: str = "rows",
+) -> torch.Tensor:
+    """y = x W^T + (x V^T) U^T + b in x's dtype with W = C[idx] (shared="rows", C (K, n), idx (m,)) or
+    W = C[:, idx] (shared="columns", C (m, K), idx (n,)) materialised; v = u = None means no residual."""
+    index = index.long()
+    w = codebook.index_select(0, index) if shared == "rows" else codebook.index_select(1, index)
+    y = x @ w.transpose(-1, -2)
+    if v is not None:
+        y = y + (x @ v.transpose(-1, -2)) @ u.transpose(-1, -2)
+    return y if bias is None else y + bias
+
+
 def quant_lowrank_matmul_ref(
     x: torch.Tensor,
     qweight: torch.Tensor,

@@ -1,0 +1,131 @@
+"""Quality of SWSC (shared channels + low-rank residual) against round-to-nearest at equal bits (issue 6, part 5).
+
+    python benchmarks/bench_swsc_quality.py --out benchmarks/results [--bits 3 2] [--ranks 0 16 32]
+
+For the default model (SmolLM2-135M) and the Wikipedia test split: dense perplexity, RTN int<b>-g128 (asymmetric,
+fp16 scale and zero per group of 128: b + 0.25 bits per weight, counted as if packed tightly -- the layout stores
+int2 / int3 codes in 4-bit slots), and SWSC variants whose per-layer budget is the same b + 0.25 bits per weight
+(codebook + int32 index + residual factors, 16-bit values; `lowrank_ops.algorithms.swsc`):
+
+    paper        plain k-means of the rows, plain SVD residual (Zeng et al. 2025)
+    weighted     k-means weighted by (mean |x|)^2 per input channel, plain SVD residual
+    whitened     plain k-means, residual whitened by the calibration Gram (EoRA)
+    both         weighted k-means and whitened residual
+
+each at every residual rank of --ranks (a rank buys fewer clusters at the same bits). Every configuration starts
+from a fresh copy of the model. Writes swsc_quality-<device>.json, a Markdown table and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
+from lowrank_ops.compress import compress_, resolve_device  # noqa: E402
+from lowrank_ops.configs import EoraConfig, SwscConfig  # noqa: E402
+from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
+
+RTN_GROUP = 128
+VARIANTS = {
+    "paper": dict(weighted=False, residual="svd"),
+    "weighted": dict(weighted=True, residual="svd"),
+    "whitened": dict(weighted=False, residual="eora"),
+    "both": dict(weighted=True, residual="eora"),
+}
+
+
+def rtn_bits(bits: int) -> float:
+    """Bits per weight of RTN int<bits>-g128 with an fp16 scale and an fp16 zero per group."""
+    return bits + 32 / RTN_GROUP
+
+
+def markdown_table(rows: list[dict], header: dict) -> str:
+    first = rows[0]
+    lines = [
+        f"Perplexity on {first['eval_tokens']} Wikipedia test tokens (windows of {first['seq_len']}, BOS-prefixed); "
+        f"{header['device']}; model {first['model']}. Bits per weight of the targeted Linear layers.",
+        "",
+        "| variant | residual rank | budget bits | stored bits | perplexity | compression s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rank = "" if row["rank"] is None else str(row["rank"])
+        lines.append(
+            f"| {row['variant']} | {rank} | {row['budget_bits']:.2f} | {row['bits_per_weight']:.3f} "
+            f"| {row['perplexity']:.2f} | {row['compression_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 2], help="RTN code widths to match")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[0, 32], help="SWSC residual ranks")
+    parser.add_argument("--kmeans-iters", type=int, default=25, help="Lloyd iteration cap (CPU time: ~1 s per layer "
+                        "at 50)")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    header = environment_header()
+    header["plot"] = {"x": "bits_per_weight", "y": "perplexity", "line": "variant", "panel_cols": "model",
+                      "shape_keys": [], "log_y": True}  # fmt: skip
+    device = resolve_device(args.device)
+    pristine, tokenizer, source = load_model(args.model, device)
+    calibration = text_windows(tokenizer, "calibration", args.seq_len, args.calib_tokens)
+    common = dict(model=source, eval_tokens=args.eval_tokens, seq_len=args.seq_len, device=str(device))
+    dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
+    rows = [dict(common, variant="dense", rank=None, budget_bits=16.0, bits_per_weight=16.0,
+                 perplexity=dense["perplexity"], compression_seconds=0.0)]  # fmt: skip
+    print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
+    calib = dict(calib_tokens=args.calib_tokens, seq_len=args.seq_len, device=args.device)
+
+    def run(variant: str, rank: int | None, budget: float, config) -> None:
+        model = copy.deepcopy(pristine)
+        tic = time.perf_counter()
+        report = compress_(model, config, calibration, progress=False)
+        seconds = time.perf_counter() - tic
+        ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
+        stored = budget if config.kind == "eora" else report.bits_per_weight
+        rows.append(dict(common, variant=variant, rank=rank, budget_bits=budget, bits_per_weight=stored,
+                         perplexity=ev["perplexity"], compression_seconds=seconds,
+                         config=config.to_dict()))  # fmt: skip
+        print(f"{variant:22s} rank {rank!s:4s} {budget:.2f} bits (stored {stored:.3f}): perplexity "
+              f"{ev['perplexity']:.3f}, compression {seconds:.1f} s", flush=True)  # fmt: skip
+        write_results(args.out, "swsc_quality", header, rows)
+
+    for bits in args.bits:
+        budget = rtn_bits(bits)
+        run(f"rtn int{bits}-g{RTN_GROUP}", None, budget, EoraConfig(base=f"int{bits}-g{RTN_GROUP}", rank=0, **calib))
+        for name in args.variants:
+            for rank in args.ranks:
+                config = SwscConfig(bits=budget, rank=rank, n_iter=args.kmeans_iters, **VARIANTS[name], **calib)
+                if rank == 0 and config.residual == "eora":
+                    continue  # no residual: identical to the svd-residual variant
+                run(f"swsc {name}", rank, budget, config)
+
+    path = write_results(args.out, "swsc_quality", header, rows)
+    path.with_suffix(".md").write_text(markdown_table(rows, header))
+    try:
+        from plot import plot_results
+
+        plot_results(path, path.with_suffix(".png"))
+    except Exception as exc:  # the numbers matter more than the picture
+        print(f"plot skipped: {exc}")
+    print(markdown_table(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
