@@ -35,7 +35,8 @@ tl.dot operand is K-contiguous; the rows-shared gather at M > 1 pays one L2 sect
 Split count (`_shrink_config`): lowrank_matmul's rule (~2 programs per SM, at most 16 slices), capped because
 every expand program re-reads all S partials of its rows over its reduction: the re-reads stay within the op's
 weight bytes (PARTIAL_READ_RATIO) and, on the tl.dot path, the S partial tiles that Triton stages in shared
-memory per K-step stay within PARTIAL_STAGE_BYTES (see `_shrink_config` for the sm_90 numbers).
+memory per K-step stay within PARTIAL_STAGE_BYTES (see `_shrink_config` for the sm_90 numbers). The cap is the
+rule of kernels/launch.py, shared with lowrank_matmul and quant_lowrank_matmul.
 
 PDL ordering (as in kernels/lowrank_matmul.py): each kernel first loads what the previous kernel does not write
 (its first weight chunk: C / V / idx rows, or idx / U / C rows), then `gdc_launch_dependents` (the next kernel
@@ -57,9 +58,9 @@ Accumulation is fp32 throughout; row offsets are int64.
 
 Evidence so far (no GPU was available when this was written): correct under the CPU interpreter against float64
 (tests/test_codebook_matmul.py). Every kernel variant of the headline shapes (M = 1, 3, 16, 64; fp16, bf16,
-fp32; both modes; r = 0 and 128) compiles for sm_90a offline (`triton.compile` with GPUTarget("cuda", 90, 32),
-the JIT's specialisation emulated) with no spills and <= 82 KB of shared memory; at M = 1 the K loops are
-barrier-free with 16-byte loads (SASS). Not timed: the issue's targets (<= 5 us at 4096^2, K = 1024, r = 128,
+fp32; both modes; r = 0 and 128) compiles for sm_90a offline (scripts/check_sm90_compile.py) with no spills
+and <= 82 KB of shared memory; at M = 1 the K loops are barrier-free with 16-byte loads (SASS). Not timed: the
+issue's targets (<= 5 us at 4096^2, K = 1024, r = 128,
 M = 1; >= 2.5x faster than dense bf16 at M = 1..16) await benchmarks/bench_codebook.py on an H100, as do the
 block sizes and the tiled range 16 < M <= 64.
 """
@@ -70,8 +71,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_ops.kernels.lowrank_matmul import _launch_config, _target_programs
-from lowrank_ops.kernels.quant_lowrank_matmul import _device_info, _dot_flags
+from lowrank_ops.kernels.launch import cap_split, device_info, dot_flags, partial_split_cap, target_programs
+from lowrank_ops.kernels.lowrank_matmul import _launch_config
 
 NUM_WARPS = 4
 
@@ -308,8 +309,6 @@ def _codebook_expand_kernel(
 
 
 MIN_BLOCK_N = 16  # the FMA expand halves BLOCK_N down to this until its grid reaches the target program count
-PARTIAL_READ_RATIO = 1  # the expand may re-read the shrink partials (from L2) for at most this x the weight bytes
-PARTIAL_STAGE_BYTES = 32 * 1024  # tl.dot expand: S partial tiles of (BLOCK_M, BLOCK_K) fp32 per pipeline stage
 
 
 def _expand_config(m_rows: int, m_out: int, k_red: int, target_programs: int) -> dict:
@@ -345,15 +344,7 @@ def _shrink_config(
     m_pad = triton.cdiv(m_rows, ec["BLOCK_M"]) * ec["BLOCK_M"]
     k_red = rank if rows else entries + rank
     per_split = triton.cdiv(m_out, ec["BLOCK_N"]) * m_pad * k_red * 4 + (m_out * m_rows * 4 if rows else 0)
-    cap = PARTIAL_READ_RATIO * weight_bytes // per_split
-    if ec["USE_DOT"]:
-        cap = min(cap, PARTIAL_STAGE_BYTES // (ec["BLOCK_M"] * ec["BLOCK_K"] * 4))
-    cap = max(1, cap)
-    if cfg["split"] > cap:
-        k_blocks = triton.cdiv(n_in, cfg["BLOCK_K"])
-        cfg["k_per_split"] = triton.cdiv(k_blocks, cap) * cfg["BLOCK_K"]
-        cfg["split"] = triton.cdiv(n_in, cfg["k_per_split"])
-    return cfg
+    return cap_split(cfg, n_in, partial_split_cap(weight_bytes, per_split, ec["BLOCK_M"], ec["BLOCK_K"], ec["USE_DOT"]))
 
 
 def codebook_matmul_triton(
@@ -371,9 +362,9 @@ def codebook_matmul_triton(
     entries = codebook.shape[0] if rows else codebook.shape[1]
     m_out = index.shape[0] if rows else codebook.shape[0]
     rank = 0 if v is None else v.shape[0]
-    device_index, use_pdl = _device_info(x2d)
-    target = _target_programs(device_index)
-    dot_fp32, precision = _dot_flags(x2d.dtype)
+    device_index, use_pdl = device_info(x2d)
+    target = target_programs(device_index)
+    dot_fp32, precision = dot_flags(x2d.dtype)
     extra = {"launch_pdl": True} if use_pdl else {}
 
     ec = _expand_config(m_rows, m_out, rank if rows else entries + rank, target)

@@ -17,6 +17,22 @@ bandwidth. Splitting n into S slices multiplies the programs by S; the S fp32 pa
 <= 256 KB) are summed by the expand as it loads z, so no memset, no atomics, and the result is
 deterministic.
 
+Split count and expand tiles (`_lowrank_configs`; the cap is kernels/launch.py's, shared with the other ops).
+Every expand program re-reads all S partials of its M rows, so S costs L2 bytes and, on the tl.dot path, shared
+memory (Triton's pipeliner stages the S partial tiles of each K-step). S is capped so that the re-reads,
+cdiv(m, BLOCK_N) x M x r x 4 bytes per split, stay within the weight bytes r (m + n) x itemsize, and the
+staged tiles, S x BLOCK_M x BLOCK_K x 4 bytes, within 32 KB per stage. The expand's N-tile is widened where
+that cap binds, because the re-reads per split scale with the number of expand programs along m: the tl.dot
+decode expand (4 < M <= 16) uses 16 x 64 x 64 tiles instead of `_launch_config`'s 16 x 16 x 128, the FMA
+expand at 1 < M <= 4 takes BLOCK_K = 64 and the wider BLOCK_N that its register budget then allows. M = 1 is
+unchanged (S = 16: its re-reads are 64 KB per split). sm_90a compile (scripts/check_sm90_compile.py), 4096^2,
+r = 128, bf16, M = 16: before, S = 16 and 256 expand programs re-read 32 MB of partials for 2 MB of weights
+and asked for 270336 B of shared memory (an H100 block may use 232448) with 255 registers and a 56 B stack
+(spills); after, S = 4 (32 shrink programs), 64 expand programs re-read 2 MB, 49152 B, 134 registers, no
+spills. M = 64 went from 540672 B (S = 16) to 49152 B (S = 1). Not timed on a GPU: whether the lost shrink
+programs (128 -> 32 at M = 16; 32 -> 2 at M = 64, where the shrink's 64-row tiles leave r / 64 programs per
+slice) cost more than the re-reads saved is for benchmarks/bench_lowrank_matmul.py on an H100.
+
 Why two chained launches instead of one persistent kernel: with programmatic dependent launch (PDL, sm_90+)
 the expand grid is launched while the shrink still runs; every expand program loads its first chunk of U
 (which does not depend on z) before `gdc_wait`, so the launch gap and the first U fetch overlap the shrink.
@@ -24,27 +40,34 @@ The shrink does the same with V against whatever kernel produced x. A grid-wide 
 would need a device-wide barrier and a co-resident grid; PDL gives the overlap without either. This choice
 is to be confirmed by the H100 benchmark (GPU figures pending at the time of writing).
 
-Inner product, per launch configuration (`_launch_config`):
+Inner product, per launch configuration (`_launch_config`, `_expand_config`):
 - M <= 4 ("FMA"): a [BLOCK_M, 1, BLOCK_K] x [1, BLOCK_N, BLOCK_K] broadcast product reduced over K in fp32.
   BLOCK_M * BLOCK_N * BLOCK_K <= 4096 keeps the product at 32 fp32 registers per thread with 4 warps.
 - M > 4 ("DOT"): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles. Operands are promoted to fp32 and
-  multiplied in TF32 on the GPU: fp16/bf16 inputs are exact in TF32 (10-bit mantissa), only the fp32
+  multiplied in TF32 on the GPU for fp16/bf16 inputs: they are exact in TF32 (10-bit mantissa), only the fp32
   intermediate z is rounded, to 10 bits -- finer than torch's two-GEMM path, which rounds z to the
-  activation dtype. Under the CPU interpreter tl.dot runs in IEEE fp32 (its bf16 tl.dot is wrong).
-  Every tl.dot dimension is >= 16, as the GPU compiler requires.
+  activation dtype. fp32 inputs use 3xTF32 (`launch.dot_flags`): plain TF32 would round x, V, U and z to 10
+  mantissa bits (relative rounding 2^-11 against fp32's 2^-24), far outside the tests' accuracy rule. Under
+  the CPU interpreter tl.dot runs in IEEE fp32 (its bf16 tl.dot is wrong). Every tl.dot dimension is >= 16,
+  as the GPU compiler requires.
 Accumulation is fp32 throughout; offsets along rows are int64 (11008 x 4096 x M stays far from 2^31 but
 the leading-dim stride of a large x need not).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_ops.backends import triton_interpreting
+from lowrank_ops.kernels.launch import (
+    MAX_SPLIT,
+    cap_split,
+    device_info,
+    dot_flags,
+    partial_split_cap,
+    target_programs,
+)
 
 
 @triton.jit
@@ -119,16 +142,9 @@ def _lowrank_matmul_kernel(
 FMA_MAX_M = 4  # above this, tl.dot tiles (BLOCK_M = 16) beat the broadcast product's register footprint
 FMA_PRODUCT_ELEMS = 4096  # BLOCK_M * BLOCK_N * BLOCK_K of the broadcast product: 32 fp32 regs/thread, 4 warps
 DECODE_MAX_M = 16
-PROGRAMS_PER_SM = 2  # split-K targets this many programs per SM so the weight streams from every SM
-MAX_SPLIT = 16  # the expand re-reads all S partials of z per program (L2 traffic S * M * r * 4 B each)
-INTERPRETER_PROGRAMS = 4  # under TRITON_INTERPRET programs run one after another; fewer is faster
-
-
-@functools.cache
-def _target_programs(device_index: int | None) -> int:
-    if device_index is None:
-        return INTERPRETER_PROGRAMS
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device_index).multi_processor_count
+EXPAND_DOT_BLOCK_N = 64  # tl.dot decode expand: 4x fewer programs than 16 re-read the partials (module docstring)
+EXPAND_BLOCK_K = 64  # expand K-step at 1 < M <= 16; 128 with BLOCK_N = 64 reached 255 registers (bf16) and
+# spilled (fp32, 3xTF32) in the sm_90a compile
 
 
 def _launch_config(m_rows: int, n_out: int, k_in: int, target_programs: int, allow_split: bool) -> dict:
@@ -153,7 +169,39 @@ def _launch_config(m_rows: int, n_out: int, k_in: int, target_programs: int, all
     )
 
 
-def _launch(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, cfg: dict, use_pdl: bool):
+def _expand_config(m_rows: int, m_out: int, rank: int, target: int) -> dict:
+    """Blocks of the expand: `_launch_config`'s, with a wider N-tile at 1 < M <= DECODE_MAX_M so that fewer
+    programs re-read the partials and the split cap allows more slices (module docstring)."""
+    cfg = _launch_config(m_rows, m_out, rank, target, allow_split=False)
+    if cfg["USE_DOT"] and m_rows <= DECODE_MAX_M:
+        cfg["BLOCK_N"], cfg["BLOCK_K"] = EXPAND_DOT_BLOCK_N, min(cfg["BLOCK_K"], EXPAND_BLOCK_K)
+    elif not cfg["USE_DOT"] and m_rows > 1:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], EXPAND_BLOCK_K)
+        cfg["BLOCK_N"] = min(FMA_PRODUCT_ELEMS // (cfg["BLOCK_M"] * cfg["BLOCK_K"]), triton.next_power_of_2(m_out))
+    return cfg
+
+
+def _lowrank_configs(m_rows: int, n_in: int, rank: int, m_out: int, itemsize: int, target: int) -> tuple[dict, dict]:
+    """(shrink, expand) launch configurations. The shrink's split count is capped by the shared rule of
+    kernels/launch.py: the expand's programs, cdiv(m, BLOCK_N) along its N, each re-read the S partials of their
+    M rows over r, cdiv(m, BLOCK_N) x M x r x 4 bytes per split, against the weight bytes r (m + n) x itemsize."""
+    shrink = _launch_config(m_rows, rank, n_in, target, allow_split=True)
+    expand = _expand_config(m_rows, m_out, rank, target)
+    reads_per_split = triton.cdiv(m_out, expand["BLOCK_N"]) * m_rows * rank * 4
+    weight_bytes = rank * (m_out + n_in) * itemsize
+    cap = partial_split_cap(weight_bytes, reads_per_split, expand["BLOCK_M"], expand["BLOCK_K"], expand["USE_DOT"])
+    return cap_split(shrink, n_in, cap), expand
+
+
+def _launch(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    cfg: dict,
+    precision: str,
+    use_pdl: bool,
+):
     """out (S_out, M, N) = sum_t a[t] (S_in, M, K) . w (N, K)^T (+ bias) with the blocks in `cfg`."""
     split_in, m_rows, k_in = a.shape
     n_out = w.shape[0]
@@ -168,7 +216,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
         SPLIT_IN=split_in,
         HAS_BIAS=bias is not None,
         USE_DOT=cfg["USE_DOT"],
-        DOT_PRECISION="ieee" if triton_interpreting() else "tf32",
+        DOT_PRECISION=precision,
         USE_PDL=use_pdl,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=4,
@@ -182,18 +230,12 @@ def lowrank_matmul_triton(
     """Launch shrink then expand for a 2-D x (M, n). Inputs are validated by the op (lowrank_ops.ops)."""
     m_rows, n_in = x2d.shape
     rank, m_out = v.shape[0], u.shape[0]
-    on_gpu = x2d.device.type == "cuda" and not triton_interpreting()
-    device_index = (
-        (x2d.device.index if x2d.device.index is not None else torch.cuda.current_device()) if on_gpu else None
-    )
-    target = _target_programs(device_index)
-    use_pdl = on_gpu and torch.cuda.get_device_capability(device_index)[0] >= 9  # griddepcontrol is sm_90+
+    device_index, use_pdl = device_info(x2d)
+    _, precision = dot_flags(x2d.dtype)  # operands are fp32 in this kernel: TF32 (exact for 16-bit x), 3xTF32 for fp32
+    shrink, expand = _lowrank_configs(m_rows, n_in, rank, m_out, x2d.element_size(), target_programs(device_index))
 
-    shrink = _launch_config(m_rows, rank, n_in, target, allow_split=True)
     z = torch.empty((shrink["split"], m_rows, rank), device=x2d.device, dtype=torch.float32)
-    _launch(x2d.unsqueeze(0), v, None, z, shrink, use_pdl)
-
-    expand = _launch_config(m_rows, m_out, rank, target, allow_split=False)
+    _launch(x2d.unsqueeze(0), v, None, z, shrink, precision, use_pdl)
     y = torch.empty((1, m_rows, m_out), device=x2d.device, dtype=x2d.dtype)
-    _launch(z, u, bias, y, expand, use_pdl)
+    _launch(z, u, bias, y, expand, precision, use_pdl)
     return y[0]

@@ -8,7 +8,10 @@ W_hat[i, k] = (q[i, k] - z) s with s = scales[i, k // g], z = zeros[i, k // g], 
 Small M (M <= FUSED_MAX_M = 64): two launches, chained with programmatic dependent launch (PDL, sm_90+).
 
     1. _quant_lowrank_shrink_kernel  z (S, M, r) fp32 = x V^T, split-K over n into S slices (no atomics;
-       the S partials are summed by the consumer, deterministic). Skipped when r = 0.
+       the S partials are summed by the consumer, deterministic). Skipped when r = 0. Every base program
+       re-reads all S partials of its rows in its epilogue, so S is capped by the rule shared with
+       lowrank_matmul (kernels/launch.py): re-reads within the weight bytes, staged partial tiles within
+       32 KB per pipeline stage (uncapped, S = 16 at M = 64 needed 532 KB of shared memory on sm_90a).
     2. _quant_lowrank_matmul_kernel  program (pid_n, pid_m) owns BLOCK_N rows of W_hat over all of n and
        streams them through a K loop of (BLOCK_N, BLOCK_KW) tiles of packed words; code c of every word of a
        tile, (word >> 4c) & 15, is itself a plain 2-D tile (columns 8j + c) with the words' register layout:
@@ -58,9 +61,10 @@ calls cuBLAS (F.linear, plus the residual as two GEMMs, the expand accumulating 
 epilogue). Chosen over a Triton dequantise-into-tl.dot GEMM: cuBLAS runs the wgmma path near peak on H100,
 and the extra pass costs ~42 MB of traffic at 4096^2 (~14 us at 3 TB/s) against ~100 us of GEMM at M = 2048.
 
-Evidence so far (no GPU was available when this was written): every variant compiles for sm_90 with the
-triton 3.6 wheel's ptxas on a CPU machine (`triton.compile` with GPUTarget("cuda", 90, 32), JIT integer
-specialisation emulated), with no local-memory spills. K-loop SASS, issue slots per int4 code: M = 1 GEMV
+Evidence so far (no GPU was available when this was written): every variant compiles for sm_90a with the
+triton 3.6 wheel's ptxas on a CPU machine, without local-memory spills and within an H100 block's shared memory
+(scripts/check_sm90_compile.py; it found the M = 64 residual epilogue at 532 KB before the split cap). K-loop SASS,
+issue slots per int4 code: M = 1 GEMV
 ~11 (first version, scalar stride-8 x loads and I2F: 18.5), tl.dot at M = 16 (BLOCK_N = 32) ~12.6. By the
 estimate above that is ~6 us for the M = 1 base at 4096^2: the int4 GEMV is issue-bound, not at the byte
 floor. Leads for the GPU session, largest first: (1) the GEMV still converts the folded per-word tile and
@@ -78,8 +82,14 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_ops.backends import triton_interpreting
-from lowrank_ops.kernels.lowrank_matmul import MAX_SPLIT, _target_programs
+from lowrank_ops.kernels.launch import (
+    MAX_SPLIT,
+    cap_split,
+    device_info,
+    dot_flags,
+    partial_split_cap,
+    target_programs,
+)
 from lowrank_ops.quant_format import CODES_PER_INT32, container_bits
 
 
@@ -446,23 +456,6 @@ def _shrink_config(m_rows: int, rank: int, k_in: int, target_programs: int) -> d
     )
 
 
-def _device_info(t: torch.Tensor) -> tuple[int | None, bool]:
-    """(device index or None under the interpreter, whether PDL can be used)."""
-    if t.device.type != "cuda" or triton_interpreting():
-        return None, False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.get_device_capability(index)[0] >= 9  # griddepcontrol is sm_90+
-
-
-def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(DOT_FP32, DOT_PRECISION): see the module docstring."""
-    if triton_interpreting():
-        return True, "ieee"
-    if dtype == torch.float32:
-        return True, "tf32x3"
-    return False, "tf32"
-
-
 def _packing(bits: int) -> tuple[int, int]:
     code_bits = container_bits(bits)
     return code_bits, (CODES_PER_INT32 if code_bits == 4 else 1)
@@ -484,14 +477,21 @@ def quant_lowrank_matmul_triton(
     m_out, words = qweight.shape
     rank = 0 if v is None else v.shape[0]
     code_bits, codes_per_word = _packing(bits)
-    device_index, use_pdl = _device_info(x2d)
-    dot_fp32, precision = _dot_flags(x2d.dtype)
+    device_index, use_pdl = device_info(x2d)
+    dot_fp32, precision = dot_flags(x2d.dtype)
     extra = {"launch_pdl": True} if use_pdl else {}
 
+    cfg = _main_config(m_rows, code_bits, words, rank)
     split = 1
     z = x2d  # dummy pointer when there is no residual
     if rank > 0:
-        sc = _shrink_config(m_rows, rank, n_in, _target_programs(device_index))
+        # Each program of the base kernel re-reads the S partials of its rows in its epilogue: the split is capped
+        # by the rule shared with lowrank_matmul (kernels/launch.py; at M = 64 an uncapped S = 16 needed 532 KB of
+        # shared memory in the sm_90a compile, over the 227 KB an H100 block may use).
+        weight_bytes = sum(t.numel() * t.element_size() for t in (qweight, scales, zeros, v, u))
+        reads_per_split = triton.cdiv(m_out, cfg["BLOCK_N"]) * m_rows * rank * 4
+        cap = partial_split_cap(weight_bytes, reads_per_split, cfg["BLOCK_M"], cfg["BLOCK_R"], cfg["USE_DOT"])
+        sc = cap_split(_shrink_config(m_rows, rank, n_in, target_programs(device_index)), n_in, cap)
         split = sc["split"]
         z = torch.empty((split, m_rows, rank), device=x2d.device, dtype=torch.float32)
         grid = (triton.cdiv(rank, sc["BLOCK_R"]), triton.cdiv(m_rows, sc["BLOCK_M"]), split)
@@ -507,7 +507,6 @@ def quant_lowrank_matmul_triton(
             **extra,
         )  # fmt: skip
 
-    cfg = _main_config(m_rows, code_bits, words, rank)
     y = torch.empty((m_rows, m_out), device=x2d.device, dtype=x2d.dtype)
     u_arg = u if rank > 0 else y
     grid = (triton.cdiv(m_out, cfg["BLOCK_N"]), triton.cdiv(m_rows, cfg["BLOCK_M"]))
