@@ -5,6 +5,7 @@ Commands:
   eval      perplexity of a saved compressed model (or any model) on the Wikipedia test split
   env       versions, GPU, and which backends are available (and why not)
   demo      factor real nn.Linear layers of the default model at a few ranks: error, param ratio, timing
+  export-lora  write the low-rank residual of a saved eora model as a PEFT LoRA adapter (and its base)
 """
 
 from __future__ import annotations
@@ -94,6 +95,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_lora(args: argparse.Namespace) -> int:
+    from lowrank_ops.peft_export import export_saved_model
+
+    summary = export_saved_model(args.model, args.out, base_out=args.base_out, base_model_name_or_path=args.base_model)
+    size = summary["bytes"] / 2**20
+    print(f"LoRA adapter: {summary['layers']} layers (ranks {summary['ranks']}, {summary['skipped_rank_0']} rank-0 "
+          f"layers skipped), {summary['dtype']}, {size:.2f} MiB -> {summary['adapter']}")  # fmt: skip
+    if "base" in summary:
+        print(f"base (dequantised / pruned, without the residual): {summary['base']}")
+    else:
+        print("serve it on the base written by --base-out (to_dense(model, residual=False)), not on the original model")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
     comp.add_argument("--method", default=d.method, choices=[*METHODS, "eora", "swsc"])
     e, w = EoraConfig(), SwscConfig()
-    comp.add_argument("--base", default=e.base, help="eora: quantized base, e.g. int4-g128, int3-g128, gptq-int4-g128")
+    comp.add_argument("--base", default=e.base,
+                      help="eora: compressed base, e.g. int4-g128, int3-g128, gptq-int4-g128, 2:4-wanda")  # fmt: skip
     comp.add_argument("--rank", type=int, default=None,
                       help=f"eora / swsc: rank of the residual, 0: none (default {e.rank} / {w.rank})")  # fmt: skip
     comp.add_argument("--residual", default=None, choices=["eora", "svd", "lqer"],
@@ -167,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--layer", type=int, default=0, help="decoder layer whose projections are factored")
     demo.set_defaults(func=_cmd_demo)
+    lora = sub.add_parser("export-lora", help="export the residual of a saved eora model as a PEFT LoRA adapter")
+    lora.add_argument("model", help="a directory written by compress --method eora --out")
+    lora.add_argument("--out", required=True, help="adapter directory (adapter_model.safetensors, adapter_config.json)")
+    lora.add_argument("--base-out", default=None,
+                      help="also write the base the adapter is served on (dequantised / pruned, no residual) as a "
+                           "plain Hugging Face model directory")  # fmt: skip
+    lora.add_argument("--base-model", default=None,
+                      help="base_model_name_or_path recorded in adapter_config.json (default: --base-out)")  # fmt: skip
+    lora.set_defaults(func=_cmd_export_lora)
     return parser
 
 

@@ -1,13 +1,12 @@
-"""`compress_quantized_(model, EoraConfig, calibration)`: swap targeted Linear layers for QuantLowRankLinear.
+"""`compress_quantized_(model, EoraConfig, calibration)`: swap targeted Linear layers for a compressed base plus
+a low-rank residual: QuantLowRankLinear for quantized bases, SparseLowRankLinear for 2:4 bases.
 
 `compress_(model, EoraConfig(...))` dispatches here. Pipeline: find targets (surgery) -> calibrate when the base
 (GPTQ, Wanda) or the residual (eora, lqer) needs statistics -> per layer: build the base
-(`algorithms.eora.quantized_base`, packed in the layer's dtype), fit the residual against the PACKED base's own
-dequantisation (`algorithms.eora.residual_svd`) -> swap in QuantLowRankLinear. Layers that read the same input share
-one whitening (one eigendecomposition of their Gram).
-
-2:4 bases: `quantized_base` builds them (dense), but there is no module for "dense pruned base + residual" yet, so
-compress_ rejects them with a clear error.
+(`algorithms.eora.quantized_base`: packed in the layer's dtype, or 2:4-pruned and stored dense in it), fit the
+residual against the STORED base (the packed weight's own dequantisation; the pruned weight in the layer's dtype)
+(`algorithms.eora.residual_svd`) -> swap in the module. Layers that read the same input share one whitening (one
+eigendecomposition of their Gram).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from lowrank_ops.algorithms.eora import base_weight, parse_base_spec, quantized_
 from lowrank_ops.calibration import calibration_windows, collect_input_statistics
 from lowrank_ops.compress import CompressionReport, LayerResult, resolve_device
 from lowrank_ops.configs import EoraConfig
-from lowrank_ops.modules import QuantLowRankLinear
+from lowrank_ops.modules import QuantLowRankLinear, SparseLowRankLinear
 from lowrank_ops.quant_format import SCALE_DTYPES
 from lowrank_ops.rank import discarded_energy
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_weight, replace_module
@@ -31,19 +30,23 @@ from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_
 
 @dataclass
 class QuantLayerResult(LayerResult):
-    """LayerResult of a quantized layer. kept_params counts the base's m n entries plus the residual's r (m + n)
-    (so the report's param_ratio is >= 1: parameters, not bytes); bits_per_weight is the storage cost
-    (`QuantLowRankLinear.bits_per_weight`); discarded_energy is the fraction of the base error's energy, in the
-    residual method's norm, that the residual leaves (1.0 at rank 0; for "eora" the calibration output error
-    ||(dW - U V) X^T||^2 / ||dW X^T||^2)."""
+    """LayerResult of a quantized or 2:4 layer. kept_params counts the base's m n entries plus the residual's
+    r (m + n) (so the report's param_ratio is >= 1: parameters, not bytes; a 2:4 base is stored dense); bits_per_weight
+    is the storage cost as stored (`QuantLowRankLinear.bits_per_weight`, `SparseLowRankLinear.bits_per_weight`: a 2:4
+    base counts its dense storage); nominal_2to4_bits_per_weight, for 2:4 bases only, what the compressed 2:4 format
+    would take (`SparseLowRankLinear.nominal_2to4_bits_per_weight`, not stored in this package yet);
+    discarded_energy is the fraction of the base error's energy, in the residual method's norm, that the residual
+    leaves (1.0 at rank 0; for "eora" the calibration output error ||(dW - U V) X^T||^2 / ||dW X^T||^2)."""
 
     bits_per_weight: float = 0.0
+    nominal_2to4_bits_per_weight: float | None = None
 
 
 def compress_quantized_(
     model: nn.Module, config: EoraConfig, calibration: torch.Tensor | None = None, *, progress: bool = True
 ) -> CompressionReport:
-    """Replace the targeted Linear layers of `model` in place by QuantLowRankLinear (base + residual, `config`).
+    """Replace the targeted Linear layers of `model` in place by QuantLowRankLinear (quantized base + residual) or,
+    for a 2:4 base, SparseLowRankLinear (pruned base stored dense + residual), as `config` says.
 
     calibration: token ids (N, seq_len), needed when config.needs_calibration; at most config.calib_tokens used.
     """
@@ -51,11 +54,6 @@ def compress_quantized_(
         raise TypeError(f"compress_quantized_: config must be an EoraConfig, got {type(config).__name__}")
     config.validate()
     spec = parse_base_spec(config.base)
-    if spec.kind != "quant":
-        raise ValueError(
-            f"compress_: base={config.base!r} (2:4 pruning) has no compressed module yet; build the pruned base and "
-            f"its residual with lowrank_ops.algorithms.eora.quantized_base / compensate"
-        )
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     targets = find_targets(model, config.targets, config.ignore)
@@ -79,27 +77,39 @@ def compress_quantized_(
         m, n = weight.shape
         W = weight.to(device, torch.float32)
         layer_stats = stats.get(name)
-        dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float32
-        base = quantized_base(W, spec, layer_stats, dtype=dtype)
+        if spec.kind == "prune":  # stored dense in the layer's dtype: the residual is fitted against that tensor
+            dtype = weight.dtype
+            base = quantized_base(W, spec, layer_stats).to(weight.device, dtype)
+        else:
+            dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float32
+            base = quantized_base(W, spec, layer_stats, dtype=dtype)
         rank = min(config.rank, m, n)
-        whitening = None
-        if config.residual != "svd" and rank > 0:
-            key = (id(layer_stats), n)
-            if key not in whitenings:
-                whitenings[key] = residual_whitening(config.residual, layer_stats, n, device=device)
-            whitening = whitenings[key]
-        method = config.residual if rank > 0 else "svd"  # rank 0: no residual (and maybe no statistics)
-        factors = residual_svd(W, base_weight(base), whitening, rank, method)
-        factor_dtype = dtype
-        u = factors.U.to(weight.device, factor_dtype) if rank else None
-        v = factors.V.to(weight.device, factor_dtype) if rank else None
-        bias = None if module.bias is None else module.bias.detach().to(factor_dtype)
-        new = QuantLowRankLinear.from_packed(base.to(weight.device), u=u, v=v, bias=bias)
+        if rank == 0:  # base only: nothing to fit, and no SVD just to report that the whole error is left
+            u = v = None
+            dropped = 1.0 if bool((base_weight(base).to(device) != W).any()) else 0.0
+        else:
+            whitening = None
+            if config.residual != "svd":
+                key = (id(layer_stats), n)
+                if key not in whitenings:
+                    whitenings[key] = residual_whitening(config.residual, layer_stats, n, device=device)
+                whitening = whitenings[key]
+            factors = residual_svd(W, base_weight(base), whitening, rank, config.residual)
+            u = factors.U.to(weight.device, dtype)
+            v = factors.V.to(weight.device, dtype)
+            kept = min(rank, factors.singular_values.shape[-1])
+            dropped = float(discarded_energy(factors.singular_values.to(torch.float64), kept, relative=True))
+        bias = None if module.bias is None else module.bias.detach().to(dtype)
+        if spec.kind == "prune":
+            new = SparseLowRankLinear.from_pruned(base, u=u, v=v, bias=bias)
+            nominal = new.nominal_2to4_bits_per_weight
+        else:
+            new = QuantLowRankLinear.from_packed(base.to(weight.device), u=u, v=v, bias=bias)
+            nominal = None
         new.dense_class = type(module).__name__
         replace_module(model, name, new)
-        kept = min(rank, factors.singular_values.shape[-1])
-        dropped = float(discarded_energy(factors.singular_values.to(torch.float64), kept, relative=True))
-        layers.append(QuantLayerResult(name, m, n, rank, m * n + rank * (m + n), dropped, new.bits_per_weight))
+        layers.append(QuantLayerResult(name, m, n, rank, m * n + rank * (m + n), dropped, new.bits_per_weight,
+                                       nominal))  # fmt: skip
     seconds["quantizing"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - start
     return CompressionReport(config.to_dict(), layers, embedding_parameter_count(model), seconds)

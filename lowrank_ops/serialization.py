@@ -4,6 +4,7 @@ A saved directory holds
     config.json           the model's transformers config (save_pretrained)
     model.safetensors     the full state dict (factors under <layer>.u / <layer>.v / <layer>.bias; a QuantLowRankLinear
                           adds its packed base <layer>.qweight / .scales / .zeros, layout of lowrank_ops.quant_format;
+                          a SparseLowRankLinear its dense 2:4-pruned base <layer>.weight (pattern checked on load);
                           a SharedChannelLinear its <layer>.codebook and int32 <layer>.index)
     lowrank_ops.json      the manifest: format version, compression config, per-layer modules and ranks,
                           package / torch / transformers versions, the source model
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear
+from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear, SparseLowRankLinear
 from lowrank_ops.surgery import replace_module
 
 MANIFEST = "lowrank_ops.json"
@@ -40,7 +41,7 @@ def _versions() -> dict:
     return {"lowrank_ops": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-COMPRESSED_MODULES = (LowRankLinear, QuantLowRankLinear, SharedChannelLinear)
+COMPRESSED_MODULES = (LowRankLinear, QuantLowRankLinear, SharedChannelLinear, SparseLowRankLinear)
 
 
 def _manifest_entry(module: nn.Module) -> dict:
@@ -57,6 +58,8 @@ def _manifest_entry(module: nn.Module) -> dict:
                      dtype=str(module.scales.dtype).removeprefix("torch."))  # fmt: skip
     if isinstance(module, SharedChannelLinear):
         entry.update(shared=module.shared, clusters=module.clusters)
+    if isinstance(module, SparseLowRankLinear):
+        entry.update(pattern="2:4", storage="dense", dtype=str(module.weight.dtype).removeprefix("torch."))
     return entry
 
 
@@ -87,6 +90,11 @@ def _empty_module(name: str, entry: dict) -> nn.Module:
             # exactly, so W_hat is unchanged ("dtype" in the entry records what was saved)
             return QuantLowRankLinear(entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"],
                                       entry["rank"], bias=entry["bias"])  # fmt: skip
+        if kind == "SparseLowRankLinear":  # the 2:4 pattern is checked when the state dict is loaded
+            if entry.get("pattern") != "2:4":
+                raise ValueError(f"load_compressed: layer {name} has pattern={entry.get('pattern')!r}; "
+                                 "SparseLowRankLinear reads '2:4'")  # fmt: skip
+            return SparseLowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
         if kind == "SharedChannelLinear":  # the index range is checked when the state dict is loaded
             return SharedChannelLinear(entry["in_features"], entry["out_features"], entry["clusters"], entry["rank"],
                                        entry["shared"], bias=entry["bias"])  # fmt: skip
@@ -203,13 +211,19 @@ def _recompute_non_persistent_buffers(model: nn.Module, hf_config, device) -> No
         module._buffers[buffer_name] = reference_buffers[name].to(device)
 
 
-def to_dense(model: nn.Module) -> nn.Module:
+def to_dense(model: nn.Module, residual: bool = True) -> nn.Module:
     """Replace every compressed module (COMPRESSED_MODULES) by its dense layer (nn.Linear, or transformers' Conv1D where
-    the original layer was one) in place, so that `save_pretrained` writes a plain model. Returns the model."""
+    the original layer was one) in place, so that `save_pretrained` writes a plain model. Returns the model.
+
+    residual=False: QuantLowRankLinear / SparseLowRankLinear layers become their BASE only (W_hat, without U V): the
+    model a LoRA export of the residuals (`lowrank_ops.peft_export`) is served on. Other modules convert whole."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, COMPRESSED_MODULES):
             continue
-        dense = module.to_linear()
+        if not residual and isinstance(module, (QuantLowRankLinear, SparseLowRankLinear)):
+            dense = module.to_linear(residual=False)
+        else:
+            dense = module.to_linear()
         if getattr(module, "dense_class", "Linear") == "Conv1D":
             from transformers.pytorch_utils import Conv1D
 

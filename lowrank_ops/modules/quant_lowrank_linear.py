@@ -168,12 +168,13 @@ class QuantLowRankLinear(nn.Module):
                 module.bias.copy_(bias.detach())
         return module
 
-    def to_linear(self) -> nn.Linear:
-        """The dense layer with W = W_hat + U V (computed in float32 at least, cast to the module's dtype)."""
+    def to_linear(self, residual: bool = True) -> nn.Linear:
+        """The dense layer with W = W_hat + U V (computed in float32 at least, cast to the module's dtype);
+        residual=False: W = W_hat, the base a LoRA export of the residual is served on (`peft_export`)."""
         dtype, device = self.scales.dtype, self.scales.device
         compute = torch.promote_types(dtype, torch.float32)
         weight = self.dequantized_weight(compute)
-        if self.rank:
+        if residual and self.rank:
             weight = weight + self.u.detach().to(compute) @ self.v.detach().to(compute)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype, device=device)
         with torch.no_grad():

@@ -1,0 +1,201 @@
+"""SparseLowRankLinear: a drop-in nn.Linear whose weight is a 2:4-pruned base, stored dense, plus a low-rank residual.
+
+Forward: y = W_pruned x + U (V x) + b, as F.linear for the base and `torch.ops.lowrank_ops.lowrank_matmul` for the
+residual. The base is stored DENSE (issue 5: "stored dense"): no sparse kernel runs and no memory is saved yet; the
+module exists so that a 2:4 base plus its EoRA / SVD / LQER residual can be compressed, evaluated, saved, loaded
+and exported like the quantized bases. W_pruned is frozen (a buffer); the residual factors and the bias are
+parameters, as in QuantLowRankLinear.
+
+The 2:4 pattern (`lowrank_ops.algorithms.quantize.prune_2to4`): along the input dimension, every run of 4
+consecutive columns j = 4k .. 4k + 3 of every row holds at most 2 non-zeros (a tail run of L = in_features mod 4
+columns at most ceil(L / 2)). It is checked when the module is built from a weight (`from_pruned`) and whenever a
+state dict is loaded, so a file whose base is not 2:4-sparse is rejected rather than run.
+
+state_dict keys (stable; checkpoints rely on them):
+    weight  (out_features, in_features)  the 2:4-pruned base, dense, in the layer's dtype (a buffer)
+    v       (rank, in_features)          the residual's shrink factor (only when rank > 0)
+    u       (out_features, rank)         the residual's expand factor (only when rank > 0)
+    bias    (out_features,)              only when bias=True
+
+Storage accounting: `storage_bytes` / `bits_per_weight` count what is stored (the dense base: 16 bits per weight in
+fp16 / bf16, 32 in fp32, plus the factors). `nominal_2to4_bytes` / `nominal_2to4_bits_per_weight` give what the
+compressed 2:4 format of sparse tensor cores would take -- the kept values plus a 2-bit position per kept value
+(4 bits of metadata per run of 4), i.e. 9 bits per weight for fp16 -- labelled nominal: nothing here stores it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_ops.algorithms.quantize import two_of_four_violation
+from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
+
+PATTERN = "2:4"
+_METADATA_BITS_PER_KEPT = 2  # the position of a kept value inside its run of 4 (cuSPARSELt / CUTLASS 2:4 metadata)
+
+
+def check_two_of_four(weight: torch.Tensor, where: str, name: str = "weight") -> None:
+    """ValueError naming the first row and run of `weight` (out, in) that break the 2:4 pattern (module docstring).
+    Meta tensors (a module built before its state dict is loaded) are not checked."""
+    if weight.device.type == "meta":
+        return
+    bad = two_of_four_violation(weight)
+    if bad is not None:
+        row, column, count = bad
+        allowed = 2 if column + 4 <= weight.shape[1] else (weight.shape[1] - column + 1) // 2
+        raise ValueError(
+            f"{where}: {name} (shape {tuple(weight.shape)}) is not 2:4 sparse: row {row}, columns "
+            f"{column}..{min(column + 4, weight.shape[1]) - 1} hold {count} non-zeros, at most {allowed} allowed "
+            f"(prune it with lowrank_ops.algorithms.quantize.prune_2to4; a file written otherwise is corrupt)"
+        )
+
+
+class SparseLowRankLinear(nn.Module):
+    """y = W_pruned x + U (V x) + b with a 2:4-pruned base W_pruned stored dense and an optional rank-r residual.
+
+    Args mirror nn.Linear plus rank (0 <= rank <= min(in_features, out_features); 0 = base only). `dtype` is the
+    layer's dtype: the base, v, u and bias are stored in it. A fresh module is a placeholder with W_pruned = 0 and a
+    zero residual (u = 0, v uniform as nn.Linear's weight, the LoRA convention); fill it with `from_pruned` or
+    `load_state_dict`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 0, bias: bool = True, dtype=None, device=None):
+        super().__init__()
+        where = "SparseLowRankLinear"
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {name}={value!r} must be an int >= 1")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"{where}: rank={rank!r} must be an int")
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"{where}: rank={rank} must satisfy 0 <= rank <= min(in_features, out_features) = "
+                f"{min(in_features, out_features)}"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        factory = {"dtype": dtype, "device": device}
+        self.register_buffer("weight", torch.zeros(out_features, in_features, **factory))
+        if rank > 0:
+            self.v = nn.Parameter(torch.empty(rank, in_features, **factory))
+            self.u = nn.Parameter(torch.zeros(out_features, rank, **factory))
+            bound = 1.0 / math.sqrt(in_features)
+            nn.init.uniform_(self.v, -bound, bound)
+        else:
+            self.v = self.u = None
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_load_state_dict_pre_hook(_check_loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.rank:
+            y = y + lowrank_matmul(x, self.v, self.u)
+        return y
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the stored weight: the DENSE base + residual factors (bias excluded)."""
+        tensors = [self.weight] + ([self.u, self.v] if self.rank else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 * storage_bytes / (out_features * in_features): what is stored, the dense base included."""
+        return 8.0 * self.storage_bytes / (self.out_features * self.in_features)
+
+    @property
+    def nominal_2to4_bytes(self) -> int:
+        """NOMINAL bytes in the compressed 2:4 format (not what this module stores): the kept slots (2 per run of 4,
+        ceil(L / 2) in a tail run of L) in the layer's dtype plus 2 bits of metadata per kept slot, plus the
+        residual factors."""
+        n = self.in_features
+        kept = self.out_features * (2 * (n // 4) + (n % 4 + 1) // 2)
+        factors = sum(t.numel() * t.element_size() for t in ([self.u, self.v] if self.rank else []))
+        return kept * self.weight.element_size() + -(-kept * _METADATA_BITS_PER_KEPT // 8) + factors
+
+    @property
+    def nominal_2to4_bits_per_weight(self) -> float:
+        """8 * nominal_2to4_bytes / (out_features * in_features) (NOMINAL: see nominal_2to4_bytes)."""
+        return 8.0 * self.nominal_2to4_bytes / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, pattern={PATTERN}, rank={self.rank}, "
+            f"bias={self.bias is not None}, bits_per_weight={self.bits_per_weight:.3f} (dense storage; nominal 2:4 "
+            f"{self.nominal_2to4_bits_per_weight:.3f})"
+        )
+
+    def check_pattern(self, where: str = "SparseLowRankLinear") -> None:
+        """Raise ValueError unless the stored base satisfies the 2:4 pattern."""
+        check_two_of_four(self.weight, where)
+
+    @classmethod
+    def from_pruned(
+        cls,
+        weight: torch.Tensor,
+        u: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> SparseLowRankLinear:
+        """A module holding the 2:4-pruned `weight` (m, n) (checked) and the residual U (m, r), V (r, n).
+
+        The module's dtype and device are the weight's; u, v and bias are cast to its dtype and copied onto its
+        device. u and v: both or neither (rank 0 factors (m, 0) / (0, n) count as neither).
+        """
+        where = "SparseLowRankLinear.from_pruned"
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+            raise TypeError(f"{where}: weight must be a floating (out_features, in_features) torch.Tensor, got "
+                            f"{type(weight).__name__} {getattr(weight, 'shape', '')}")  # fmt: skip
+        check_two_of_four(weight, where)
+        m, n = weight.shape
+        if (u is None) != (v is None):
+            raise ValueError(f"{where}: give both u (m, r) and v (r, n) or neither")
+        for name, t in (("u", u), ("v", v), ("bias", bias)):
+            if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+                raise TypeError(f"{where}: {name} must be a floating torch.Tensor, got {type(t).__name__}")
+        rank = 0
+        if u is not None:
+            if u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape[1] != n or u.shape[1] != v.shape[0]:
+                raise ValueError(
+                    f"{where}: u.shape={tuple(u.shape)}, v.shape={tuple(v.shape)} must be (m, r), (r, n) with "
+                    f"(m, n) = {(m, n)}"
+                )
+            rank = u.shape[1]
+        if bias is not None and tuple(bias.shape) != (m,):
+            raise ValueError(f"{where}: bias.shape={tuple(bias.shape)} must be ({m},)")
+        module = cls(n, m, rank, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            module.weight.copy_(weight.detach())
+            if rank:
+                module.u.copy_(u.detach())
+                module.v.copy_(v.detach())
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        return module
+
+    def to_linear(self, residual: bool = True) -> nn.Linear:
+        """The dense layer with W = W_pruned + U V (computed in float32 at least, cast to the module's dtype);
+        residual=False: W = W_pruned, the base a LoRA export of the residual is served on (`peft_export`)."""
+        dtype, device = self.weight.dtype, self.weight.device
+        compute = torch.promote_types(dtype, torch.float32)
+        weight = self.weight.detach().to(compute)
+        if residual and self.rank:
+            weight = weight + self.u.detach().to(compute) @ self.v.detach().to(compute)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.detach())
+        return linear
+
+
+def _check_loaded_weight(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+    """Load pre-hook: reject a base that breaks the 2:4 pattern before it is copied in, naming its key."""
+    weight = state_dict.get(prefix + "weight")
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2:
+        check_two_of_four(weight, "SparseLowRankLinear.load_state_dict", name=prefix + "weight")
