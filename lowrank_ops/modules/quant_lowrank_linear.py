@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from lowrank_ops.modules._base_residual import check_residual_parts, copy_residual_parts, dense_linear
 from lowrank_ops.ops.quant_lowrank_matmul import quant_lowrank_matmul
 from lowrank_ops.quant_format import (
     LAYOUT_VERSION,
@@ -140,45 +141,18 @@ class QuantLowRankLinear(nn.Module):
         where = "QuantLowRankLinear.from_packed"
         check_packed(packed, where)
         m, n = packed.shape
-        if (u is None) != (v is None):
-            raise ValueError(f"{where}: give both u (m, r) and v (r, n) or neither")
-        for name, t in (("u", u), ("v", v), ("bias", bias)):
-            if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
-                raise TypeError(f"{where}: {name} must be a floating torch.Tensor, got {type(t).__name__}")
-        rank = 0
-        if u is not None:
-            if u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape[1] != n or u.shape[1] != v.shape[0]:
-                raise ValueError(
-                    f"{where}: u.shape={tuple(u.shape)}, v.shape={tuple(v.shape)} must be (m, r), (r, n) with "
-                    f"(m, n) = {(m, n)}"
-                )
-            rank = u.shape[1]
-        if bias is not None and tuple(bias.shape) != (m,):
-            raise ValueError(f"{where}: bias.shape={tuple(bias.shape)} must be ({m},)")
+        rank = check_residual_parts(u, v, bias, m, n, where)
         dtype, device = packed.scales.dtype, packed.qweight.device
         module = cls(n, m, packed.bits, packed.group_size, rank, bias=bias is not None, dtype=dtype, device=device)
         with torch.no_grad():
             module.qweight.copy_(packed.qweight)
             module.scales.copy_(packed.scales)
             module.zeros.copy_(packed.zeros)
-            if rank:
-                module.u.copy_(u.detach())
-                module.v.copy_(v.detach())
-            if bias is not None:
-                module.bias.copy_(bias.detach())
+        copy_residual_parts(module, u, v, bias)
         return module
 
     def to_linear(self, residual: bool = True) -> nn.Linear:
         """The dense layer with W = W_hat + U V (computed in float32 at least, cast to the module's dtype);
         residual=False: W = W_hat, the base a LoRA export of the residual is served on (`peft_export`)."""
-        dtype, device = self.scales.dtype, self.scales.device
-        compute = torch.promote_types(dtype, torch.float32)
-        weight = self.dequantized_weight(compute)
-        if residual and self.rank:
-            weight = weight + self.u.detach().to(compute) @ self.v.detach().to(compute)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype, device=device)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.detach())
-        return linear
+        compute = torch.promote_types(self.scales.dtype, torch.float32)
+        return dense_linear(self, self.dequantized_weight(compute), self.scales.dtype, residual)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lowrank_ops.algorithms.swsc import bits_per_weight, check_clusters, check_shared, shared_weight
+from lowrank_ops.modules._base_residual import check_residual_parts, copy_residual_parts, dense_linear
 from lowrank_ops.ops.codebook_matmul import codebook_matmul
 from lowrank_ops.rank import validate_rank
 
@@ -131,42 +132,21 @@ class SharedChannelLinear(nn.Module):
             (clusters, n), m = codebook.shape, index.shape[0]
         else:
             (m, clusters), n = codebook.shape, index.shape[0]
-        if (u is None) != (v is None):
-            raise ValueError(f"{where}: give both u (m, r) and v (r, n) or neither")
-        rank = 0
-        if u is not None:
-            if u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape[1] != n or u.shape[1] != v.shape[0]:
-                raise ValueError(f"{where}: u.shape={tuple(u.shape)}, v.shape={tuple(v.shape)} must be (m, r), "
-                                 f"(r, n) with (m, n) = {(m, n)}")  # fmt: skip
-            rank = u.shape[1]
-        if bias is not None and tuple(bias.shape) != (m,):
-            raise ValueError(f"{where}: bias.shape={tuple(bias.shape)} must be ({m},)")
+        rank = check_residual_parts(u, v, bias, m, n, where)
         module = cls(n, m, clusters, rank, shared, bias=bias is not None, dtype=codebook.dtype,
                      device=codebook.device)  # fmt: skip
         with torch.no_grad():
             module.codebook.copy_(codebook.detach())
             module.index.copy_(index.detach().to(torch.int32))
-            if rank:
-                module.u.copy_(u.detach())
-                module.v.copy_(v.detach())
-            if bias is not None:
-                module.bias.copy_(bias.detach())
+        copy_residual_parts(module, u, v, bias)
         module.check_index(where)
         return module
 
-    def to_linear(self) -> nn.Linear:
-        """The dense layer with W = W_shared + U V (computed in float32 at least, cast to the module's dtype)."""
-        dtype, device = self.codebook.dtype, self.codebook.device
-        compute = torch.promote_types(dtype, torch.float32)
-        weight = self.shared_weight(compute)
-        if self.rank:
-            weight = weight + self.u.detach().to(compute) @ self.v.detach().to(compute)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype, device=device)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.detach())
-        return linear
+    def to_linear(self, residual: bool = True) -> nn.Linear:
+        """The dense layer with W = W_shared + U V (computed in float32 at least, cast to the module's dtype);
+        residual=False: W = W_shared."""
+        compute = torch.promote_types(self.codebook.dtype, torch.float32)
+        return dense_linear(self, self.shared_weight(compute), self.codebook.dtype, residual)
 
 
 def _check_loaded_index(module: SharedChannelLinear, incompatible_keys) -> None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_ops.algorithms.quantize import two_of_four_violation
+from lowrank_ops.modules._base_residual import check_residual_parts, copy_residual_parts, dense_linear
 from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
 
 PATTERN = "2:4"
@@ -153,45 +154,17 @@ class SparseLowRankLinear(nn.Module):
                             f"{type(weight).__name__} {getattr(weight, 'shape', '')}")  # fmt: skip
         check_two_of_four(weight, where)
         m, n = weight.shape
-        if (u is None) != (v is None):
-            raise ValueError(f"{where}: give both u (m, r) and v (r, n) or neither")
-        for name, t in (("u", u), ("v", v), ("bias", bias)):
-            if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
-                raise TypeError(f"{where}: {name} must be a floating torch.Tensor, got {type(t).__name__}")
-        rank = 0
-        if u is not None:
-            if u.dim() != 2 or v.dim() != 2 or u.shape[0] != m or v.shape[1] != n or u.shape[1] != v.shape[0]:
-                raise ValueError(
-                    f"{where}: u.shape={tuple(u.shape)}, v.shape={tuple(v.shape)} must be (m, r), (r, n) with "
-                    f"(m, n) = {(m, n)}"
-                )
-            rank = u.shape[1]
-        if bias is not None and tuple(bias.shape) != (m,):
-            raise ValueError(f"{where}: bias.shape={tuple(bias.shape)} must be ({m},)")
+        rank = check_residual_parts(u, v, bias, m, n, where)
         module = cls(n, m, rank, bias=bias is not None, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             module.weight.copy_(weight.detach())
-            if rank:
-                module.u.copy_(u.detach())
-                module.v.copy_(v.detach())
-            if bias is not None:
-                module.bias.copy_(bias.detach())
+        copy_residual_parts(module, u, v, bias)
         return module
 
     def to_linear(self, residual: bool = True) -> nn.Linear:
         """The dense layer with W = W_pruned + U V (computed in float32 at least, cast to the module's dtype);
         residual=False: W = W_pruned, the base a LoRA export of the residual is served on (`peft_export`)."""
-        dtype, device = self.weight.dtype, self.weight.device
-        compute = torch.promote_types(dtype, torch.float32)
-        weight = self.weight.detach().to(compute)
-        if residual and self.rank:
-            weight = weight + self.u.detach().to(compute) @ self.v.detach().to(compute)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype, device=device)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.detach())
-        return linear
+        return dense_linear(self, self.weight, self.weight.dtype, residual)
 
 
 def _check_loaded_weight(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
