@@ -35,16 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops.backends import Backend, select_backend
+from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 
 OP = "codebook_matmul"
 SHARED_MODES = ("rows", "columns")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPES = (*TRITON_DTYPES, torch.float64)
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
 
 
 def codebook_matmul_out_features(codebook: torch.Tensor, index: torch.Tensor, shared: str) -> int:
@@ -79,26 +76,26 @@ def check_codebook_matmul_args(
         raise TypeError(f"{OP}: x.dtype={x.dtype} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
     n_in = x.shape[-1]
     if n_in < 1:
-        raise ValueError(f"{OP}: n=x.shape[-1]={n_in} must be >= 1 (x.shape={_shape(x)})")
+        raise ValueError(f"{OP}: n=x.shape[-1]={n_in} must be >= 1 (x.shape={shape_of(x)})")
     layout = "(K, n)" if shared == "rows" else "(m, K)"
     if codebook.dim() != 2:
         raise ValueError(
-            f"{OP}: codebook must be 2-D {layout} for shared={shared!r}, got codebook.shape={_shape(codebook)}"
+            f"{OP}: codebook must be 2-D {layout} for shared={shared!r}, got codebook.shape={shape_of(codebook)}"
         )
     if index.dtype != torch.int32:
         raise TypeError(f"{OP}: index.dtype={index.dtype} must be torch.int32")
     if index.dim() != 1:
-        raise ValueError(f"{OP}: index must be 1-D, got index.shape={_shape(index)}")
+        raise ValueError(f"{OP}: index must be 1-D, got index.shape={shape_of(index)}")
     if shared == "rows":
         entries = codebook.shape[0]
         if codebook.shape[1] != n_in:
             raise ValueError(
                 f"{OP}: codebook.shape[1]={codebook.shape[1]} must equal n=x.shape[-1]={n_in} for shared='rows' "
-                f"(codebook (K, n), codebook.shape={_shape(codebook)})"
+                f"(codebook (K, n), codebook.shape={shape_of(codebook)})"
             )
         m_out = index.shape[0]
         if m_out < 1:
-            raise ValueError(f"{OP}: index.shape={_shape(index)} must have m >= 1 entries (one per output row)")
+            raise ValueError(f"{OP}: index.shape={shape_of(index)} must have m >= 1 entries (one per output row)")
     else:
         entries = codebook.shape[1]
         m_out = codebook.shape[0]
@@ -110,34 +107,10 @@ def check_codebook_matmul_args(
                 "(one entry per input column)"
             )
     if entries < 1:
-        raise ValueError(f"{OP}: the codebook must have K >= 1 entries, got K=0 (codebook.shape={_shape(codebook)})")
-    if (v is None) != (u is None):
-        raise ValueError(
-            f"{OP}: v and u must both be given or both be None (no residual); "
-            f"got v={'None' if v is None else 'a tensor'}, u={'None' if u is None else 'a tensor'}"
-        )
-    if v is not None:
-        if v.dim() != 2:
-            raise ValueError(f"{OP}: v must be 2-D (r, n), got v.shape={_shape(v)}")
-        if u.dim() != 2:
-            raise ValueError(f"{OP}: u must be 2-D (m, r), got u.shape={_shape(u)}")
-        rank = v.shape[0]
-        if rank < 1:
-            raise ValueError(f"{OP}: rank={rank} must be >= 1 (v.shape={_shape(v)}); pass v=u=None for no residual")
-        if v.shape[1] != n_in:
-            raise ValueError(f"{OP}: v.shape[1]={v.shape[1]} must equal n=x.shape[-1]={n_in} (v.shape={_shape(v)})")
-        if _shape(u) != (m_out, rank):
-            raise ValueError(f"{OP}: u.shape={_shape(u)} must be (m, r) = ({m_out}, {rank}) to match the output and v")
-        if rank > min(m_out, n_in):
-            raise ValueError(f"{OP}: rank={rank} must be <= min(m, n) = {min(m_out, n_in)} (v.shape={_shape(v)})")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != m_out):
-        raise ValueError(f"{OP}: bias.shape={_shape(bias)} must be ({m_out},) (m output features)")
-    for name, t in (("codebook", codebook), ("v", v), ("u", u), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{OP}: {name}.dtype={t.dtype} must equal x.dtype={x.dtype}")
-    for name, t in (("codebook", codebook), ("index", index), ("v", v), ("u", u), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+        raise ValueError(f"{OP}: the codebook must have K >= 1 entries, got K=0 (codebook.shape={shape_of(codebook)})")
+    check_residual_args(OP, v, u, bias, m_out, n_in, min_rank=1)
+    check_same_dtype_and_device(OP, x, dict(codebook=codebook, v=v, u=u, bias=bias),
+                                dict(codebook=codebook, index=index, v=v, u=u, bias=bias))  # fmt: skip
 
 
 def segment_sum(x2d: torch.Tensor, index: torch.Tensor, entries: int) -> torch.Tensor:

@@ -18,15 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops.backends import Backend, select_backend
+from lowrank_ops.ops._checks import shape_of
 
 OP = "lowrank_matmul"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPES = (*TRITON_DTYPES, torch.float64)
 RANK_PAD_MULTIPLE = 16
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
 
 
 def check_lowrank_matmul_args(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -39,23 +36,24 @@ def check_lowrank_matmul_args(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
     if x.dim() < 1:
         raise ValueError(f"{OP}: x must have at least 1 dimension (..., n), got a 0-d tensor")
     if v.dim() != 2:
-        raise ValueError(f"{OP}: v must be 2-D (r, n), got v.shape={_shape(v)}")
+        raise ValueError(f"{OP}: v must be 2-D (r, n), got v.shape={shape_of(v)}")
     if u.dim() != 2:
-        raise ValueError(f"{OP}: u must be 2-D (m, r), got u.shape={_shape(u)}")
+        raise ValueError(f"{OP}: u must be 2-D (m, r), got u.shape={shape_of(u)}")
     rank, n_in = v.shape
     m_out = u.shape[0]
     if rank < 1:
-        raise ValueError(f"{OP}: rank={rank} must be >= 1 (v.shape={_shape(v)})")
+        raise ValueError(f"{OP}: rank={rank} must be >= 1 (v.shape={shape_of(v)})")
     if u.shape[1] != rank:
-        raise ValueError(f"{OP}: u.shape[1]={u.shape[1]} must equal the rank v.shape[0]={rank} (u.shape={_shape(u)})")
+        raise ValueError(f"{OP}: u.shape[1]={u.shape[1]} must equal the rank v.shape[0]={rank} (u.shape={shape_of(u)})")
     if x.shape[-1] != n_in:
-        raise ValueError(f"{OP}: x.shape[-1]={x.shape[-1]} must equal v.shape[1]={n_in} (x.shape={_shape(x)})")
+        raise ValueError(f"{OP}: x.shape[-1]={x.shape[-1]} must equal v.shape[1]={n_in} (x.shape={shape_of(x)})")
     if rank > min(m_out, n_in):
         raise ValueError(
-            f"{OP}: rank={rank} must be <= min(m, n) = {min(m_out, n_in)} (u.shape={_shape(u)}, v.shape={_shape(v)})"
+            f"{OP}: rank={rank} must be <= min(m, n) = {min(m_out, n_in)} "
+            f"(u.shape={shape_of(u)}, v.shape={shape_of(v)})"
         )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != m_out):
-        raise ValueError(f"{OP}: bias.shape={_shape(bias)} must be ({m_out},) to match u.shape[0]")
+        raise ValueError(f"{OP}: bias.shape={shape_of(bias)} must be ({m_out},) to match u.shape[0]")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{OP}: x.dtype={x.dtype} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
     for name, t in (("v", v), ("u", u), ("bias", bias)):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops.backends import Backend, select_backend
+from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 from lowrank_ops.quant_format import (
     PackedQuantWeight,
@@ -48,10 +49,6 @@ from lowrank_ops.quant_format import (
 OP = "quant_lowrank_matmul"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPES = (*TRITON_DTYPES, torch.float64)
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
 
 
 def _rank(v: torch.Tensor | None) -> int:
@@ -84,7 +81,7 @@ def check_quant_lowrank_matmul_args(
         raise TypeError(f"{OP}: x.dtype={x.dtype} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
     n_in = x.shape[-1]
     if qweight.dim() != 2:
-        raise ValueError(f"{OP}: qweight must be 2-D (m, packed n), got qweight.shape={_shape(qweight)}")
+        raise ValueError(f"{OP}: qweight must be 2-D (m, packed n), got qweight.shape={shape_of(qweight)}")
     if qweight.dtype != qweight_dtype(bits):
         raise TypeError(f"{OP}: qweight.dtype={qweight.dtype} must be {qweight_dtype(bits)} for bits={bits}")
     m_out = qweight.shape[0]
@@ -97,40 +94,18 @@ def check_quant_lowrank_matmul_args(
         )
     groups = num_groups(n_in, group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
-        if _shape(t) != (m_out, groups):
+        if shape_of(t) != (m_out, groups):
             raise ValueError(
-                f"{OP}: {name}.shape={_shape(t)} must be (m, ceil(n / group_size)) = ({m_out}, {groups}) "
+                f"{OP}: {name}.shape={shape_of(t)} must be (m, ceil(n / group_size)) = ({m_out}, {groups}) "
                 f"for n={n_in}, group_size={group_size}"
             )
     if scales.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{OP}: scales.dtype={scales.dtype} must equal x.dtype={x.dtype} or be torch.float32")
     if zeros.dtype != scales.dtype:
         raise TypeError(f"{OP}: zeros.dtype={zeros.dtype} must equal scales.dtype={scales.dtype}")
-    if (v is None) != (u is None):
-        raise ValueError(
-            f"{OP}: v and u must both be given or both be None (no residual); "
-            f"got v={'None' if v is None else 'a tensor'}, u={'None' if u is None else 'a tensor'}"
-        )
-    if v is not None:
-        if v.dim() != 2:
-            raise ValueError(f"{OP}: v must be 2-D (r, n), got v.shape={_shape(v)}")
-        if u.dim() != 2:
-            raise ValueError(f"{OP}: u must be 2-D (m, r), got u.shape={_shape(u)}")
-        rank = v.shape[0]
-        if v.shape[1] != n_in:
-            raise ValueError(f"{OP}: v.shape[1]={v.shape[1]} must equal n=x.shape[-1]={n_in} (v.shape={_shape(v)})")
-        if u.shape != (m_out, rank):
-            raise ValueError(f"{OP}: u.shape={_shape(u)} must be (m, r) = ({m_out}, {rank}) to match qweight and v")
-        if rank > min(m_out, n_in):
-            raise ValueError(f"{OP}: rank={rank} must be <= min(m, n) = {min(m_out, n_in)} (v.shape={_shape(v)})")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != m_out):
-        raise ValueError(f"{OP}: bias.shape={_shape(bias)} must be ({m_out},) to match qweight.shape[0]")
-    for name, t in (("v", v), ("u", u), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{OP}: {name}.dtype={t.dtype} must equal x.dtype={x.dtype}")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("v", v), ("u", u), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+    check_residual_args(OP, v, u, bias, m_out, n_in, min_rank=0)
+    check_same_dtype_and_device(OP, x, dict(v=v, u=u, bias=bias),
+                                dict(qweight=qweight, scales=scales, zeros=zeros, v=v, u=u, bias=bias))  # fmt: skip
 
 
 def _gemms(
