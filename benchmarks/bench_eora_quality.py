@@ -18,15 +18,15 @@ size is reported apart.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from quality_common import compress_and_evaluate, finish_results  # noqa: E402
+
 from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
-from lowrank_ops.compress import compress_, resolve_device  # noqa: E402
+from lowrank_ops.compress import resolve_device  # noqa: E402
 from lowrank_ops.configs import EoraConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
 
@@ -116,29 +116,18 @@ def main(argv=None) -> int:
     print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
     path = write_results(args.out, "eora_quality", header, rows)
     for base, residual, rank, config in grid:
-        model = copy.deepcopy(pristine)
-        tic = time.perf_counter()
-        report = compress_(model, config, calibration, progress=False)
-        seconds = time.perf_counter() - tic
-        ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
+        report, ppl, seconds = compress_and_evaluate(pristine, tokenizer, config, calibration, args.seq_len,
+                                                     args.eval_tokens)  # fmt: skip
         nominal = _nominal_bits(report)
         rows.append(dict(common, base=base, residual=residual, rank=rank, variant=f"{base} + {residual}",
                          bits_per_weight=report.bits_per_weight, nominal_2to4_bits_per_weight=nominal,
-                         perplexity=ev["perplexity"], compression_seconds=seconds,
+                         perplexity=ppl, compression_seconds=seconds,
                          ranks=sorted({layer.rank for layer in report.layers}), config=config.to_dict()))  # fmt: skip
-        print(f"{base:16s} {residual:5s} rank {rank!s:4s}: perplexity {ev['perplexity']:.3f}, "
+        print(f"{base:16s} {residual:5s} rank {rank!s:4s}: perplexity {ppl:.3f}, "
               f"{report.bits_per_weight:.3f} bits/w stored, compression {seconds:.1f} s", flush=True)  # fmt: skip
-        del model
         path = write_results(args.out, "eora_quality", header, rows)
 
-    path.with_suffix(".md").write_text(markdown_table(rows, header))
-    try:
-        from plot import plot_results
-
-        plot_results(path, path.with_suffix(".png"))
-    except Exception as exc:  # the numbers matter more than the picture
-        print(f"plot skipped: {exc}")
-    print(markdown_table(rows, header))
+    finish_results(path, markdown_table(rows, header))
     return 0
 
 

@@ -11,17 +11,15 @@ The model is loaded once and every configuration starts from a fresh copy of it.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from quality_common import compress_and_evaluate, finish_results  # noqa: E402
+
 from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
-from lowrank_ops.compress import compress_, resolve_device  # noqa: E402
+from lowrank_ops.compress import resolve_device  # noqa: E402
 from lowrank_ops.configs import LowRankConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
 
@@ -69,33 +67,21 @@ def main(argv=None) -> int:
     for entry in args.grid:
         method, allocator = entry.split(":")
         for ratio in args.ratios:
-            model = copy.deepcopy(pristine)
             config = LowRankConfig(
                 method=method, allocator=allocator, param_ratio=ratio, calib_tokens=args.calib_tokens,
                 seq_len=args.seq_len, device=args.device,
             )  # fmt: skip
-            tic = time.perf_counter()
-            report = compress_(model, config, calibration, progress=False)
-            seconds = time.perf_counter() - tic
-            ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
+            report, ppl, seconds = compress_and_evaluate(pristine, tokenizer, config, calibration, args.seq_len,
+                                                         args.eval_tokens)  # fmt: skip
             rows.append(dict(common, method=method, allocator=allocator, variant=entry, target_ratio=ratio,
-                             param_ratio=report.param_ratio, perplexity=ev["perplexity"], compression_seconds=seconds,
+                             param_ratio=report.param_ratio, perplexity=ppl, compression_seconds=seconds,
                              ranks={layer.name: layer.rank for layer in report.layers}))  # fmt: skip
             print(f"{method:7s} {allocator:11s} ratio {ratio:.2f} (kept {report.param_ratio:.4f}): "
-                  f"perplexity {ev['perplexity']:.3f}, compression {seconds:.1f} s", flush=True)  # fmt: skip
-            del model
+                  f"perplexity {ppl:.3f}, compression {seconds:.1f} s", flush=True)  # fmt: skip
             header["plot"] = {"x": "param_ratio", "y": "perplexity", "line": "variant", "panel_cols": "model",
                               "shape_keys": [], "log_y": True}  # fmt: skip
             path = write_results(args.out, "quality", header, rows)
-    path.with_suffix(".md").write_text(markdown_table(rows, header))
-    try:
-        from plot import plot_results
-
-        plot_results(path, path.with_suffix(".png"))
-    except Exception as exc:  # the numbers matter more than the picture
-        print(f"plot skipped: {exc}")
-    print(markdown_table(rows, header))
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    finish_results(path, markdown_table(rows, header))
     return 0
 
 

@@ -1,0 +1,34 @@
+"""What the perplexity benchmarks (bench_quality, bench_swsc_quality, bench_eora_quality) share: compressing a fresh
+copy of the model and evaluating it, and finishing a results file (Markdown table, PNG)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from lowrank_ops.compress import compress_
+from lowrank_ops.pipeline import evaluate_perplexity
+
+
+def compress_and_evaluate(pristine, tokenizer, config, calibration, seq_len: int, eval_tokens: int):
+    """(report, perplexity, compression seconds) of `config` applied to a deep copy of `pristine`."""
+    model = copy.deepcopy(pristine)
+    tic = time.perf_counter()
+    report = compress_(model, config, calibration, progress=False)
+    seconds = time.perf_counter() - tic
+    ev = evaluate_perplexity(model, tokenizer, seq_len, eval_tokens, batch_size=4, progress=False)
+    return report, ev["perplexity"], seconds
+
+
+def finish_results(path: Path, markdown: str) -> None:
+    """Write the Markdown table next to the JSON results, draw the PNG (the numbers matter more than the picture:
+    a plotting failure is reported, not raised) and print the table."""
+    path.with_suffix(".md").write_text(markdown)
+    try:
+        from plot import plot_results
+
+        plot_results(path, path.with_suffix(".png"))
+    except Exception as exc:
+        print(f"plot skipped: {exc}")
+    print(markdown)
