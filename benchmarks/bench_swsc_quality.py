@@ -85,14 +85,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     header = environment_header()
-    header["plot"] = {"x": "bits_per_weight", "y": "perplexity", "line": "variant", "panel_cols": "model",
+    header["plot"] = {"x": "bits_per_weight", "y": "perplexity", "line": "label", "panel_cols": "model",
                       "shape_keys": [], "log_y": True}  # fmt: skip
     device = resolve_device(args.device)
     pristine, tokenizer, source = load_model(args.model, device)
     calibration = text_windows(tokenizer, "calibration", args.seq_len, args.calib_tokens)
     common = dict(model=source, eval_tokens=args.eval_tokens, seq_len=args.seq_len, device=str(device))
     dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
-    rows = [dict(common, variant="dense", rank=None, budget_bits=16.0, bits_per_weight=16.0,
+    rows = [dict(common, variant="dense", label="dense", rank=None, budget_bits=16.0, bits_per_weight=16.0,
                  perplexity=dense["perplexity"], compression_seconds=0.0)]  # fmt: skip
     print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
     calib = dict(calib_tokens=args.calib_tokens, seq_len=args.seq_len, device=args.device)
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         report, ppl, seconds = compress_and_evaluate(pristine, tokenizer, config, calibration, args.seq_len,
                                                      args.eval_tokens)  # fmt: skip
         stored = budget if config.kind == "eora" else report.bits_per_weight
-        rows.append(dict(common, variant=variant, rank=rank, budget_bits=budget, bits_per_weight=stored,
+        label = f"rtn g{RTN_GROUP}" if config.kind == "eora" else f"{variant} r{rank}"  # one line per method
+        rows.append(dict(common, variant=variant, label=label, rank=rank, budget_bits=budget, bits_per_weight=stored,
                          perplexity=ppl, compression_seconds=seconds,
                          config=config.to_dict()))  # fmt: skip
         print(f"{variant:22s} rank {rank!s:4s} {budget:.2f} bits (stored {stored:.3f}): perplexity "

@@ -64,7 +64,8 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
     panel_cols.sort(key=lambda c: (c is None, c if isinstance(c, (int, float)) else str(c)))
     n_rows, n_cols = max(1, len(panel_rows)), max(1, len(panel_cols))
 
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 2.9 * n_rows), squeeze=False)
+    # at least 8 x 4 inches, so one-panel plots keep their title and legend readable
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(max(3.6 * n_cols, 8.0), max(2.9 * n_rows, 4.0)), squeeze=False)
     providers = sorted({str(r.get(line_key)) for r in rows})
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
     for i, shape in enumerate(panel_rows):
@@ -133,7 +134,8 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike | Non
     if header.get("is_gpu") is False:
         title += "\nCPU ONLY: these are not GPU numbers"
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.92, 0.97 if header.get("is_gpu") else 0.95))
+    legend_room = 0.92 if n_cols > 2 else 0.72  # few panels: the legend needs its own column
+    fig.tight_layout(rect=(0, 0, legend_room, 0.97 if header.get("is_gpu") else 0.95))
 
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
