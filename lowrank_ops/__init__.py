@@ -7,7 +7,7 @@ Public face: the `compress_` verb and its configs, save / load, the modules, `en
 from lowrank_ops import ops  # noqa: F401  (registers torch.ops.lowrank_ops.*)
 from lowrank_ops.backends import Backend, BackendUnavailableError, use_backend
 from lowrank_ops.compress import CompressionReport, compress_
-from lowrank_ops.configs import EoraConfig, LowRankConfig, SwscConfig
+from lowrank_ops.configs import BasisConfig, EoraConfig, LowRankConfig, SwscConfig
 from lowrank_ops.env import env_report
 from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear, SparseLowRankLinear
 from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
@@ -17,6 +17,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "CompressionReport",
+    "BasisConfig",
     "EoraConfig",
     "LowRankConfig",
     "LowRankLinear",

@@ -44,11 +44,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         config = SwscConfig(shared=args.shared, clusters=args.clusters, bits=bits,
                             rank=_option(args, "rank", SwscConfig), residual=_option(args, "residual", SwscConfig),
                             weighted=args.shared == "rows" and not args.unweighted, **common)  # fmt: skip
+    elif args.method == "basis":
+        from lowrank_ops.configs import BasisConfig
+
+        config = BasisConfig(param_ratio=args.param_ratio, basis=args.basis, score=args.score, new_rank=args.new_rank,
+                             train_steps=args.train_steps, lr=args.lr, alpha=args.alpha, align=args.align,
+                             **common)  # fmt: skip
     else:
         config = LowRankConfig(method=args.method, param_ratio=args.param_ratio, allocator=args.allocator,
                                alpha=args.alpha, align=args.align, sequential=args.sequential, **common)  # fmt: skip
+    if args.target_data is not None and args.method != "basis":
+        raise ValueError(f"--target-data is used by --method basis only, not --method {args.method}")
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
-                             evaluate_dense=not args.no_dense_eval)  # fmt: skip
+                             evaluate_dense=not args.no_dense_eval, target_data=args.target_data)  # fmt: skip
     print(_summary(result))
     if args.out:
         print(f"saved to {args.out}")
@@ -68,6 +76,9 @@ def _summary(result: dict) -> str:
     elif config["kind"] == "swsc":
         size = f"K={config['clusters']}" if config["clusters"] is not None else f"{config['bits']} bits"
         variant = f"swsc {config['shared']} {size} + {config['residual']} r={config['rank']}"
+    elif config["kind"] == "basis":
+        trained = f", {config['train_steps']} steps" if config["train_steps"] else ""
+        variant = f"basis {config['basis']}/{config['score']} +{config['new_rank']}{trained}"
     else:
         variant = f"{config['method']} / {config['allocator']}"
     lines = [result["layer_table"], "", f"{'variant':40s} {'kept':>6s} {'perplexity':>11s} {'seconds':>8s}"]
@@ -79,6 +90,11 @@ def _summary(result: dict) -> str:
     if "compressed" in result:
         ev = result["compressed"]
         lines.append(f"perplexity on {ev['tokens']} Wikipedia test tokens, windows of {ev['seq_len']} (BOS-prefixed)")
+    if "compressed_target" in result:
+        dense = result.get("dense_target", {}).get("perplexity", float("nan"))
+        ev = result["compressed_target"]
+        lines.append(f"target data {result['target_data']}: perplexity dense {dense:.3f} -> {ev['perplexity']:.3f} on "
+                     f"{ev['tokens']} tokens of its test split")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -118,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = LowRankConfig()
     comp = sub.add_parser("compress", help="calibrate, compress, evaluate and save a causal LM")
     comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
-    comp.add_argument("--method", default=d.method, choices=[*METHODS, "eora", "swsc"])
+    comp.add_argument("--method", default=d.method, choices=[*METHODS, "eora", "swsc", "basis"])
     e, w = EoraConfig(), SwscConfig()
     comp.add_argument("--base", default=e.base,
                       help="eora: compressed base, e.g. int4-g128, int3-g128, gptq-int4-g128, 2:4-wanda")  # fmt: skip
@@ -139,6 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the targeted Linear parameters KEPT, in (0, 1]",
     )
     comp.add_argument("--allocator", default=d.allocator, choices=ALLOCATORS)
+    from lowrank_ops.configs import BASIS_SCORES, BasisConfig
+
+    b = BasisConfig()
+    comp.add_argument("--target-data", nargs="+", default=None, metavar="PATH",
+                      help="basis: target-application text, 'python-stdlib' (default: this interpreter's standard "
+                           "library, split by file), 'wikipedia', or UTF-8 files (split 50/20/10/20%% into "
+                           "calibration / train / held-out / test)")  # fmt: skip
+    comp.add_argument("--basis", default=b.basis, choices=METHODS,
+                      help="basis: the decomposition whose bases are selected (whiten: SVD of W S with "
+                           "S S^T = the target Gram)")  # fmt: skip
+    comp.add_argument("--score", default=b.score, choices=BASIS_SCORES,
+                      help="basis: energy (target output energy), taylor (|s dL/ds|) or fisher "
+                           "(mean (s dL/ds)^2)")  # fmt: skip
+    comp.add_argument("--train-steps", type=int, default=b.train_steps,
+                      help="basis: Adam steps re-learning s on target data, held-out early stopping "
+                           "(0: training-free)")  # fmt: skip
+    comp.add_argument("--new-rank", type=int, default=b.new_rank,
+                      help="basis: new bases per layer from the target residual's eigen-directions (EoRA), paid "
+                           "from --param-ratio")  # fmt: skip
+    comp.add_argument("--lr", type=float, default=b.lr, help="basis: relative Adam learning rate of the re-learning")
     comp.add_argument("--alpha", type=float, default=d.alpha, help="ASVD exponent of mean|x|")
     comp.add_argument("--align", type=int, default=d.align, help="ranks are multiples of this")
     comp.add_argument("--targets", nargs="+", default=None, help="class names, qualified names or re:<regex>")

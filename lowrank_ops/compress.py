@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lowrank_ops.algorithms.allocation import allocate_by_loss, allocate_by_sensitivity, allocate_uniform, layer_cost
 from lowrank_ops.algorithms.lowrank import whitening_for
 from lowrank_ops.calibration import calibration_windows, collect_input_statistics
-from lowrank_ops.configs import EoraConfig, LowRankConfig, SwscConfig
+from lowrank_ops.configs import BasisConfig, EoraConfig, LowRankConfig, SwscConfig
 from lowrank_ops.engine import WhitenedSVD, whitened_svd
 from lowrank_ops.modules import LowRankLinear
 from lowrank_ops.rank import discarded_energy, rank_for_param_ratio
@@ -168,13 +168,22 @@ def compress_(
     *,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    train: torch.Tensor | None = None,
+    heldout: torch.Tensor | None = None,
 ) -> CompressionReport:
     """Factor the targeted Linear layers of `model` in place according to `config`.
 
     calibration: token ids (N, seq_len) for methods / allocators that need data ("asvd", "whiten",
         allocator "sensitivity"); at most config.calib_tokens tokens are used.
     cache_dir: where the sensitivity table is cached (default ~/.cache/lowrank_ops).
+    train / heldout: BasisConfig only: target token ids for re-learning the coefficients (train_steps > 0).
     """
+    if isinstance(config, BasisConfig):  # application-specific basis selection: its own pipeline
+        from lowrank_ops.basis import compress_basis_
+
+        return compress_basis_(model, config, calibration, train=train, heldout=heldout, progress=progress)
+    if train is not None or heldout is not None:
+        raise ValueError(f"compress_: train / heldout are used by BasisConfig only, not {type(config).__name__}")
     if isinstance(config, EoraConfig):  # quantized base + low-rank residual: its own pipeline
         from lowrank_ops.compress_quantized import compress_quantized_
 

@@ -11,6 +11,7 @@ and three rank allocators:
                  global perplexity threshold found by binary search.
 `EoraConfig` covers a compressed (quantized) base plus a low-rank residual: EoRA, SVD-of-error and LQER residuals.
 `SwscConfig` covers shared weights for similar channels (k-means codebook) plus a low-rank residual.
+`BasisConfig` covers application-specific basis selection: SVD bases scored on target data, pruned, re-learned.
 """
 
 from __future__ import annotations
@@ -241,7 +242,96 @@ class SwscConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-CONFIG_KINDS = {"lowrank": LowRankConfig, "eora": EoraConfig, "swsc": SwscConfig}
+BASIS_SCORES = ("energy", "taylor", "fisher")
+
+
+@dataclass
+class BasisConfig:
+    """Application-specific basis selection (`compress_` -> `lowrank_ops.basis.compress_basis_`; the math is in
+    `lowrank_ops.algorithms.basis_selection`).
+
+    Each targeted W is decomposed at full rank as W = sum_i s_i u_i v_i^T, each basis i is scored on TARGET data
+    (the calibration windows given to compress_), the lowest-scoring bases are pruned under one global parameter
+    budget, and optionally s is re-learned (U, V frozen) with `new_rank` new bases per layer fitted on target data.
+
+    param_ratio: fraction of the targeted Linear parameters KEPT, in (0, 1]; new bases are paid from it.
+    basis: the decomposition whose bases are selected: "whiten" (SVD of W S with S S^T the target Gram, default),
+        "asvd" (S = diag(mean|x|^alpha)) or "svd" (plain SVD of W, as in the basis-selection paper).
+    score: "energy" (s_i^2 ||u_i||^2 v_i^T G v_i, the target output energy of basis i; allocated on each layer's
+        fraction of it), "taylor" (|s_i dL/ds_i| over the calibration windows, a first-order loss change) or
+        "fisher" (mean over backward batches of (s_i dL_b/ds_i)^2, the empirical-Fisher loss change); the gradient
+        scores are in loss units and allocated on their absolute sum. Default "fisher": removing a basis is a large
+        step (s_i: 1 -> 0) from a near-stationary point, where the first-order term is small and noisy and the
+        second-order term, which the Fisher estimates, dominates (it is also the variant measured in
+        benchmarks/results/basis_selection-cpu.md).
+    score_tokens: calibration tokens run forward and backward for the gradient scores.
+    new_rank: new bases per factored layer, initialised from the leading eigen-directions of the target residual
+        (EoRA: whitened SVD of W - W_kept with the target Gram); capped where the layer would reach break-even.
+    train_steps: optimizer steps re-learning s (and the new bases' factors) on `train` windows, 0 = training-free;
+        held-out loss every `eval_every` steps, stop after `patience` evaluations without improvement, best kept.
+    lr: Adam learning rate, relative: s starts at 1, and the new factors' rate is lr times their initial RMS.
+    seed: orders the training batches (the result is deterministic for a seed on a given machine).
+    alpha / align / targets / ignore / calib_tokens / seq_len / batch_size / device: as in LowRankConfig.
+    """
+
+    param_ratio: float = 0.8
+    basis: str = "whiten"
+    score: str = "fisher"
+    score_tokens: int = 4096
+    new_rank: int = 0
+    train_steps: int = 0
+    lr: float = 5e-3
+    eval_every: int = 5
+    patience: int = 2
+    seed: int = 0
+    alpha: float = 0.5
+    align: int = 16
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 4
+    device: str = "auto"
+    kind: str = field(default="basis", init=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)) \
+                or not 0.0 < self.param_ratio <= 1.0:  # fmt: skip
+            raise ValueError(f"{name}: param_ratio={self.param_ratio!r} must be in (0, 1] (fraction of params kept)")
+        if self.basis not in METHODS:
+            raise ValueError(f"{name}: basis={self.basis!r} must be one of {list(METHODS)}")
+        if self.score not in BASIS_SCORES:
+            raise ValueError(f"{name}: score={self.score!r} must be one of {list(BASIS_SCORES)}")
+        for attr in ("new_rank", "train_steps", "patience", "seed"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: {attr}={value!r} must be an int >= 0")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"{name}: lr={self.lr!r} must be a number > 0")
+        if not self.alpha > 0:
+            raise ValueError(f"{name}: alpha={self.alpha} must be > 0")
+        _check_common_fields(self, name, ("align", "score_tokens", "eval_every"))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # the scores are measured on target data
+
+    @property
+    def needs_training_data(self) -> bool:
+        return self.train_steps > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+CONFIG_KINDS = {"lowrank": LowRankConfig, "eora": EoraConfig, "swsc": SwscConfig, "basis": BasisConfig}
 
 
 def config_from_dict(data: dict):

@@ -58,6 +58,75 @@ def text_windows(tokenizer, split: str, seq_len: int, max_tokens: int, texts: li
     return windows
 
 
+TARGET_CORPORA = ("python-stdlib", "wikipedia")
+"""Named target corpora of `target_windows`; anything else given as target data is a list of file paths."""
+TARGET_SPLITS = ("calibration", "train", "heldout", "test")
+_USER_FILES_BY_FILE = 10  # from this many user files on, they are split by file (like the stdlib), else by window
+
+
+def _split_by_window(windows: torch.Tensor, tokens: dict[str, int], seq_len: int) -> dict[str, torch.Tensor]:
+    """Contiguous blocks of the windows of one text (50 / 20 / 10 / 20 %), each capped at its token budget."""
+    from lowrank_ops.data import CODE_SPLITS
+
+    out, start = {}, 0.0
+    for name, fraction in CODE_SPLITS.items():
+        lo, hi = round(start * windows.shape[0]), round((start + fraction) * windows.shape[0])
+        out[name] = windows[lo:hi][: max(1, tokens[name] // seq_len)]
+        start += fraction
+    return out
+
+
+def target_windows(tokenizer, target: str | list[str], seq_len: int, tokens: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Token windows (N, seq_len) of a target application's text for each split in TARGET_SPLITS.
+
+    target: "python-stdlib" (the interpreter's standard library, split by file: `data.python_stdlib_split`),
+        "wikipedia" (calibration / train / held-out windows cut from the Wikipedia calibration articles in that
+        order, test = the Wikipedia test split: the package's evaluation text) or file paths (split by file hash
+        from 10 files on, else into contiguous 50 / 20 / 10 / 20 % blocks of the windows of their text).
+    tokens: the token budget of each split (at most that many tokens, at least one window).
+    Raises FileNotFoundError for a missing file and ValueError when a split is shorter than one window."""
+    import hashlib
+
+    from lowrank_ops.data import CODE_SPLITS, python_stdlib_split, text_files, tokenize_to_sequences
+
+    def windows_of(texts, split, budget):
+        if not texts:
+            raise ValueError(f"target_windows: the {split} split of {target!r} holds no text")
+        return tokenize_to_sequences(tokenizer, texts, seq_len, max_sequences=max(1, budget // seq_len))
+
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise ValueError("target_windows: no target data given")
+    if targets == ["python-stdlib"]:
+        out = {s: windows_of([f["text"] for f in python_stdlib_split(s)], s, tokens[s]) for s in TARGET_SPLITS}
+    elif targets == ["wikipedia"]:
+        budgets = [tokens[s] // seq_len or 1 for s in TARGET_SPLITS[:3]]
+        pool = text_windows(tokenizer, "calibration", seq_len, sum(budgets) * seq_len)
+        bounds = torch.tensor([0, *budgets]).cumsum(0).tolist()
+        out = {s: pool[bounds[i] : bounds[i + 1]] for i, s in enumerate(TARGET_SPLITS[:3])}
+        out["test"] = text_windows(tokenizer, "test", seq_len, tokens["test"])
+    else:
+        if any(t in TARGET_CORPORA for t in targets):
+            raise ValueError(f"target_windows: {list(TARGET_CORPORA)} cannot be mixed with file paths, got {targets}")
+        texts = text_files(targets)
+        if len(texts) >= _USER_FILES_BY_FILE:
+            ranked = sorted(zip(targets, texts), key=lambda pt: hashlib.sha256(str(pt[0]).encode()).digest())
+            out, start = {}, 0.0
+            for s, fraction in CODE_SPLITS.items():
+                lo, hi = round(start * len(ranked)), round((start + fraction) * len(ranked))
+                out[s] = windows_of([text for _, text in ranked[lo:hi]], s, tokens[s])
+                start += fraction
+        else:
+            everything = tokenize_to_sequences(tokenizer, texts, seq_len)
+            out = _split_by_window(everything, tokens, seq_len)
+    short = [s for s in TARGET_SPLITS if out[s].shape[0] == 0]
+    if short:
+        raise ValueError(f"target_windows: target data {targets} is too short: split(s) {short} get less than one "
+                         f"window of {seq_len} tokens (the text is cut 50/20/10/20 % into calibration / train / "
+                         "held-out / test); give more text or a smaller --seq-len")  # fmt: skip
+    return out
+
+
 def evaluate_perplexity(model, tokenizer, seq_len: int, eval_tokens: int, batch_size: int, progress=True) -> dict:
     from lowrank_ops.evaluate import perplexity
 
@@ -65,6 +134,15 @@ def evaluate_perplexity(model, tokenizer, seq_len: int, eval_tokens: int, batch_
     tic = time.perf_counter()
     ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
     return {"perplexity": ppl, "tokens": int(windows.numel()), "seq_len": seq_len, "seconds": time.perf_counter() - tic}
+
+
+def _target_perplexity(model, windows: torch.Tensor, batch_size: int, progress: bool) -> dict:
+    from lowrank_ops.evaluate import perplexity
+
+    tic = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    return {"perplexity": ppl, "tokens": int(windows.numel()), "seq_len": int(windows.shape[1]),
+            "seconds": time.perf_counter() - tic}  # fmt: skip
 
 
 def run_compression(
@@ -76,8 +154,15 @@ def run_compression(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     evaluate_dense: bool = True,
     progress: bool = True,
+    target_data: str | list[str] | None = None,
+    train_tokens: int = 8192,
+    heldout_tokens: int = 2048,
 ) -> dict:
-    """Load, (evaluate dense), compress, evaluate, save. Returns the result dict also written to out_dir."""
+    """Load, (evaluate dense), compress, evaluate, save. Returns the result dict also written to out_dir.
+
+    A BasisConfig is scored, re-learned and also evaluated on `target_data` ("python-stdlib" by default, see
+    `target_windows`): calib_tokens / train_tokens / heldout_tokens / eval_tokens tokens of its four splits; the result
+    then holds "dense_target" / "compressed_target" perplexities next to the Wikipedia ones."""
     device = resolve_device(config.device)
     model, tokenizer, source = load_model(model_name, device)
     result: dict = {"model": source, "config": config.to_dict(), "device": str(device)}
@@ -85,16 +170,26 @@ def run_compression(
         result["dense"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress
         )
-    calibration = None
-    if config.needs_calibration:
+    calibration, extra, target = None, {}, None
+    if getattr(config, "kind", None) == "basis":  # scored / trained / also evaluated on the target application's text
+        budgets = {"calibration": config.calib_tokens, "train": train_tokens, "heldout": heldout_tokens,
+                   "test": eval_tokens}  # fmt: skip
+        target = target_windows(tokenizer, target_data or "python-stdlib", config.seq_len, budgets)
+        calibration, extra = target["calibration"], {"train": target["train"], "heldout": target["heldout"]}
+        result["target_data"] = target_data or "python-stdlib"
+        if evaluate and evaluate_dense:
+            result["dense_target"] = _target_perplexity(model, target["test"], config.batch_size, progress)
+    elif config.needs_calibration:
         calibration = text_windows(tokenizer, "calibration", config.seq_len, config.calib_tokens)
-    report: CompressionReport = compress_(model, config, calibration, progress=progress)
+    report: CompressionReport = compress_(model, config, calibration, progress=progress, **extra)
     result["compression"] = report.to_dict()
     result["layer_table"] = report.format_table()
     if evaluate:
         result["compressed"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress
         )
+        if target is not None:
+            result["compressed_target"] = _target_perplexity(model, target["test"], config.batch_size, progress)
     if out_dir is not None:
         save_compressed(model, out_dir, config=config, tokenizer=tokenizer, source=source,
                         extra_files={RESULTS_FILE: json.dumps(result, indent=2)})  # fmt: skip

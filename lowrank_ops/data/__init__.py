@@ -23,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SPLITS", "TEST_FRACTION", "text_files", "tokenize_to_sequences", "wikipedia_articles", "wikipedia_split"]
+__all__ = [
+    "CODE_SPLITS",
+    "SPLITS",
+    "TEST_FRACTION",
+    "python_stdlib_split",
+    "text_files",
+    "tokenize_to_sequences",
+    "wikipedia_articles",
+    "wikipedia_split",
+]
 
 SPLITS = ("calibration", "test")
 TEST_FRACTION = 0.2
@@ -65,6 +74,64 @@ def wikipedia_split(split: str, seed: int = 0) -> list[dict]:
     ranked = sorted(range(len(articles)), key=lambda i: _article_key(articles[i]["title"], seed))
     test = set(ranked[: round(TEST_FRACTION * len(articles))])
     return [a for i, a in enumerate(articles) if (i in test) == (split == "test")]
+
+
+CODE_SPLITS = {"calibration": 0.5, "train": 0.2, "heldout": 0.1, "test": 0.2}
+"""Fractions of the Python standard library's files in each split of `python_stdlib_split` (by file, not by token)."""
+CODE_MAX_FILE_BYTES = 200_000
+"""Files above this size are skipped (pydoc_data/topics.py is 750 kB of help text, not code)."""
+
+
+def _stdlib_files(root: Path, max_file_bytes: int) -> list[Path]:
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    files = []
+    for path in root.rglob("*.py"):
+        if skip.intersection(path.relative_to(root).parts) or not path.is_file():
+            continue
+        if path.stat().st_size > max_file_bytes:
+            continue
+        files.append(path)
+    return files
+
+
+def python_stdlib_split(
+    split: str, seed: int = 0, *, root: str | os.PathLike | None = None, max_file_bytes: int = CODE_MAX_FILE_BYTES
+) -> list[dict]:
+    """The Python source files of one split of the running interpreter's standard library (a code corpus that is on
+    every machine): [{"path": path relative to the stdlib root, "text": str}, ...], ranked by the hash below.
+
+    root: the stdlib directory (default sysconfig.get_paths()["stdlib"]); site-packages, __pycache__, files larger
+    than `max_file_bytes`, empty files and files that are not UTF-8 are skipped. Deterministic and BY FILE: files
+    are ranked by sha256(f"{seed}\\0{relative path}") and cut into CODE_SPLITS ("calibration" 50%, "train" 20%,
+    "heldout" 10%, "test" 20%) in that order, so no file contributes to two splits; the returned order is the
+    ranking (a prefix is a random sample, not an alphabetical run of one package)."""
+    import sysconfig
+
+    if split not in CODE_SPLITS:
+        raise ValueError(f"python_stdlib_split: split={split!r} must be one of {list(CODE_SPLITS)}")
+    if not isinstance(seed, int):
+        raise TypeError(f"python_stdlib_split: seed={seed!r} must be an int")
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"python_stdlib_split: the standard library directory {root} does not exist")
+    files = _stdlib_files(root, max_file_bytes)
+    if not files:
+        raise FileNotFoundError(f"python_stdlib_split: no .py files under {root}")
+    ranked = sorted(files, key=lambda f: _article_key(f.relative_to(root).as_posix(), seed))
+    bounds, start = {}, 0.0
+    for name, fraction in CODE_SPLITS.items():
+        bounds[name] = (round(start * len(ranked)), round((start + fraction) * len(ranked)))
+        start += fraction
+    lo, hi = bounds[split]
+    out = []
+    for path in ranked[lo:hi]:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            out.append({"path": path.relative_to(root).as_posix(), "text": text})
+    return out
 
 
 def text_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:

@@ -7,6 +7,14 @@ state_dict keys (stable; later modules and checkpoints rely on them):
     v     (rank, in_features)   the "shrink" factor, V = Sigma_r^{1/2} V_r^T for plain SVD
     u     (out_features, rank)  the "expand" factor, U = U_r Sigma_r^{1/2}
     bias  (out_features,)       only when bias=True
+    s     (rank,)               only on an UNFOLDED module (`add_coefficients`, basis selection): per-basis
+                                coefficients, y = U (s * (V x)) + b; `fold_coefficients` multiplies s into U and
+                                removes it, so saved / deployed modules never carry it
+
+Coefficients (application-specific basis selection, `lowrank_ops.basis`): W = sum_i s_i u_i v_i^T with s learnable and
+U, V frozen. While s exists the forward is z = V x, y = U (s * z) + b in plain torch (two F.linear calls), so the
+gradient of s costs O(tokens r) (sum of z * U^T dy) instead of the r n tokens of a gradient through s * V; after
+`fold_coefficients` the module runs the fused op again.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
@@ -55,7 +64,63 @@ class LowRankLinear(nn.Module):
             nn.init.uniform_(self.bias, -v_bound, v_bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lowrank_matmul(x, self.v, self.u, self.bias)
+        s = getattr(self, "s", None)
+        if s is None:
+            return lowrank_matmul(x, self.v, self.u, self.bias)
+        return F.linear(F.linear(x, self.v) * s, self.u, self.bias)
+
+    @property
+    def has_coefficients(self) -> bool:
+        """True while the module carries an unfolded coefficient vector s."""
+        return getattr(self, "s", None) is not None
+
+    def add_coefficients(self, s: torch.Tensor | None = None) -> LowRankLinear:
+        """Give the module a coefficient parameter s (rank,) (default: ones, which leaves the output unchanged)."""
+        if self.has_coefficients:
+            raise ValueError("LowRankLinear.add_coefficients: the module already has coefficients s")
+        if s is None:
+            s = torch.ones(self.rank, dtype=self.v.dtype, device=self.v.device)
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != (self.rank,):
+            shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"LowRankLinear.add_coefficients: s must have shape (rank,) = ({self.rank},), got {shape}")
+        self.s = nn.Parameter(s.detach().to(self.v.dtype, copy=True).to(self.v.device))
+        return self
+
+    @torch.no_grad()
+    def fold_coefficients(self) -> LowRankLinear:
+        """U <- U diag(s), then remove s: a plain LowRankLinear with the same product (exact up to one rounding
+        of u_ij s_j in the factors' dtype). A module without s is returned unchanged."""
+        if self.has_coefficients:
+            s = self.s.detach()
+            del self.s
+            self.u.mul_(s.to(self.u.dtype)[None, :])
+        return self
+
+    @torch.no_grad()
+    def append_bases(self, u: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None = None) -> LowRankLinear:
+        """Grow the rank by k: U <- [U, u] (u: (out_features, k)), V <- [V; v] (v: (k, in_features)), and when the
+        module has coefficients s <- [s; s_new] (default ones). The parameters are replaced by new ones (an
+        optimizer holding the old ones must be rebuilt); rank + k must stay <= min(in_features, out_features)."""
+        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != self.out_features or v.shape[1] != self.in_features \
+                or u.shape[1] != v.shape[0]:  # fmt: skip
+            raise ValueError(
+                f"LowRankLinear.append_bases: u.shape={tuple(u.shape)} must be (out_features={self.out_features}, k) "
+                f"and v.shape={tuple(v.shape)} must be (k, in_features={self.in_features})"
+            )
+        k = u.shape[1]
+        rank = validate_rank(self.rank + k, self.out_features, self.in_features, "LowRankLinear.append_bases")
+        grad = self.u.requires_grad
+        self.u = nn.Parameter(torch.cat([self.u.detach(), u.to(self.u)], dim=1), requires_grad=grad)
+        self.v = nn.Parameter(torch.cat([self.v.detach(), v.to(self.v)], dim=0), requires_grad=grad)
+        if self.has_coefficients:
+            s = torch.ones(k, dtype=self.s.dtype, device=self.s.device) if s is None else s.to(self.s)
+            if tuple(s.shape) != (k,):
+                raise ValueError(f"LowRankLinear.append_bases: s.shape={tuple(s.shape)} must be ({k},)")
+            self.s = nn.Parameter(torch.cat([self.s.detach(), s]), requires_grad=self.s.requires_grad)
+        elif s is not None:
+            self.u[:, -k:] *= s.to(self.u)[None, :]
+        self.rank = rank
+        return self
 
     @property
     def param_ratio(self) -> float:
@@ -110,7 +175,10 @@ class LowRankLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **factory)
         compute = torch.promote_types(self.u.dtype, torch.float32)
         with torch.no_grad():
-            linear.weight.copy_(self.u.detach().to(compute) @ self.v.detach().to(compute))
+            v = self.v.detach().to(compute)
+            if self.has_coefficients:
+                v = self.s.detach().to(compute)[:, None] * v
+            linear.weight.copy_(self.u.detach().to(compute) @ v)
             if self.bias is not None:
                 linear.bias.copy_(self.bias.detach())
         return linear
