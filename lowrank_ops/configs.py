@@ -41,8 +41,25 @@ def _check_common_fields(config, name: str, extra_positive_ints: tuple[str, ...]
             raise ValueError(f"{name}: {attr}={value!r} must be a list of pattern strings or None")
 
 
+class _Config:
+    """What every config shares: validation on construction, and the JSON round trip (`config_from_dict` is the
+    inverse of `to_dict`; the "kind" field names the class)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
 @dataclass
-class LowRankConfig:
+class LowRankConfig(_Config):
     """What `compress_` does to the targeted Linear layers.
 
     param_ratio: fraction of the targeted Linear parameters KEPT, in (0, 1] (embeddings, lm_head excluded).
@@ -73,9 +90,6 @@ class LowRankConfig:
     sensitivity_tokens: int = 256
     kind: str = field(default="lowrank", init=False)
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> None:
         name = type(self).__name__
         if self.method not in METHODS:
@@ -99,18 +113,12 @@ class LowRankConfig:
     def needs_calibration(self) -> bool:
         return self.method != "svd" or self.allocator == "sensitivity"
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 RESIDUAL_METHODS = ("eora", "svd", "lqer")
 
 
 @dataclass
-class EoraConfig:
+class EoraConfig(_Config):
     """Compressed base plus low-rank residual (`compress_` -> `lowrank_ops.compress_quantized.compress_quantized_`).
 
     base: the base spec, "[gptq-]int{2,3,4,8}[-g<group_size>][-sym]" (e.g. "int4-g128", "gptq-int4-g128") or
@@ -134,9 +142,6 @@ class EoraConfig:
     device: str = "auto"
     kind: str = field(default="eora", init=False)
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> None:
         from lowrank_ops.algorithms.eora import parse_base_spec
 
@@ -157,18 +162,12 @@ class EoraConfig:
 
         return parse_base_spec(self.base).needs_gram or (self.rank > 0 and self.residual != "svd")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 SHARED_DIMS = ("rows", "columns")
 
 
 @dataclass
-class SwscConfig:
+class SwscConfig(_Config):
     """Shared weight for similar channels plus a low-rank residual (`compress_` ->
     `lowrank_ops.compress_shared.compress_shared_channels_`; the math is in `lowrank_ops.algorithms.swsc`).
 
@@ -199,9 +198,6 @@ class SwscConfig:
     batch_size: int = 4
     device: str = "auto"
     kind: str = field(default="swsc", init=False)
-
-    def __post_init__(self):
-        self.validate()
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -235,18 +231,12 @@ class SwscConfig:
     def needs_calibration(self) -> bool:
         return self.weighted or (self.rank > 0 and self.residual != "svd")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 BASIS_SCORES = ("energy", "taylor", "fisher")
 
 
 @dataclass
-class BasisConfig:
+class BasisConfig(_Config):
     """Application-specific basis selection (`compress_` -> `lowrank_ops.basis.compress_basis_`; the math is in
     `lowrank_ops.algorithms.basis_selection`).
 
@@ -294,9 +284,6 @@ class BasisConfig:
     device: str = "auto"
     kind: str = field(default="basis", init=False)
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> None:
         name = type(self).__name__
         if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)) \
@@ -323,12 +310,6 @@ class BasisConfig:
     @property
     def needs_training_data(self) -> bool:
         return self.train_steps > 0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 CONFIG_KINDS = {"lowrank": LowRankConfig, "eora": EoraConfig, "swsc": SwscConfig, "basis": BasisConfig}
