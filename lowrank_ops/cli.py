@@ -81,12 +81,18 @@ def _summary(result: dict) -> str:
         variant = f"basis {config['basis']}/{config['score']} +{config['new_rank']}{trained}"
     else:
         variant = f"{config['method']} / {config['allocator']}"
-    lines = [result["layer_table"], "", f"{'variant':40s} {'kept':>6s} {'perplexity':>11s} {'seconds':>8s}"]
+    # quantized / shared-channel layers: bits per weight is the headline (their parameter count is not their size)
+    bits = compression.get("bits_per_weight")
+    size_name, size = ("bits/w", bits) if bits is not None else ("kept", compression["param_ratio"])
+    dense_size = 16.0 if bits is not None else 1.0
+    lines = [result["layer_table"], "", f"{'variant':40s} {size_name:>6s} {'perplexity':>11s} {'seconds':>8s}"]
     if "dense" in result:
-        lines.append(f"{'dense':40s} {1.0:6.3f} {result['dense']['perplexity']:11.3f}")
+        lines.append(f"{'dense':40s} {dense_size:6.3f} {result['dense']['perplexity']:11.3f}")
     ppl = result.get("compressed", {}).get("perplexity", float("nan"))
-    lines.append(f"{variant:40s} {compression['param_ratio']:6.3f} {ppl:11.3f} {compression['seconds']['total']:8.1f}")
-    lines.append(f"model: {result['model']}; kept = fraction of the targeted Linear parameters")
+    lines.append(f"{variant:40s} {size:6.3f} {ppl:11.3f} {compression['seconds']['total']:8.1f}")
+    meaning = ("bits/w = storage bits per targeted weight (dense counted at 16)" if bits is not None
+               else "kept = fraction of the targeted Linear parameters")  # fmt: skip
+    lines.append(f"model: {result['model']}; {meaning}")
     if "compressed" in result:
         ev = result["compressed"]
         lines.append(f"perplexity on {ev['tokens']} Wikipedia test tokens, windows of {ev['seq_len']} (BOS-prefixed)")

@@ -50,3 +50,18 @@ def test_swsc_arguments_are_validated_before_any_work():
         main(["compress", "--method", "swsc", "--clusters", "64", "--bits", "3", "--no-eval"])
     with pytest.raises(ValueError, match="clusters=0 must be an int >= 1"):
         main(["compress", "--method", "swsc", "--clusters", "0", "--no-eval"])
+
+
+def test_summary_headlines_bits_for_quantized_layers_and_param_ratio_otherwise():
+    from lowrank_ops.cli import _summary
+
+    result = {"model": "m", "layer_table": "table", "dense": {"perplexity": 10.0},
+              "compressed": {"perplexity": 12.0, "tokens": 64, "seq_len": 32},
+              "config": {"kind": "eora", "base": "int4-g128", "residual": "eora", "rank": 8},
+              "compression": {"param_ratio": 1.05, "bits_per_weight": 4.6, "seconds": {"total": 1.0}}}  # fmt: skip
+    text = _summary(result)
+    assert "bits/w" in text and " 4.600 " in text and "1.050" not in text
+    result["config"] = {"kind": "lowrank", "method": "whiten", "allocator": "loss"}
+    result["compression"] = {"param_ratio": 0.9, "bits_per_weight": None, "seconds": {"total": 1.0}}
+    text = _summary(result)
+    assert "kept" in text and " 0.900 " in text
