@@ -44,6 +44,7 @@ from lowrank_ops.benchmarking import (
     cpu_threads,
     dense_linear_cost,
     environment_header,
+    fill_grid,
     finish_bench,
     int_list,
     kernel_bench_header,
@@ -238,18 +239,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_grid(args: argparse.Namespace, is_gpu: bool) -> argparse.Namespace:
-    if not is_gpu:
-        args.quick = True
-        base = CPU_GRID
-    else:
-        base = QUICK_GPU if args.quick else {"shapes": SHAPES, "ks": KS, "ranks": RANKS, "ms": MS, "modes": MODES}
     if args.modes is not None:
         args.modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
         if unknown := sorted(set(args.modes) - set(MODES)):
             raise SystemExit(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    for key in ("shapes", "ks", "ranks", "ms", "modes"):
-        if getattr(args, key) is None:
-            setattr(args, key, tuple(base[key]))
+    full = {"shapes": SHAPES, "ks": KS, "ranks": RANKS, "ms": MS, "modes": MODES}
+    fill_grid(args, is_gpu, full, QUICK_GPU, CPU_GRID)
     return resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS)
 
 

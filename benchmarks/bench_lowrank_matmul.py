@@ -40,6 +40,7 @@ from lowrank_ops.benchmarking import (
     cpu_threads,
     dense_linear_cost,
     environment_header,
+    fill_grid,
     finish_bench,
     float_list,
     int_list,
@@ -231,14 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_grid(args: argparse.Namespace, is_gpu: bool) -> argparse.Namespace:
-    if not is_gpu:
-        args.quick = True
-        base = CPU_GRID
-    else:
-        base = QUICK_GPU if args.quick else {"shapes": SHAPES, "ratios": RATIOS, "ranks": FIXED_RANKS, "ms": MS}
-    for key in ("shapes", "ratios", "ranks", "ms"):
-        if getattr(args, key) is None:
-            setattr(args, key, tuple(base[key]))
+    full = {"shapes": SHAPES, "ratios": RATIOS, "ranks": FIXED_RANKS, "ms": MS}
+    fill_grid(args, is_gpu, full, QUICK_GPU, CPU_GRID)
     return resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS)
 
 

@@ -42,6 +42,7 @@ from lowrank_ops.benchmarking import (
     cpu_threads,
     dense_linear_cost,
     environment_header,
+    fill_grid,
     finish_bench,
     int_list,
     kernel_bench_header,
@@ -321,10 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_grid(args: argparse.Namespace, is_gpu: bool) -> argparse.Namespace:
-    base = {"shapes": SHAPES, "ranks": RANKS, "ms": MS} if is_gpu else CPU_GRID
-    for key in ("shapes", "ranks", "ms"):
-        if getattr(args, key) is None:
-            setattr(args, key, tuple(base[key]))
+    fill_grid(args, is_gpu, {"shapes": SHAPES, "ranks": RANKS, "ms": MS}, None, CPU_GRID)
     return resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS)
 
 

@@ -508,6 +508,21 @@ def add_common_bench_args(parser: Any, bench: str, providers: Sequence[str]) -> 
     p.add_argument("--no-plot", action="store_true")
 
 
+def fill_grid(args: Any, is_gpu: bool, full: dict, quick_gpu: dict | None, cpu: dict) -> None:
+    """Grid options the user left unset (None) take the grid's values: `cpu` without a GPU (a CPU run is always
+    --quick), else `quick_gpu` for --quick (when the bench has one) or `full`. Values become tuples."""
+    quick = getattr(args, "quick", False)  # benches without a quick GPU grid have no --quick
+    if not is_gpu:
+        if hasattr(args, "quick"):
+            args.quick = True
+        grid = cpu
+    else:
+        grid = quick_gpu if quick and quick_gpu is not None else full
+    for key, values in grid.items():
+        if getattr(args, key) is None:
+            setattr(args, key, tuple(values))
+
+
 def resolve_common_args(args: Any, is_gpu: bool, providers: Sequence[str], cpu_providers: Sequence[str]) -> Any:
     """Parse --providers (default: all, or `cpu_providers` without a GPU; Triton is refused on the CPU, whose
     interpreter is no timing) and default --target-ms to 60 (GPU) / 40 (CPU). Returns `args`."""
