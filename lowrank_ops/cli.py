@@ -6,6 +6,7 @@ Commands:
   env       versions, GPU, and which backends are available (and why not)
   demo      factor real nn.Linear layers of the default model at a few ranks: error, param ratio, timing
   export-lora  write the low-rank residual of a saved eora model as a PEFT LoRA adapter (and its base)
+  bench-e2e  prefill and decode latency of compressed variants against the dense model (`bench-e2e --help`)
 """
 
 from __future__ import annotations
@@ -234,10 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--base-model", default=None,
                       help="base_model_name_or_path recorded in adapter_config.json (default: --base-out)")  # fmt: skip
     lora.set_defaults(func=_cmd_export_lora)
+    # Its options belong to lowrank_ops.e2e (shared with benchmarks/bench_e2e.py): main() passes them through.
+    sub.add_parser("bench-e2e", add_help=False,
+                   help="prefill / decode latency of compressed variants vs dense (see bench-e2e --help)")  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench-e2e"]:
+        from lowrank_ops.e2e import main as bench_e2e
+
+        return bench_e2e(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
