@@ -23,6 +23,7 @@ from lowrank_ops.calibration import calibration_windows, collect_input_statistic
 from lowrank_ops.compress import CompressionReport, LayerResult, resolve_device
 from lowrank_ops.configs import EoraConfig
 from lowrank_ops.modules import QuantLowRankLinear, SparseLowRankLinear
+from lowrank_ops.modules._base_residual import check_residual_rank
 from lowrank_ops.quant_format import SCALE_DTYPES
 from lowrank_ops.rank import discarded_energy
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_weight, replace_module
@@ -57,6 +58,9 @@ def compress_quantized_(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     targets = find_targets(model, config.targets, config.ignore)
+    for name, module in targets.items():  # every layer checked before any work
+        m, n = linear_weight(module).shape
+        check_residual_rank(config.rank, n, m, f"compress_ (base={config.base!r}): layer {name}")
     device = resolve_device(config.device)
     stats: dict = {}
     if config.needs_calibration:
@@ -83,7 +87,7 @@ def compress_quantized_(
         else:
             dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float32
             base = quantized_base(W, spec, layer_stats, dtype=dtype)
-        rank = min(config.rank, m, n)
+        rank = config.rank
         if rank == 0:  # base only: nothing to fit, and no SVD just to report that the whole error is left
             u = v = None
             dropped = 1.0 if bool((base_weight(base).to(device) != W).any()) else 0.0

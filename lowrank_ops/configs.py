@@ -123,8 +123,8 @@ class EoraConfig(_Config):
 
     base: the base spec, "[gptq-]int{2,3,4,8}[-g<group_size>][-sym]" (e.g. "int4-g128", "gptq-int4-g128") or
         "2:4-magnitude" / "2:4-wanda" (grammar and meaning: `lowrank_ops.algorithms.eora`).
-    rank: rank of the residual U V that compensates the base's error (0 = base only); capped per layer at
-        min(m, n).
+    rank: rank of the residual U V that compensates the base's error (0 = base only); must stay below every
+        targeted layer's break-even rank m n / (m + n) (checked before any work).
     residual: "eora" (eigenspace of the calibration Gram), "svd" (plain SVD of the error, ZeroQuant-V2 / LoRC) or
         "lqer" (diagonal mean-|x| scaling, LQER).
     targets / ignore / calib_tokens / seq_len / batch_size / device: as in LowRankConfig. Calibration runs when the

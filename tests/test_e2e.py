@@ -98,9 +98,10 @@ def test_static_decoder_matches_full_forward_and_never_reads_the_host(variant):
     sequence at every step, and its step is capturable (no host reads)."""
     model = small_llama()
     names = list(find_targets(model))
+    generator = torch.Generator().manual_seed(1)
     swap = (contextlib.nullcontext() if variant == "dense" else
-            e2e.swapped_layers(model, names, lambda l: e2e.build_layer(e2e.parse_variant(variant), l,
-                                                                       torch.Generator().manual_seed(1))))  # fmt: skip
+            e2e.swapped_layers(model, names, lambda layer: e2e.build_layer(e2e.parse_variant(variant), layer,
+                                                                           generator)))  # fmt: skip
     batch, prompt, steps = 2, 7, 4
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(2))
     with swap, torch.inference_mode():

@@ -147,6 +147,12 @@ def test_module_storage_repr_and_bad_arguments():
         QuantLowRankLinear.from_packed(packed, u=U, v=torch.randn(5, 99))
     with pytest.raises(ValueError, match="rank=41"):
         QuantLowRankLinear(100, 40, 4, 32, rank=41)
+    # break-even of a 40 x 100 weight: 4000 / 140 = 28.6; rank 28 is the largest residual that still saves
+    assert QuantLowRankLinear(100, 40, 4, 32, rank=28).rank == 28
+    with pytest.raises(ValueError, match=r"rank=29 must satisfy 0 <= rank < m n / \(m \+ n\) = 28.6"):
+        QuantLowRankLinear(100, 40, 4, 32, rank=29)
+    with pytest.raises(ValueError, match="rank=-1"):
+        QuantLowRankLinear(100, 40, 4, 32, rank=-1)
     with pytest.raises(ValueError, match="bits=5"):
         QuantLowRankLinear(100, 40, 5, 32)
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -184,7 +190,7 @@ def test_bad_specs_and_configs_raise():
     assert config_from_json(config.to_json()) == config and config.needs_calibration
     assert not EoraConfig(base="int4", residual="svd").needs_calibration
     with pytest.raises(ValueError, match="needs calibration"):  # Wanda needs the Gram: no calibration data given
-        compress_(tiny_llama_gqa(), EoraConfig(base="2:4-wanda", residual="svd", device="cpu"), progress=False)
+        compress_(tiny_llama_gqa(), EoraConfig(base="2:4-wanda", residual="svd", rank=8, device="cpu"), progress=False)
 
 
 def test_two_of_four_bases_are_dense_and_compensated():
@@ -255,6 +261,14 @@ def test_save_load_round_trip_is_bit_exact_and_to_dense_works(tmp_path):
     to_dense(loaded)
     assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear"
     torch.testing.assert_close(loaded(probe).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compress_rejects_a_rank_at_or_above_a_layers_break_even_before_any_work():
+    model = tiny_llama_gqa()  # k_proj / v_proj are 24 x 48: break-even 16
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.k_proj: rank=16 must satisfy"):
+        compress_(model, _config(rank=16), _tokens(), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_gpt2_conv1d_layers_quantize_and_convert_back_to_dense():

@@ -35,14 +35,16 @@ def _tokens(n_windows=6, seq_len=32, vocab=128, seed=0):
 
 
 @functools.cache
-def _compressed(maker, base, rank=32, rank0="re:.*(k_proj|attn\\.c_proj)"):
-    """A tiny model compressed with `base` + EoRA: layers matching `rank0` without a residual, the others at `rank`
-    (capped at min(m, n) per layer, so the llama's v_proj (24 x 48) gets 24: mixed ranks). Cached: tests must not
-    modify it (they convert deep copies)."""
+def _compressed(maker, base, rank0="re:.*(k_proj|attn\\.c_proj)", rank8="re:.*(v_proj|c_attn)"):
+    """A tiny model compressed with `base` + EoRA in three passes (a pass skips layers already replaced): layers
+    matching `rank0` without a residual, those matching `rank8` at rank 8, the others at rank 12 -- mixed ranks, all
+    below every layer's break-even (16 for the llama's 24 x 48 v_proj). Cached: tests must not modify it (they
+    convert deep copies)."""
     model, tokens = maker(), _tokens()
     common = dict(base=base, calib_tokens=6 * 32, seq_len=32, batch_size=3, device="cpu")
     compress_(model, EoraConfig(rank=0, targets=[rank0], **common), tokens, progress=False)
-    compress_(model, EoraConfig(rank=rank, **common), tokens, progress=False)
+    compress_(model, EoraConfig(rank=8, targets=[rank8], **common), tokens, progress=False)
+    compress_(model, EoraConfig(rank=12, **common), tokens, progress=False)
     return model, tokens
 
 
@@ -70,9 +72,9 @@ def test_adapter_files_reproduce_the_compressed_model_on_its_base(tmp_path, base
     assert (config["peft_type"], config["task_type"], config["bias"]) == ("LORA", "CAUSAL_LM", "none")
     assert not config["use_rslora"] and not config["fan_in_fan_out"] and config["lora_dropout"] == 0.0
     assert config["base_model_name_or_path"] == "/models/base"
-    assert config["r"] == config["lora_alpha"] == 32
+    assert config["r"] == config["lora_alpha"] == 12  # the most common rank
     assert config["rank_pattern"] == config["alpha_pattern"] == {n: residual[n].rank for n in exported}
-    assert sorted(set(config["rank_pattern"].values())) == [24, 32]
+    assert sorted(set(config["rank_pattern"].values())) == [8, 12]
     for name in exported:
         a, b = factors[name]
         assert torch.equal(a, residual[name].v.detach()) and torch.equal(b, residual[name].u.detach())
@@ -154,18 +156,21 @@ def test_cli_compresses_with_a_2to4_wanda_base_and_exports_the_adapter_and_its_b
     tiny_llama_gqa().save_pretrained(source)
     _word_tokenizer().save_pretrained(source)
     compressed = tmp_path / "compressed"
-    assert main(["compress", "--model", str(source), "--method", "eora", "--base", "2:4-wanda", "--rank", "64",
-                 "--calib-tokens", "128", "--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--no-eval",
-                 "--out", str(compressed)]) == 0  # fmt: skip
-    assert "eora 2:4-wanda + eora r=64" in capsys.readouterr().out
+    args = ["compress", "--model", str(source), "--method", "eora", "--base", "2:4-wanda", "--calib-tokens", "128",
+            "--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--no-eval", "--out", str(compressed)]
+    with pytest.raises(ValueError, match="rank=64 must satisfy .* break-even"):  # k_proj 24 x 48: break-even 16
+        main([*args, "--rank", "64"])
+    assert not compressed.exists()
+    assert main([*args, "--rank", "12"]) == 0
+    assert "eora 2:4-wanda + eora r=12" in capsys.readouterr().out
     model, manifest = load_compressed(compressed)
     assert {e["module"] for e in manifest["layers"].values()} == {"SparseLowRankLinear"}
-    assert sorted({e["rank"] for e in manifest["layers"].values()}) == [24, 48]  # r = 64 capped at min(m, n)
+    assert {e["rank"] for e in manifest["layers"].values()} == {12}
 
     adapter, base_dir = tmp_path / "adapter", tmp_path / "base"
     assert main(["export-lora", str(compressed), "--out", str(adapter), "--base-out", str(base_dir)]) == 0
     text = capsys.readouterr().out
-    assert "14 layers (ranks [24, 48], 0 rank-0 layers skipped)" in text and str(base_dir) in text
+    assert "14 layers (ranks [12], 0 rank-0 layers skipped)" in text and str(base_dir) in text
     config, factors = read_lora_adapter(adapter)
     assert config["base_model_name_or_path"] == str(base_dir.resolve())
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()

@@ -94,6 +94,8 @@ def test_bad_arguments_and_unpruned_weights_raise():
         SparseLowRankLinear.from_pruned(W.to(torch.int32))
     with pytest.raises(ValueError, match="rank=9"):
         SparseLowRankLinear(16, 8, rank=9)
+    with pytest.raises(ValueError, match="break-even"):  # 8 x 16: break-even 5.3
+        SparseLowRankLinear(16, 8, rank=6)
     module = SparseLowRankLinear.from_pruned(W, u=torch.randn(8, 2), v=torch.randn(2, 16))
     state = module.state_dict()
     state["weight"] = dense

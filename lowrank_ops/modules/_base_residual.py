@@ -8,6 +8,19 @@ import torch
 from torch import nn
 
 
+def check_residual_rank(rank, in_features: int, out_features: int, where: str) -> int:
+    """Check that the residual rank is an int with 0 <= rank < the break-even rank m n / (m + n) and return it: at
+    or above it the factors alone store as many parameters as the dense weight, so compressing the base is moot."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"{where}: rank={rank!r} must be an int")
+    m, n = out_features, in_features
+    if rank < 0 or rank * (m + n) >= m * n:
+        raise ValueError(f"{where}: rank={rank} must satisfy 0 <= rank < m n / (m + n) = {m * n / (m + n):.1f} for a "
+                         f"({m}, {n}) weight (the break-even rank: a larger residual stores more than the dense "
+                         "weight)")  # fmt: skip
+    return rank
+
+
 def check_residual_parts(u, v, bias, m: int, n: int, where: str) -> int:
     """Rank r of the residual U (m, r), V (r, n) (0 when both are None); TypeError / ValueError naming `where`.
 

@@ -22,7 +22,12 @@ import math
 import torch
 from torch import nn
 
-from lowrank_ops.modules._base_residual import check_residual_parts, copy_residual_parts, dense_linear
+from lowrank_ops.modules._base_residual import (
+    check_residual_parts,
+    check_residual_rank,
+    copy_residual_parts,
+    dense_linear,
+)
 from lowrank_ops.ops.quant_lowrank_matmul import quant_lowrank_matmul
 from lowrank_ops.quant_format import (
     LAYOUT_VERSION,
@@ -39,8 +44,8 @@ from lowrank_ops.quant_format import (
 class QuantLowRankLinear(nn.Module):
     """y = dequant(W_hat) x + U (V x) + b with a packed (bits, group_size) base and an optional rank-r residual.
 
-    Args mirror nn.Linear plus bits (3, 4 or 8), group_size (>= 1, a multiple of 8 for bits <= 4) and rank
-    (0 <= rank <= min(in_features, out_features); 0 = base only). `dtype` is the activation dtype: scales, zeros,
+    Args mirror nn.Linear plus bits (2, 3, 4 or 8), group_size (>= 1, a multiple of 8 for bits <= 4) and rank
+    (0 <= rank < the break-even rank m n / (m + n); 0 = base only). `dtype` is the activation dtype: scales, zeros,
     v, u and bias are stored in it. A fresh module is a placeholder with W_hat = 0 and a zero residual
     (u = 0, v uniform as nn.Linear's weight, the LoRA convention); fill it with `from_packed` or `load_state_dict`.
     """
@@ -62,13 +67,7 @@ class QuantLowRankLinear(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{where}: {name}={value!r} must be an int >= 1")
         check_format_args(where, bits, group_size)
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"{where}: rank={rank!r} must be an int")
-        if not 0 <= rank <= min(in_features, out_features):
-            raise ValueError(
-                f"{where}: rank={rank} must satisfy 0 <= rank <= min(in_features, out_features) = "
-                f"{min(in_features, out_features)}"
-            )
+        check_residual_rank(rank, in_features, out_features, where)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.rank = bits, group_size, rank
         factory = {"dtype": dtype, "device": device}

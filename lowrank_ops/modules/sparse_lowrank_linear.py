@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_ops.algorithms.quantize import two_of_four_violation
-from lowrank_ops.modules._base_residual import check_residual_parts, copy_residual_parts, dense_linear
+from lowrank_ops.modules._base_residual import (
+    check_residual_parts,
+    check_residual_rank,
+    copy_residual_parts,
+    dense_linear,
+)
 from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
 
 PATTERN = "2:4"
@@ -58,7 +63,7 @@ def check_two_of_four(weight: torch.Tensor, where: str, name: str = "weight") ->
 class SparseLowRankLinear(nn.Module):
     """y = W_pruned x + U (V x) + b with a 2:4-pruned base W_pruned stored dense and an optional rank-r residual.
 
-    Args mirror nn.Linear plus rank (0 <= rank <= min(in_features, out_features); 0 = base only). `dtype` is the
+    Args mirror nn.Linear plus rank (0 <= rank < the break-even rank m n / (m + n); 0 = base only). `dtype` is the
     layer's dtype: the base, v, u and bias are stored in it. A fresh module is a placeholder with W_pruned = 0 and a
     zero residual (u = 0, v uniform as nn.Linear's weight, the LoRA convention); fill it with `from_pruned` or
     `load_state_dict`.
@@ -70,13 +75,7 @@ class SparseLowRankLinear(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{where}: {name}={value!r} must be an int >= 1")
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"{where}: rank={rank!r} must be an int")
-        if not 0 <= rank <= min(in_features, out_features):
-            raise ValueError(
-                f"{where}: rank={rank} must satisfy 0 <= rank <= min(in_features, out_features) = "
-                f"{min(in_features, out_features)}"
-            )
+        check_residual_rank(rank, in_features, out_features, where)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         factory = {"dtype": dtype, "device": device}
         self.register_buffer("weight", torch.zeros(out_features, in_features, **factory))
