@@ -2,7 +2,8 @@
 
 A saved directory holds
     config.json           the model's transformers config (save_pretrained)
-    model.safetensors     the full state dict (factors under <layer>.u / <layer>.v / <layer>.bias; a QuantLowRankLinear
+    model.safetensors     the full state dict (factors under <layer>.u / <layer>.v / <layer>.bias, and <layer>.s for a
+                          LowRankLinear whose coefficients are not folded; a QuantLowRankLinear
                           adds its packed base <layer>.qweight / .scales / .zeros, layout of lowrank_ops.quant_format;
                           a SparseLowRankLinear its dense 2:4-pruned base <layer>.weight (pattern checked on load);
                           a SharedChannelLinear its <layer>.codebook and int32 <layer>.index)
@@ -53,6 +54,8 @@ def _manifest_entry(module: nn.Module) -> dict:
         "bias": module.bias is not None,
         "dense_class": getattr(module, "dense_class", "Linear"),
     }
+    if isinstance(module, LowRankLinear) and module.has_coefficients:
+        entry["coefficients"] = True  # y = U (s * V x) kept unfolded (e.g. to go on re-learning s)
     if isinstance(module, QuantLowRankLinear):
         entry.update(bits=module.bits, group_size=module.group_size, layout_version=module.packed.layout_version,
                      dtype=str(module.scales.dtype).removeprefix("torch."))  # fmt: skip
@@ -79,7 +82,8 @@ def _empty_module(name: str, entry: dict) -> nn.Module:
     kind = entry["module"]
     with torch.device("meta"):
         if kind == "LowRankLinear":
-            return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
+            module = LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
+            return module.add_coefficients() if entry.get("coefficients") else module
         if kind == "QuantLowRankLinear":
             if entry.get("layout_version") != LAYOUT_VERSION:
                 raise ValueError(

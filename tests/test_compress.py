@@ -143,6 +143,23 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert json.loads((out / "lowrank_ops.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]["rank"] > 0
 
 
+def test_unfolded_coefficients_survive_save_and_load(tmp_path):
+    model = tiny_llama_gqa()
+    config = _config(method="svd", param_ratio=0.6)
+    compress_(model, config, progress=False)
+    layer = model.model.layers[1].mlp.down_proj
+    layer.add_coefficients(torch.linspace(0.5, 2.0, layer.rank))
+    out = save_compressed(model, tmp_path / "with_s", config=config, source="tiny")
+    loaded, manifest = load_compressed(out)
+    assert manifest["layers"]["model.layers.1.mlp.down_proj"]["coefficients"] is True
+    assert "coefficients" not in manifest["layers"]["model.layers.1.mlp.up_proj"]
+    assert loaded.model.layers[1].mlp.down_proj.has_coefficients
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    tokens = _tokens(2)
+    assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+
+
 def test_bad_input():
     model = tiny_llama_gqa()
     with pytest.raises(ValueError, match="needs calibration token ids"):
