@@ -21,7 +21,12 @@ PACKAGES = [
     *(f"lowrank_ops.kernels.{p}" for p in find_packages("kernels")),
 ]
 PACKAGE_DIR = {"lowrank_ops.kernels": "kernels"}
-CUDA_SOURCES = ["csrc/device_info.cu", "csrc/bindings.cpp"]
+CUDA_SOURCES = [
+    "csrc/device_info.cu",
+    "csrc/lowrank_decode.cu",
+    "csrc/quant_lowrank_decode.cu",
+    "csrc/bindings.cpp",
+]
 
 
 def _log(msg: str) -> None:

@@ -12,6 +12,8 @@ Providers:
 - lowrank_ops: torch.ops.lowrank_ops.lowrank_matmul with the AUTO backend (the row's `backend` says which
   one it chose).
 - lowrank_ops_triton: the same op forced onto the Triton backend (GPU only).
+- lowrank_ops_cuda: the same op forced onto the CUDA backend (csrc/ decode kernels; GPU with the extension built,
+  M <= 16 only: other rows carry the reason in `error`). Dropped, with the reason printed, where it cannot run.
 
 Timing (`lowrank_ops.benchmarking.time_op`): on a GPU, each configuration rotates over enough independent
 copies of the weights and activations to exceed 2 x L2 and is timed as CUDA-graph replays with CUDA events;
@@ -39,6 +41,7 @@ from lowrank_ops.benchmarking import (
     add_common_bench_args,
     cpu_threads,
     dense_linear_cost,
+    drop_unavailable_cuda_provider,
     environment_header,
     fill_grid,
     finish_bench,
@@ -63,7 +66,7 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (5504, 2048), (3424, 1024)
 RATIOS = (0.9, 0.8, 0.5)
 FIXED_RANKS = (64, 128, 256, 512, 1024)
 MS = (1, 4, 16, 128, 2048)
-PROVIDERS = ("dense", "torch_two_gemm", "lowrank_ops", "lowrank_ops_triton")
+PROVIDERS = ("dense", "torch_two_gemm", "lowrank_ops", "lowrank_ops_triton", "lowrank_ops_cuda")
 
 # --quick on a GPU: the target cells (4096^2 and 11008x4096 at r = 256 / 1024, M = 1..16, 2048).
 QUICK_GPU = {"shapes": ((4096, 4096), (11008, 4096)), "ratios": (0.5,), "ranks": (256, 1024), "ms": (1, 4, 16, 2048)}
@@ -74,7 +77,7 @@ CPU_PROVIDERS = ("dense", "torch_two_gemm", "lowrank_ops")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rel_err vs float64 above this marks the row as an error (a wrong result is not a timing).
 MAX_REL_ERR = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 2e-3}
-BACKEND_OF = {"lowrank_ops": "auto", "lowrank_ops_triton": "triton"}
+BACKEND_OF = {"lowrank_ops": "auto", "lowrank_ops_triton": "triton", "lowrank_ops_cuda": "cuda"}
 
 
 def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,13 @@ def _op(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowrank_ops.lowrank_matmul(x, v, u)
 
 
-FUNCS = {"dense": _dense, "torch_two_gemm": lowrank_matmul_ref, "lowrank_ops": _op, "lowrank_ops_triton": _op}
+FUNCS = {
+    "dense": _dense,
+    "torch_two_gemm": lowrank_matmul_ref,
+    "lowrank_ops": _op,
+    "lowrank_ops_triton": _op,
+    "lowrank_ops_cuda": _op,
+}
 
 
 def ranks_for_shape(m: int, n: int, ratios: tuple[float, ...], fixed: tuple[int, ...]) -> list[int]:
@@ -189,7 +198,12 @@ def format_table(header: dict, rows: list[dict]) -> str:
     if not cells:  # dense only
         cells = {(m, n, None, M, dt): {} for (m, n, M, dt) in dense}
     label = "CPU ONLY, not GPU numbers" if not header["is_gpu"] else "GPU"
-    names = {"torch_two_gemm": "two_gemm", "lowrank_ops": "lowrank_ops", "lowrank_ops_triton": "lr_triton"}
+    names = {
+        "torch_two_gemm": "two_gemm",
+        "lowrank_ops": "lowrank_ops",
+        "lowrank_ops_triton": "lr_triton",
+        "lowrank_ops_cuda": "lr_cuda",
+    }
     head = (
         f"{'m x n':>11} {'rank':>5} {'ratio':>6} {'M':>5} |"
         + "".join(f" {names.get(p, p):>11}" for p in providers)
@@ -234,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_grid(args: argparse.Namespace, is_gpu: bool) -> argparse.Namespace:
     full = {"shapes": SHAPES, "ratios": RATIOS, "ranks": FIXED_RANKS, "ms": MS}
     fill_grid(args, is_gpu, full, QUICK_GPU, CPU_GRID)
-    return resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS)
+    return drop_unavailable_cuda_provider(resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS), OP)
 
 
 def main(argv: list[str] | None = None) -> int:

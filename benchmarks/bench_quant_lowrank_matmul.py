@@ -16,6 +16,8 @@ Providers (rank-independent ones have rank = null and are drawn as horizontal li
 - lowrank_ops: torch.ops.lowrank_ops.quant_lowrank_matmul with the AUTO backend (row's `backend` says which).
 - lowrank_ops_base: the same op without a residual (v = u = None): "fused without residual".
 - lowrank_ops_triton: the op forced onto the Triton backend (GPU only).
+- lowrank_ops_cuda: the op forced onto the CUDA backend (csrc/ decode kernels; GPU with the extension built,
+  M <= 16 only: other rows carry the reason in `error`). Dropped, with the reason printed, where it cannot run.
 
 Timing, rotation beyond L2, CUDA graphs and the JSON / PNG format are those of `lowrank_ops.benchmarking` and
 benchmarks/plot.py (see benchmarks/bench_lowrank_matmul.py). Bytes are the fewest the op must move: packed
@@ -41,6 +43,7 @@ from lowrank_ops.benchmarking import (
     add_common_bench_args,
     cpu_threads,
     dense_linear_cost,
+    drop_unavailable_cuda_provider,
     environment_header,
     fill_grid,
     finish_bench,
@@ -71,15 +74,21 @@ PROVIDERS = (
     "lowrank_ops",
     "lowrank_ops_base",
     "lowrank_ops_triton",
+    "lowrank_ops_cuda",
 )
 BASE_ONLY = ("dense", "torch_int4", "lowrank_ops_base")  # rank-independent rows
 # Without a GPU: one small shape, two ranks, torch providers only (the Triton interpreter is no timing).
 CPU_GRID = {"shapes": ((2048, 1024),), "ranks": (32, 64), "ms": (1, 16, 64)}
-CPU_PROVIDERS = tuple(p for p in PROVIDERS if p != "lowrank_ops_triton")
+CPU_PROVIDERS = tuple(p for p in PROVIDERS if p not in ("lowrank_ops_triton", "lowrank_ops_cuda"))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_REL_ERR = {"bf16": 2e-2, "fp16": 4e-3}  # rel_err vs float64 above this marks the row as an error
-BACKEND_OF = {"lowrank_ops": "auto", "lowrank_ops_base": "auto", "lowrank_ops_triton": "triton"}
+BACKEND_OF = {
+    "lowrank_ops": "auto",
+    "lowrank_ops_base": "auto",
+    "lowrank_ops_triton": "triton",
+    "lowrank_ops_cuda": "cuda",
+}
 INT4_INNER_K_TILES = 8  # torchao's default for _convert_weight_to_int4pack
 
 
@@ -151,6 +160,7 @@ FUNCS = {
     "lowrank_ops": _op,
     "lowrank_ops_base": _op,
     "lowrank_ops_triton": _op,
+    "lowrank_ops_cuda": _op,
 }
 
 
@@ -285,6 +295,7 @@ def format_table(header: dict, rows: list[dict]) -> str:
         "lowrank_ops": "lowrank_ops",
         "lowrank_ops_base": "lr_ops_base",
         "lowrank_ops_triton": "lr_triton",
+        "lowrank_ops_cuda": "lr_cuda",
     }
     head = f"{'m x n':>11} {'M':>5} {'rank':>5} |" + "".join(f" {names.get(p, p):>11}" for p in providers)
     head += " | backend  %floor"
@@ -323,7 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_grid(args: argparse.Namespace, is_gpu: bool) -> argparse.Namespace:
     fill_grid(args, is_gpu, {"shapes": SHAPES, "ranks": RANKS, "ms": MS}, None, CPU_GRID)
-    return resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS)
+    return drop_unavailable_cuda_provider(resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS), OP)
 
 
 def main(argv: list[str] | None = None) -> int:

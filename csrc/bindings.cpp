@@ -4,24 +4,29 @@
 //
 // Two kinds of entry point live here:
 // - pybind11 functions for non-op utilities (device properties, the launch self-check), below.
-// - ops (issue 9): each CUDA kernel registers here with TORCH_LIBRARY_IMPL(lowrank_ops, CUDA, m). Caution: the
-//   public ops (lowrank_ops/ops/*.py) are torch.library.custom_op's whose Python body runs select_backend; an
-//   impl registered on the CUDA key of the public op itself would replace that body for every CUDA tensor and
-//   bypass select_backend. So give each kernel a backend-private op that the Python Backend.CUDA branch calls:
-//     TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
-//       m.def("lowrank_matmul_cuda(Tensor x, Tensor v, Tensor u, Tensor? bias) -> Tensor");
-//     }
-//     TORCH_LIBRARY_IMPL(lowrank_ops, CUDA, m) { m.impl("lowrank_matmul_cuda", &lowrank_matmul_cuda); }
-//   Each wrapper checks its tensors (naming the tensor, its shape and the rule), sets a c10::cuda::CUDAGuard,
-//   takes the stream from c10::cuda::getCurrentCUDAStream(), and calls a torch-free launcher declared in a
-//   csrc/*.h header. Then add the public op's name to CUDA_OPS in lowrank_ops/_C_loader.py.
+// - backend-private ops (issue 9): lowrank_ops::lowrank_matmul_cuda and lowrank_ops::quant_lowrank_matmul_cuda,
+//   defined with TORCH_LIBRARY_FRAGMENT and implemented for the CUDA key only. Caution: the public ops
+//   (lowrank_ops/ops/*.py) are torch.library.custom_op's whose Python body runs select_backend; an impl registered
+//   on the CUDA key of the public op itself would replace that body for every CUDA tensor and bypass
+//   select_backend. So each kernel gets a private op that the public op's Backend.CUDA branch calls, and
+//   lowrank_ops/_C_loader.py lists a public op as CUDA-capable only when its private op is registered.
+//   Each wrapper checks its tensors (naming the tensor, its shape and the rule: TypeError for dtypes, ValueError
+//   for the rest), sets a c10::cuda::CUDAGuard on x's device, takes the current stream and calls a torch-free
+//   launcher declared in csrc/lowrank_decode.h / csrc/quant_lowrank_decode.h.
 
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
 #include "device_info.h"
+#include "lowrank_decode.h"
+#include "quant_lowrank_decode.h"
 
 namespace {
 
@@ -62,7 +67,175 @@ void self_check(int index) {
   raise_on_error(lowrank_ops_device_self_check(index, err, sizeof(err)), err);
 }
 
+// ---- ops ----------------------------------------------------------------------------------------------------------
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream out;
+  out << "(";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    out << (d ? ", " : "") << t.size(d);
+  }
+  out << (t.dim() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// Same device as x, x's dtype, `dims` dimensions, contiguous (row-major): the rules every weight follows.
+void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t dims,
+                   at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; all tensors must share a CUDA device");
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, ".dtype=", t.scalar_type(), " must be ", dtype);
+  TORCH_CHECK_VALUE(t.dim() == dims, op, ": ", name, " must be ", dims, "-D, got ", name, ".shape=", shape_str(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous (row-major), got ", name,
+                    ".shape=", shape_str(t), " with strides ", t.strides());
+}
+
+// x: a 2-D (M, n) fp16 / bf16 CUDA tensor with unit column stride and 1 <= M <= 16.
+LowrankOpsDtype check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, ": x.dtype=",
+                   x.scalar_type(), " must be torch.float16 or torch.bfloat16");
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (M, n), got x.shape=", shape_str(x));
+  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(0) <= LOWRANK_OPS_DECODE_MAX_ROWS, op, ": x.shape[0]=M=", x.size(0),
+                    " must be in 1 .. ", LOWRANK_OPS_DECODE_MAX_ROWS, " (decode kernels), x.shape=", shape_str(x));
+  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= INT32_MAX, op, ": x.shape[1]=n=", x.size(1),
+                    " must be in 1 .. 2^31 - 1");
+  TORCH_CHECK_VALUE(x.stride(1) == 1 && (x.size(0) == 1 || x.stride(0) >= x.size(1)), op,
+                    ": x must have unit column stride and non-overlapping rows, got x.shape=", shape_str(x),
+                    " with strides ", x.strides());
+  return x.scalar_type() == at::kHalf ? LOWRANK_OPS_FLOAT16 : LOWRANK_OPS_BFLOAT16;
+}
+
+// LOWRANK_OPS_BAD_ARGUMENT becomes ValueError, anything else RuntimeError (c10 errors, so the dispatcher keeps
+// the Python type).
+void check_status(LowrankOpsStatus status, const char* err) {
+  TORCH_CHECK_VALUE(status != LOWRANK_OPS_BAD_ARGUMENT, err);
+  TORCH_CHECK(status == LOWRANK_OPS_OK, err);
+}
+
+at::Tensor lowrank_matmul_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& u,
+                               const std::optional<at::Tensor>& bias) {
+  const char* op = "lowrank_matmul_cuda";
+  LowrankDecodeArgs args{};
+  args.dtype = check_x(op, x);
+  check_operand(op, "v", v, x, 2, x.scalar_type());
+  check_operand(op, "u", u, x, 2, x.scalar_type());
+  TORCH_CHECK_VALUE(v.size(1) == x.size(1), op, ": v.shape[1]=", v.size(1), " must equal n=x.shape[1]=", x.size(1),
+                    " (v.shape=", shape_str(v), ")");
+  TORCH_CHECK_VALUE(v.size(0) >= 1 && u.size(1) == v.size(0), op, ": u.shape=", shape_str(u),
+                    " must be (m, r) with r=v.shape[0]=", v.size(0), " >= 1");
+  TORCH_CHECK_VALUE(u.size(0) >= 1 && u.size(0) <= INT32_MAX, op, ": u.shape[0]=m=", u.size(0),
+                    " must be in 1 .. 2^31 - 1");
+  if (bias.has_value()) {
+    check_operand(op, "bias", *bias, x, 1, x.scalar_type());
+    TORCH_CHECK_VALUE(bias->size(0) == u.size(0), op, ": bias.shape=", shape_str(*bias), " must be (",
+                      u.size(0), ",) (m = u.shape[0])");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), u.size(0)}, x.options());
+  args.rows = static_cast<int>(x.size(0));
+  args.n = static_cast<int>(x.size(1));
+  args.m = static_cast<int>(u.size(0));
+  args.rank = static_cast<int>(v.size(0));
+  args.x = x.data_ptr();
+  args.x_row_stride = x.stride(0);
+  args.v = v.data_ptr();
+  args.u = u.data_ptr();
+  args.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  args.y = y.data_ptr();
+
+  char err[LOWRANK_OPS_ERROR_LEN] = {0};
+  check_status(lowrank_decode_workspace_bytes(&args, &args.workspace_bytes, err, sizeof(err)), err);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes / sizeof(float))},
+                                   x.options().dtype(at::kFloat));
+  args.workspace = workspace.data_ptr<float>();
+  check_status(lowrank_decode(&args, c10::cuda::getCurrentCUDAStream(x.get_device()).stream(), err, sizeof(err)),
+               err);
+  return y;
+}
+
+at::Tensor quant_lowrank_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                     const at::Tensor& zeros, const std::optional<at::Tensor>& v,
+                                     const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& bias,
+                                     int64_t bits, int64_t group_size) {
+  const char* op = "quant_lowrank_matmul_cuda";
+  QuantLowrankDecodeArgs args{};
+  args.dtype = check_x(op, x);
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 4, op, ": bits=", bits,
+                    " must be 2, 3 or 4 (codes in 4-bit slots of int32 words, layout v1)");
+  TORCH_CHECK_VALUE(group_size >= 8 && group_size % 8 == 0 && group_size <= INT32_MAX, op, ": group_size=",
+                    group_size, " must be a positive multiple of 8 (an int32 word of 8 codes never straddles groups)");
+  const int64_t n = x.size(1);
+  const int64_t words = (n + 7) / 8;
+  const int64_t groups = (n + group_size - 1) / group_size;
+  check_operand(op, "qweight", qweight, x, 2, at::kInt);
+  TORCH_CHECK_VALUE(qweight.size(0) >= 1 && qweight.size(0) <= INT32_MAX && qweight.size(1) == words, op,
+                    ": qweight.shape=", shape_str(qweight), " must be (m, ceil(n / 8)) = (m, ", words, ") for n=", n,
+                    " with m >= 1");
+  const int64_t m = qweight.size(0);
+  check_operand(op, "scales", scales, x, 2, x.scalar_type());
+  check_operand(op, "zeros", zeros, x, 2, x.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scales", scales}, {"zeros", zeros}}) {
+    TORCH_CHECK_VALUE(t.size(0) == m && t.size(1) == groups, op, ": ", name, ".shape=", shape_str(t),
+                      " must be (m, ceil(n / group_size)) = (", m, ", ", groups, ") for n=", n,
+                      ", group_size=", group_size);
+  }
+  TORCH_CHECK_VALUE(v.has_value() == u.has_value(), op, ": v and u must both be given or both be None");
+  int64_t rank = 0;
+  if (v.has_value()) {
+    check_operand(op, "v", *v, x, 2, x.scalar_type());
+    check_operand(op, "u", *u, x, 2, x.scalar_type());
+    rank = v->size(0);
+    TORCH_CHECK_VALUE(v->size(1) == n, op, ": v.shape[1]=", v->size(1), " must equal n=x.shape[1]=", n,
+                      " (v.shape=", shape_str(*v), ")");
+    TORCH_CHECK_VALUE(u->size(0) == m && u->size(1) == rank, op, ": u.shape=", shape_str(*u), " must be (m, r) = (",
+                      m, ", ", rank, ")");
+  }
+  if (bias.has_value()) {
+    check_operand(op, "bias", *bias, x, 1, x.scalar_type());
+    TORCH_CHECK_VALUE(bias->size(0) == m, op, ": bias.shape=", shape_str(*bias), " must be (", m,
+                      ",) (m = qweight.shape[0])");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), m}, x.options());
+  args.rows = static_cast<int>(x.size(0));
+  args.n = static_cast<int>(n);
+  args.m = static_cast<int>(m);
+  args.group_size = static_cast<int>(group_size);
+  args.rank = static_cast<int>(rank);
+  args.x = x.data_ptr();
+  args.x_row_stride = x.stride(0);
+  args.qweight = qweight.data_ptr<int32_t>();
+  args.scales = scales.data_ptr();
+  args.zeros = zeros.data_ptr();
+  args.v = rank > 0 ? v->data_ptr() : nullptr;
+  args.u = rank > 0 ? u->data_ptr() : nullptr;
+  args.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  args.y = y.data_ptr();
+
+  char err[LOWRANK_OPS_ERROR_LEN] = {0};
+  check_status(quant_lowrank_decode_workspace_bytes(&args, &args.workspace_bytes, err, sizeof(err)), err);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes / sizeof(float))},
+                                   x.options().dtype(at::kFloat));
+  args.workspace = args.workspace_bytes > 0 ? workspace.data_ptr<float>() : nullptr;
+  check_status(
+      quant_lowrank_decode(&args, c10::cuda::getCurrentCUDAStream(x.get_device()).stream(), err, sizeof(err)), err);
+  return y;
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
+  m.def("lowrank_matmul_cuda(Tensor x, Tensor v, Tensor u, Tensor? bias) -> Tensor");
+  m.def(
+      "quant_lowrank_matmul_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? v, Tensor? u, "
+      "Tensor? bias, int bits, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowrank_ops, CUDA, m) {
+  m.impl("lowrank_matmul_cuda", &lowrank_matmul_cuda);
+  m.impl("quant_lowrank_matmul_cuda", &quant_lowrank_matmul_cuda);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowrank-ops C++/CUDA extension: device utilities (the CUDA ops register through TORCH_LIBRARY_IMPL)";

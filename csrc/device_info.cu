@@ -4,47 +4,15 @@
 // -gencode=arch=compute_90a,code=sm_90a -c csrc/device_info.cu` compiles it on a machine with no GPU and no torch
 // (tests/test_build.py runs exactly that). The __global__ kernel below makes that check cover device code too.
 //
-// Every CUDA call goes through LOWRANK_OPS_CUDA_CHECK, which turns a failure into LOWRANK_OPS_CUDA_ERROR plus a
-// message naming the call, the CUDA error and the source line, and clears the runtime's "last error" so a later,
-// unrelated launch check (e.g. torch's C10_CUDA_KERNEL_LAUNCH_CHECK) does not report our failure as its own.
+// Every CUDA call goes through LOWRANK_OPS_CUDA_CHECK (cuda_status.h): a failure becomes LOWRANK_OPS_CUDA_ERROR plus a
+// message naming the call, the CUDA error and the source line.
 
 #include <cuda_runtime.h>
 
-#include <stdarg.h>
 #include <stdio.h>
 
+#include "cuda_status.h"
 #include "device_info.h"
-
-namespace {
-
-// Writes a printf-style message into the caller's buffer (always NUL-terminated, truncated if too long).
-LowrankOpsStatus fail(LowrankOpsStatus status, char* err, size_t err_len, const char* fmt, ...) {
-  if (err != nullptr && err_len > 0) {
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(err, err_len, fmt, args);
-    va_end(args);
-  }
-  return status;
-}
-
-LowrankOpsStatus fail_cuda(cudaError_t error, const char* call, const char* file, int line, char* err,
-                           size_t err_len) {
-  (void)cudaGetLastError();  // clear the non-sticky error this call recorded
-  return fail(LOWRANK_OPS_CUDA_ERROR, err, err_len, "lowrank_ops: %s failed: %s (%s) [%s:%d]", call,
-              cudaGetErrorName(error), cudaGetErrorString(error), file, line);
-}
-
-}  // namespace
-
-// Only usable inside functions that return LowrankOpsStatus and have `err` / `err_len` in scope.
-#define LOWRANK_OPS_CUDA_CHECK(call)                                                  \
-  do {                                                                                \
-    const cudaError_t lowrank_ops_status_ = (call);                                   \
-    if (lowrank_ops_status_ != cudaSuccess) {                                         \
-      return fail_cuda(lowrank_ops_status_, #call, __FILE__, __LINE__, err, err_len); \
-    }                                                                                 \
-  } while (0)
 
 namespace {
 
@@ -93,9 +61,10 @@ LowrankOpsStatus check_index(int index, char* err, size_t err_len) {
     return status;
   }
   if (index < 0 || index >= count) {
-    return fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
-                "lowrank_ops: device index %d is out of range: %d CUDA device(s) visible, so 0 <= index < %d", index,
-                count, count);
+    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
+                            "lowrank_ops: device index %d is out of range: %d CUDA device(s) visible, so "
+                            "0 <= index < %d",
+                            index, count, count);
   }
   return LOWRANK_OPS_OK;
 }
@@ -104,7 +73,8 @@ LowrankOpsStatus check_index(int index, char* err, size_t err_len) {
 
 extern "C" LowrankOpsStatus lowrank_ops_device_count(int* count, char* err, size_t err_len) {
   if (count == nullptr) {
-    return fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len, "lowrank_ops: device_count: count must not be null");
+    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
+                            "lowrank_ops: device_count: count must not be null");
   }
   *count = 0;
   LOWRANK_OPS_CUDA_CHECK(cudaGetDeviceCount(count));
@@ -114,7 +84,8 @@ extern "C" LowrankOpsStatus lowrank_ops_device_count(int* count, char* err, size
 extern "C" LowrankOpsStatus lowrank_ops_device_info(int index, LowrankOpsDeviceInfo* out, char* err,
                                                     size_t err_len) {
   if (out == nullptr) {
-    return fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len, "lowrank_ops: device_info: out must not be null");
+    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
+                            "lowrank_ops: device_info: out must not be null");
   }
   *out = LowrankOpsDeviceInfo{};
   const LowrankOpsStatus status = check_index(index, err, err_len);
@@ -174,10 +145,10 @@ extern "C" LowrankOpsStatus lowrank_ops_device_self_check(int index, char* err, 
   LOWRANK_OPS_CUDA_CHECK(cudaMemcpy(host, buffer.ptr, bytes, cudaMemcpyDeviceToHost));
   for (int i = 0; i < kSelfCheckElements; ++i) {
     if (host[i] != kSelfCheckBase + i) {
-      return fail(LOWRANK_OPS_CUDA_ERROR, err, err_len,
-                  "lowrank_ops: device self-check on device %d read out[%d] = %d, expected %d (the fill kernel "
-                  "launched without error but did not write its output)",
-                  index, i, host[i], kSelfCheckBase + i);
+      return lowrank_ops_fail(LOWRANK_OPS_CUDA_ERROR, err, err_len,
+                              "lowrank_ops: device self-check on device %d read out[%d] = %d, expected %d (the fill "
+                              "kernel launched without error but did not write its output)",
+                              index, i, host[i], kSelfCheckBase + i);
     }
   }
   return LOWRANK_OPS_OK;

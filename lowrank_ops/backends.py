@@ -20,6 +20,11 @@ activation, and get back which implementation runs. Rules (AUTO):
   torch backend is compute-bound cuBLAS work plus O(M m) extra elements: rows shared, one K-wide GEMM x C^T and
   a gather; columns shared, an index_add_ over x (O(M n)) and one K-deep GEMM.
 
+- The CUDA backend (csrc/ decode kernels, issue 9: M <= CUDA_MAX_M, fp16 / bf16) runs only when requested:
+  AUTO does not pick it until it has been measured against Triton on an H100. The measured crossover goes into
+  `select_backend`'s AUTO branch below, as a per-op table of (max M, shapes) where CUDA won, with the benchmark
+  figures (benchmarks/bench_lowrank_matmul.py and bench_quant_lowrank_matmul.py, provider lowrank_ops_cuda).
+
 An explicitly requested backend that is unavailable raises `BackendUnavailableError` with the reason.
 AUTO never fails: it falls back to torch and logs one line per (op, reason).
 """
@@ -40,6 +45,8 @@ logger = logging.getLogger("lowrank_ops")
 DECODE_MAX_M = 16
 TRITON_TILED_MAX_M = 64
 TRITON_ALL_M_OPS = frozenset({"quant_lowrank_matmul"})
+CUDA_MAX_M = 16  # csrc/ decode kernels: LOWRANK_OPS_DECODE_MAX_ROWS in csrc/lowrank_decode.h
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class Backend(str, enum.Enum):
@@ -84,16 +91,25 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton does not run on device type {device.type!r}"
 
 
-def cuda_unavailable_reason(op: str, device: torch.device) -> str | None:
-    """None when the csrc/ extension provides `op` for `device`, else why not."""
+def cuda_unavailable_reason(op: str, device: torch.device, m_rows: int | None = None) -> str | None:
+    """None when the csrc/ extension provides `op` for `device` (and `m_rows` rows, when given), else why not."""
     if device.type != "cuda":
         return f"the CUDA backend needs a CUDA tensor, got device {device}"
     from lowrank_ops import _C_loader
 
     if (reason := _C_loader.extension_unavailable_reason()) is not None:
         return reason
-    if op not in _C_loader.CUDA_OPS:
-        return f"the CUDA extension has no {op} kernel yet (CUDA decode kernels are issue 9)"
+    if op not in _C_loader.cuda_ops():
+        return f"the loaded CUDA extension registers no {op} kernel (rebuild it: python3 -m pip install -e .)"
+    if m_rows is not None and m_rows > CUDA_MAX_M:
+        return f"the CUDA {op} kernels are decode kernels for M <= {CUDA_MAX_M} rows of x, got M={m_rows}"
+    return None
+
+
+def cuda_dtype_unavailable_reason(dtype: torch.dtype) -> str | None:
+    """None when the CUDA decode kernels take activations of `dtype`, else why not."""
+    if dtype not in CUDA_DTYPES:
+        return f"the CUDA decode kernels take float16 / bfloat16 activations, got {dtype}"
     return None
 
 
@@ -140,10 +156,10 @@ def select_backend(op: str, device: torch.device, m_rows: int, requested: Backen
             raise BackendUnavailableError(f"{op}: backend 'triton' is unavailable: {reason}")
         return Backend.TRITON
     if requested is Backend.CUDA:
-        if (reason := cuda_unavailable_reason(op, device)) is not None:
+        if (reason := cuda_unavailable_reason(op, device, m_rows)) is not None:
             raise BackendUnavailableError(f"{op}: backend 'cuda' is unavailable: {reason}")
         return Backend.CUDA
-    # AUTO
+    # AUTO. CUDA is not chosen here yet: it needs the H100 crossover against Triton first (module docstring).
     if device.type != "cuda":
         _log_fallback_once(op, f"the tensors are on {device.type}, where torch is the fast path")
         return Backend.TORCH

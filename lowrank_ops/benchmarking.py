@@ -540,6 +540,19 @@ def resolve_common_args(args: Any, is_gpu: bool, providers: Sequence[str], cpu_p
     return args
 
 
+def drop_unavailable_cuda_provider(args: Any, op: str) -> Any:
+    """Remove the `lowrank_ops_cuda` provider from args.providers, printing why, where the CUDA backend cannot run
+    `op` (no GPU, or the extension lowrank_ops._C not built). Returns `args`."""
+    from lowrank_ops.backends import cuda_unavailable_reason
+
+    if "lowrank_ops_cuda" in args.providers:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if (reason := cuda_unavailable_reason(op, device)) is not None:
+            print(f"provider lowrank_ops_cuda skipped: {reason}", flush=True)
+            args.providers = tuple(p for p in args.providers if p != "lowrank_ops_cuda")
+    return args
+
+
 class cpu_threads:  # noqa: N801  (used as a context manager, like torch's no_grad)
     """Without a GPU, run the block with torch.set_num_threads(n) (then restore it). One thread by default in
     the benches: on the shared 2-core dev machines, torch's 2 OpenMP threads next to any other busy process

@@ -1,7 +1,8 @@
 """Packaging and the optional C++/CUDA build path (issue 2 §1, issue 9 §2).
 
 - The wheel ships `kernels/` as `lowrank_ops.kernels` and nothing top-level besides `lowrank_ops`.
-- Every csrc/*.cu compiles with plain nvcc for sm_90a (no torch, no GPU needed), and no kernel file includes torch.
+- Every csrc/*.cu compiles with plain nvcc for sm_90a (no torch, no GPU needed) with no register spills, and no
+  kernel file includes torch; csrc/bindings.cpp passes a syntax-only g++ check against torch's headers.
 - setup.py's decision to build or skip the extension says why, and LOWRANK_OPS_BUILD_CUDA=1 makes a skip an error.
 """
 
@@ -135,6 +136,84 @@ def test_cuda_sources_compile_for_sm90a(tmp_path):
     assert not failed, "nvcc failed:\n" + "\n".join(f"--- {name}\n{log}" for name, log in failed.items())
     ptxas = "".join(p.stdout + p.stderr for p in results.values())
     assert "for 'sm_90a'" in ptxas, f"no device code was compiled for sm_90a:\n{ptxas[-3000:]}"
+    kernels = ptxas_report(ptxas)
+    assert any("lowrank_expand_kernel" in k for k in kernels) and any("quant_lowrank_kernel" in k for k in kernels)
+    # A spill moves registers to local memory (DRAM through L1): for a byte-bound decode kernel, extra bytes per thread.
+    spills = {k: r for k, r in kernels.items() if r["spill_stores"] or r["spill_loads"]}
+    assert not spills, f"kernels spill registers: {spills}"
+    print("\n".join(f"{k}: {r}" for k, r in sorted(kernels.items())))  # pytest -s shows the resource table
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_90a'")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def ptxas_report(log: str) -> dict[str, dict[str, int]]:
+    """Per sm_90a entry function (mangled name) of `nvcc -Xptxas -v` output: registers, static shared memory,
+    stack frame and spill bytes."""
+    report: dict[str, dict[str, int]] = {}
+    name = None
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            name = m.group(1)
+            report[name] = {"registers": 0, "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0}
+        elif name and (m := _PTXAS_SPILLS.search(line)):
+            report[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif name and (m := _PTXAS_USED.search(line)):
+            report[name].update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    return report
+
+
+def test_ptxas_report_parses_spills():
+    log = (
+        "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _Z1kPf\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 8 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n"
+    )
+    assert ptxas_report(log) == {
+        "_Z1kPf": {"registers": 255, "smem": 1024, "stack": 8, "spill_stores": 4, "spill_loads": 8}
+    }
+
+
+# csrc/bindings.cpp against the headers of the installed torch: `g++ -fsyntax-only`, no linking (a CUDA extension
+# cannot link against the CPU wheel). The CPU wheel ships c10/cuda/*.h but not the one header torch's CMake
+# generates for CUDA builds, c10/cuda/impl/cuda_cmake_macros.h (a single #define); the test writes that line.
+CUDA_CMAKE_MACROS = "#define C10_CUDA_BUILD_SHARED_LIBS\n"
+
+
+def test_bindings_compile_against_torch_headers(tmp_path):
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    torch_inc = [Path(p) for p in include_paths()]
+    cuda_home = Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda")
+    missing = [
+        what
+        for what, ok in (
+            ("a C++ compiler (g++ / c++)", cxx is not None),
+            ("torch's c10/cuda/CUDAGuard.h", any((p / "c10" / "cuda" / "CUDAGuard.h").exists() for p in torch_inc)),
+            (f"cuda_runtime_api.h under {cuda_home}/include", (cuda_home / "include" / "cuda_runtime_api.h").exists()),
+        )
+        if not ok
+    ]
+    if missing:
+        pytest.skip(f"cannot syntax-check csrc/bindings.cpp: missing {', '.join(missing)}")
+    shim = tmp_path / "shim"
+    generated = shim / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not any((p / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in torch_inc):
+        generated.parent.mkdir(parents=True)
+        generated.write_text(CUDA_CMAKE_MACROS)
+    # Third-party headers as -isystem (their own warnings are not ours); C++20 as torch 2.13's headers require.
+    system = [*torch_inc, Path(sysconfig.get_paths()["include"]), cuda_home / "include", shim]
+    defines = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", *defines,
+           *(f"-isystem{p}" for p in system), f"-I{CSRC}", CSRC / "bindings.cpp"]  # fmt: skip
+    proc = _run(cmd, timeout=600)
+    assert proc.returncode == 0, f"g++ -fsyntax-only csrc/bindings.cpp failed:\n{proc.stderr[-4000:]}"
 
 
 # --- setup.py's decision -------------------------------------------------------------------------------------------

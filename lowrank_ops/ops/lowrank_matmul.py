@@ -7,7 +7,8 @@ Backends (chosen by `lowrank_ops.backends.select_backend`):
 - triton: kernels/lowrank_matmul.py (split-K shrink + fused expand, fp32 accumulation throughout).
 - torch: two F.linear calls. On CUDA an unaligned rank is zero-padded to a multiple of 16 first: padding
   costs r (m + n) extra bytes, cuBLAS on an unaligned rank cost 3.3x (DESIGN.md, r = 1492 vs 1536).
-- cuda: csrc/ kernels (issue 9).
+- cuda: csrc/lowrank_decode.cu (split-K shrink + expand chained by PDL) through the private op
+  torch.ops.lowrank_ops.lowrank_matmul_cuda: M <= 16, fp16 / bf16, only when requested (not chosen by AUTO yet).
 Registered with torch.library (fake implementation for torch.compile, autograd formula for training the
 factors), so it composes with torch.compile(fullgraph=True) and CUDA-graph capture.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowrank_ops.backends import Backend, select_backend
+from lowrank_ops.backends import Backend, BackendUnavailableError, cuda_dtype_unavailable_reason, select_backend
 from lowrank_ops.ops._checks import shape_of
 
 OP = "lowrank_matmul"
@@ -77,6 +78,20 @@ def _lowrank_matmul_torch(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bia
     return F.linear(F.linear(x, v), u, bias)
 
 
+def _lowrank_matmul_cuda(
+    x2d: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:  # pragma: no cover - needs the extension and a GPU
+    """The csrc/ decode kernels; x2d needs unit column stride, the weights row-major."""
+    if (reason := cuda_dtype_unavailable_reason(x2d.dtype)) is not None:
+        raise BackendUnavailableError(f"{OP}: backend 'cuda' is unavailable: {reason}")
+    if x2d.shape[0] == 0:
+        return x2d.new_empty((0, u.shape[0]))
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return torch.ops.lowrank_ops.lowrank_matmul_cuda(x2d, v.contiguous(), u.contiguous(), bias)
+
+
 def lowrank_matmul(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = (x V^T) U^T + b. See the module docstring for shapes, dtypes and backends.
 
@@ -100,8 +115,8 @@ def _lowrank_matmul_op(
         from lowrank_ops.kernels.lowrank_matmul import lowrank_matmul_triton
 
         y2d = lowrank_matmul_triton(x2d, v, u, bias)
-    elif backend is Backend.CUDA:  # pragma: no cover - select_backend raises until issue 9 registers kernels
-        raise NotImplementedError(f"{OP}: the CUDA backend has no kernel yet")
+    elif backend is Backend.CUDA:  # pragma: no cover - needs the extension and a GPU (tests/test_cuda_kernels.py)
+        y2d = _lowrank_matmul_cuda(x2d, v, u, bias)
     else:
         y2d = _lowrank_matmul_torch(x2d, v, u, bias)
     return y2d.reshape(*x.shape[:-1], u.shape[0])

@@ -23,7 +23,9 @@ Backends (chosen by `lowrank_ops.backends.select_backend`; on CUDA AUTO picks Tr
 - torch: W_hat = quant_format.dequantize (fp32, rounded once to x's dtype), then F.linear(x, W_hat, b) and,
   with a residual, z = F.linear(x, V) and y = addmm(y, z, U^T) (the expand accumulates in the GEMM epilogue);
   on CUDA an unaligned rank is zero-padded to a multiple of 16 (as in lowrank_matmul).
-- cuda: not yet.
+- cuda: csrc/quant_lowrank_decode.cu (split-K shrink, then the dequantising GEMV with the expand fused, PDL)
+  through the private op torch.ops.lowrank_ops.quant_lowrank_matmul_cuda: M <= 16, fp16 / bf16 with scales
+  and zeros in x's dtype, bits 2 / 3 / 4; only when requested (not chosen by AUTO yet).
 Registered with torch.library (fake implementation, autograd for x, v, u and bias -- W_hat is frozen: qweight,
 scales and zeros get no gradient), so it composes with torch.compile(fullgraph=True) and CUDA graphs.
 """
@@ -33,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowrank_ops.backends import Backend, select_backend
+from lowrank_ops.backends import Backend, BackendUnavailableError, cuda_dtype_unavailable_reason, select_backend
 from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 from lowrank_ops.quant_format import (
@@ -125,6 +127,31 @@ def _quant_lowrank_matmul_torch(x2d, qweight, scales, zeros, v, u, bias, bits, g
     return _gemms(x2d, w, v, u, bias)
 
 
+def cuda_unsupported_reason(x: torch.Tensor, scales: torch.Tensor, bits: int) -> str | None:
+    """None when the csrc/ kernels take these arguments, else why not (the op's own rules already hold)."""
+    if (reason := cuda_dtype_unavailable_reason(x.dtype)) is not None:
+        return reason
+    if bits > 4:
+        return f"the CUDA kernels read 4-bit slots (bits 2, 3, 4), got bits={bits}"
+    if scales.dtype != x.dtype:
+        return f"the CUDA kernels take scales / zeros in x's dtype {x.dtype}, got {scales.dtype}"
+    return None
+
+
+def _quant_lowrank_matmul_cuda(x2d, qweight, scales, zeros, v, u, bias, bits, group_size) -> torch.Tensor:
+    """The csrc/ decode kernels (needs the extension and a GPU); x2d needs unit column stride."""
+    if (reason := cuda_unsupported_reason(x2d, scales, bits)) is not None:
+        raise BackendUnavailableError(f"{OP}: backend 'cuda' is unavailable: {reason}")
+    if x2d.shape[0] == 0:
+        return x2d.new_empty((0, qweight.shape[0]))
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    v, u, bias = (None if t is None else t.contiguous() for t in (v, u, bias))
+    return torch.ops.lowrank_ops.quant_lowrank_matmul_cuda(
+        x2d, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), v, u, bias, bits, group_size
+    )
+
+
 def quant_lowrank_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -193,8 +220,8 @@ def _quant_lowrank_matmul_op(
         else:
             w = dequantize_triton(qweight, scales, zeros, bits, group_size, x2d.shape[1], x2d.dtype)
             y2d = _gemms(x2d, w, v, u, bias)
-    elif backend is Backend.CUDA:  # pragma: no cover - select_backend raises until csrc/ registers a kernel
-        raise NotImplementedError(f"{OP}: the CUDA backend has no kernel yet")
+    elif backend is Backend.CUDA:  # pragma: no cover - needs the extension and a GPU (tests/test_cuda_kernels.py)
+        y2d = _quant_lowrank_matmul_cuda(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
     else:
         y2d = _quant_lowrank_matmul_torch(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
     return y2d.reshape(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,251 @@
+// Device helpers shared by the decode kernels (lowrank_decode.cu, quant_lowrank_decode.cu): 16-byte loads with a
+// scalar fallback, fp16 / bf16 <-> fp32 conversion, the warp reduction of many accumulators, the residual expand
+// y += U z over a z held in shared memory, and the template dispatch on the row count M. Torch-free.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+#include <string.h>
+
+namespace lowrank_ops_decode {
+
+constexpr int kWarp = 32;
+// fp16 / bf16 elements in one 16-byte vector, the widest load a thread can issue (LDG.E.128).
+constexpr int kVec = 8;
+// Decode means M <= kMaxRows rows of x (the op's DECODE_MAX_M); templates exist for M tiles 1, 2, 4, 8, 16.
+constexpr int kMaxRows = 16;
+
+template <typename T>
+struct Convert;
+
+template <>
+struct Convert<__half> {
+  static __device__ __forceinline__ float2 pair(uint32_t bits) {
+    __half2 h;
+    memcpy(&h, &bits, sizeof(h));
+    return __half22float2(h);
+  }
+  static __device__ __forceinline__ __half from_float(float f) { return __float2half_rn(f); }
+  static __device__ __forceinline__ float to_float(__half h) { return __half2float(h); }
+};
+
+template <>
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 pair(uint32_t bits) {
+    __nv_bfloat162 h;
+    memcpy(&h, &bits, sizeof(h));
+    return __bfloat1622float2(h);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float f) { return __float2bfloat16_rn(f); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 h) { return __bfloat162float(h); }
+};
+
+// Elements p[0 .. valid) (valid clamped to [0, 8]) as the raw bits of one 16-byte vector, zero bits (+0.0) beyond.
+// vec: one 16-byte load, legal only when p is 16-byte aligned and valid is 0 or 8 (the caller proves both for the
+// whole launch: n % 8 == 0, aligned base pointers and row strides); else up to 8 masked 2-byte loads. `stream`
+// loads with the evict-first hint (weights are read once; keep L1 / L2 for x and the partial sums).
+template <typename T>
+__device__ __forceinline__ uint4 load8(const T* p, int valid, bool vec, bool stream) {
+  uint4 out = make_uint4(0u, 0u, 0u, 0u);
+  if (valid <= 0) {
+    return out;
+  }
+  if (vec) {
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+    return stream ? __ldcs(q) : __ldg(q);
+  }
+  const unsigned short* s = reinterpret_cast<const unsigned short*>(p);
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    if (e < valid) {
+      w[e / 2] |= static_cast<uint32_t>(__ldg(s + e)) << (16 * (e % 2));
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T>
+__device__ __forceinline__ void to_float8(const uint4& raw, float (&f)[kVec]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = Convert<T>::pair(w[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+// Sums each of the N accumulators of every lane over the warp. A butterfly per value would cost 5 N shuffles; this
+// halves the live values at each step instead (a lane keeps one half, sends the other to its partner at `offset`),
+// N / 2 + N / 4 + ... shuffles in all (62 for N = 64), then finishes with a butterfly once one value is left.
+// Afterwards lane l holds reduced_count<N>() values; value j is the warp sum of accumulator reduced_index(l, j), and
+// lanes for which reduced_writer(l) is false hold duplicates.
+template <int N, int ACTIVE = N, int OFFSET = kWarp / 2>
+__device__ __forceinline__ void warp_reduce_many(float (&v)[N], int lane) {
+  if constexpr (OFFSET > 0) {
+    if constexpr (ACTIVE == 1) {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], OFFSET);
+      warp_reduce_many<N, 1, OFFSET / 2>(v, lane);
+    } else {
+      constexpr int kHalf = ACTIVE / 2;
+      const bool upper = (lane & OFFSET) != 0;
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float send = upper ? v[i] : v[i + kHalf];
+        const float keep = upper ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
+      }
+      warp_reduce_many<N, kHalf, OFFSET / 2>(v, lane);
+    }
+  }
+}
+
+template <int N>
+__host__ __device__ constexpr int reduced_count() {
+  return N >= kWarp ? N / kWarp : 1;
+}
+
+// Accumulator index of value j held by `lane` after warp_reduce_many<N>: each halving step at `offset` moved the
+// upper half to the lanes with that bit set.
+template <int N>
+__device__ __forceinline__ int reduced_index(int lane, int j) {
+  int index = j;
+  int active = N;
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    if (active > 1) {
+      active /= 2;
+      index += (lane & offset) ? active : 0;
+    }
+  }
+  return index;
+}
+
+// True for the one lane of each group of duplicates (the butterfly steps made the lanes differing in those bits
+// equal); it writes the result.
+template <int N>
+__device__ __forceinline__ bool reduced_writer(int lane) {
+  int active = N;
+  bool writer = true;
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    if (active > 1) {
+      active /= 2;
+    } else if (lane & offset) {
+      writer = false;
+    }
+  }
+  return writer;
+}
+
+// Residual expand over one chunk of the rank: columns c0 + (v * 32 + lane) * 8 + e of R rows of U, row0 .. row0 + R.
+// kExpandVecs 16-byte vectors per lane per row: one, so a chunk is 256 columns and R rows put R x 512 B per warp in
+// flight (the kernels pick R to have enough of them resident).
+constexpr int kExpandVecs = 1;
+constexpr int kExpandChunk = kWarp * kVec * kExpandVecs;
+
+template <typename T, int R>
+__device__ __forceinline__ void load_u_chunk(uint4 (&w)[R][kExpandVecs], const T* __restrict__ u,  // (m, r)
+                                             int row0, int m, int r, int c0, int lane, bool vec) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+#pragma unroll
+    for (int v = 0; v < kExpandVecs; ++v) {
+      const int col = c0 + (v * kWarp + lane) * kVec;
+      const int valid = row0 + i < m ? r - col : 0;
+      w[i][v] = load8(u + static_cast<int64_t>(row0 + i) * r + col, valid, vec, true);
+    }
+  }
+}
+
+// acc[mi][i] += sum_c U[row0 + i, c] z[mi, c] over the chunk's columns; z (M, r) fp32 in shared memory.
+template <typename T, int MT, int R>
+__device__ __forceinline__ void fma_u_chunk(float (&acc)[MT][R], const uint4 (&w)[R][kExpandVecs],
+                                            const float* zs,  // (M, r) shared
+                                            int rows, int r, int c0, int lane) {
+#pragma unroll
+  for (int v = 0; v < kExpandVecs; ++v) {
+    const int col = c0 + (v * kWarp + lane) * kVec;
+    const int valid = min(r - col, kVec);
+    if (valid <= 0) {
+      continue;
+    }
+    float uf[R][kVec];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      to_float8<T>(w[i][v], uf[i]);
+    }
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      if (mi >= rows) {
+        break;
+      }
+      float z[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        z[e] = e < valid ? zs[mi * r + col + e] : 0.0f;  // U's zero bits beyond r make z's value irrelevant
+      }
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          acc[mi][i] = fmaf(uf[i][e], z[e], acc[mi][i]);
+        }
+      }
+    }
+  }
+}
+
+// zs[i] = sum_s partial[s][i] for i < count = M r: the split-K partial sums of z = x V^T, reduced in a fixed order
+// (deterministic), read by the whole block.
+__device__ __forceinline__ void load_z(float* zs, const float* __restrict__ partial,  // (S, M, r)
+                                       int splits, int count) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    float s = 0.0f;
+    for (int k = 0; k < splits; ++k) {
+      s += partial[static_cast<int64_t>(k) * count + i];
+    }
+    zs[i] = s;
+  }
+}
+
+// The M tile a launch with `rows` rows of x instantiates: the smallest of 1, 2, 4, 8, 16 that holds them, so the
+// accumulators acc[MT][R] stay in registers (fully unrolled, compile-time indices); 0 when rows is outside
+// 1 .. kMaxRows.
+inline int row_tile(int rows) {
+  if (rows < 1 || rows > kMaxRows) {
+    return 0;
+  }
+  int tile = 1;
+  while (tile < rows) {
+    tile *= 2;
+  }
+  return tile;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Launches `kernel` with programmatic dependent launch (PDL, sm_90): the grid may start while the previous kernel in
+// the stream still runs, once every block of that kernel has called cudaTriggerProgrammaticLaunchCompletion() (or
+// exited); the kernel must call cudaGridDependencySynchronize() before it reads anything that kernel writes.
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), int blocks, int threads, size_t smem_bytes,
+                             cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+}  // namespace lowrank_ops_decode
