@@ -329,6 +329,37 @@ def time_decode(model: nn.Module, batch: int, prompt: int, new_tokens: int, gene
             "method": method}  # fmt: skip
 
 
+def profile_decode(model: nn.Module, batch: int, prompt: int, steps: int, generator: torch.Generator,
+                   device: torch.device, top: int = 12) -> list[dict]:  # fmt: skip
+    """Where a decode step's time goes: torch.profiler over `steps` eager steps (no CUDA graph, so every kernel is
+    attributed), self time per kernel (CUDA) or per op (CPU) summed by name, top `top` by time. Rows
+    {name, us_per_step, calls_per_step, share}; share is of the profiled self time, not of the graphed latency."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = _random_ids(model, batch, prompt, generator)
+    cuda = device.type == "cuda"
+    with torch.inference_mode():
+        decoder = StaticDecoder(model, batch, prompt, steps + 1, device)
+        decoder.prefill(ids)
+        decoder.step()  # warm-up: Triton compiles and autotunes outside the profile
+        decoder.prefill(ids)
+        activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                decoder.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+    events = []
+    for e in prof.key_averages():
+        self_us = getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+        if self_us > 0 and (not cuda or getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA):
+            events.append((self_us, e.count, e.key))
+    total = sum(t for t, _, _ in events) or 1.0
+    events.sort(reverse=True)
+    return [{"name": name[:120], "us_per_step": t / steps, "calls_per_step": count / steps, "share": t / total}
+            for t, count, name in events[:top]]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- the run
 
 
@@ -377,9 +408,9 @@ def _guarded(row: dict, log: Callable[[str], None], measure: Callable[..., dict]
 
 def measure_variant(model: nn.Module, variant: Variant, names: list[str], grid: Grid, *, seed: int = 0,
                     layer_share: bool = True, use_graph: bool = True, target_ms: float = 500.0,
-                    log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+                    profile_steps: int = 0, log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     """Rows (prefill and decode) of one variant of `model` (its targeted layers `names`); the model is left as
-    it was."""
+    it was. `profile_steps` > 0 adds a per-kernel profile of that many eager steps to each decode row."""
     device = _device_of(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     dense_target_bytes = sum(tensor_bytes(model.get_submodule(n), include_bias=False) for n in names)
@@ -409,6 +440,9 @@ def measure_variant(model: nn.Module, variant: Variant, names: list[str], grid: 
         peak = _peak_memory_gib(device)
         for row in rows:
             row["peak_memory_gib"] = peak
+            if profile_steps > 0 and row["phase"] == "decode" and not row.get("error"):
+                _guarded(row, log, lambda *a: {"profile": profile_decode(*a)}, model, row["batch"],
+                         grid.decode_prompt, profile_steps, generator, device)  # fmt: skip
         if layer_share:
             with swapped_layers(model, names, lambda layer: _InputView(_out_features(layer))):
                 for row in rows:
@@ -480,6 +514,14 @@ def markdown_table(rows: list[dict], header: dict) -> str:
             peak = first.get("peak_memory_gib")
             lines.append(f"| {v} | {first['bytes_kept']:.3f} | " + " | ".join(cells)
                          + f" | {'' if peak is None else f'{peak:.2f}'} |")  # fmt: skip
+        lines.append("")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["**decode profile** (eager steps under torch.profiler, self time by kernel / op; top 5 per row)", "",
+                  "| variant | batch | kernel / op | us per step | calls per step | share |", "|---" * 6 + "|"]
+        for r in profiled:
+            lines += [f"| {r['variant']} | {r['batch']} | `{k['name'][:70]}` | {k['us_per_step']:.1f} | "
+                      f"{k['calls_per_step']:.0f} | {k['share']:.0%} |" for k in r["profile"][:5]]  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
@@ -585,6 +627,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-ms", type=float, default=500.0, help="prefill timing budget per row")
     p.add_argument("--no-layer-share", action="store_true", help="skip the decode run without the targeted layers")
     p.add_argument("--no-graph", action="store_true", help="CUDA: decode eagerly instead of replaying a CUDA graph")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="add to each decode row its top kernels over STEPS eager steps (torch.profiler)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
@@ -628,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         print(f"[{variant.name}]", flush=True)
         new = measure_variant(model, variant, names, grid, layer_share=not args.no_layer_share,
-                              use_graph=not args.no_graph, target_ms=args.target_ms,
+                              use_graph=not args.no_graph, target_ms=args.target_ms, profile_steps=args.profile,
                               log=lambda s: print(s, flush=True))  # fmt: skip
         rows += [{"model": args.model, **r} for r in new]
         path = write_results(args.out, bench, header, add_speedups(rows))  # after every variant: nothing lost

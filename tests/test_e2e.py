@@ -154,6 +154,24 @@ def test_measure_variant_rows_and_speedups():
     assert lowrank["param_ratio"] == 0.5 and lowrank["bytes_kept"] <= 0.5
 
 
+def test_profile_attributes_decode_time_to_ops():
+    model = small_llama()
+    grid = e2e.Grid(prefill_batches=(1,), prompt_lens=(8,), decode_batches=(2,), decode_prompt=6, new_tokens=3)
+    rows = e2e.measure_variant(model, e2e.parse_variant("lowrank-0.5"), list(find_targets(model)), grid,
+                               target_ms=1.0, layer_share=False, profile_steps=2, log=lambda s: None)  # fmt: skip
+    profile = next(r for r in rows if r["phase"] == "decode")["profile"]
+    assert 0 < len(profile) <= 12 and all(k["us_per_step"] > 0 and 0 < k["share"] <= 1 for k in profile)
+    assert [k["us_per_step"] for k in profile] == sorted((k["us_per_step"] for k in profile), reverse=True)
+    # 14 targeted layers, one op call each per step
+    assert any(k["name"] == "lowrank_ops::lowrank_matmul" and k["calls_per_step"] == 14 for k in profile)
+    assert "decode profile" in e2e.markdown_table(e2e.add_speedups(rows), _header())
+
+
+def _header():
+    return {"model": "tiny", "dtype": "float32", "device": "CPU only (test)", "git_sha": "abc", "git_dirty": False,
+            "date_utc": "2026-01-01T00:00:00Z"}
+
+
 def test_a_failing_measurement_becomes_an_error_row(monkeypatch):
     model = small_llama()
     names = list(find_targets(model))
