@@ -4,15 +4,17 @@
     python benchmarks/bench_eora_quality.py --out benchmarks/results [--bases int3-g128 2:4-wanda] [--ranks 32 64]
 
 For the default model (SmolLM2-135M) and the Wikipedia test split: dense perplexity, then for every base of --bases
-(default int4-g128 RTN, gptq-int4-g128, int3-g128 RTN, 2:4-wanda) the base alone (residual "none") and the base
-with each residual of --residuals (svd: plain SVD of the error, ZeroQuant-V2 / LoRC; lqer: mean-|x| scaled, LQER;
-eora: eigenspace of the calibration Gram, EoRA) at every rank of --ranks (default 32, 64, 128; capped at min(m, n)
-per layer). Every configuration starts from a fresh copy of the model and recomputes its base (GPTQ is the slow
-one). The model ships as Q4_1 (4-bit, blocks of 32), so 4-bit bases are nearly lossless for that reason alone: the
-int3 and 2:4 rows carry the evidence. Writes eora_quality-<device>.json (rewritten after every row), a Markdown
-table and a PNG. Stored bits per weight count what the modules store in the run's dtype (fp32 on CPU: residual
-factors and scales at 32 bits, a 2:4 base stored dense at 32 bits, the dense row at 32); the nominal compressed 2:4
-size is reported apart.
+(default int4-g128 RTN, gptq-int4-g128, int3-g128 RTN, 2:4-wanda) the base alone (residual "none") and the base with
+each residual of --residuals (svd: plain SVD of the error, ZeroQuant-V2 / LoRC; lqer: mean-|x| scaled, LQER; eora:
+eigenspace of the calibration Gram, EoRA) at every rank of --ranks (default 32, 64, 128; each must stay below every
+layer's break-even rank, 144 for SmolLM2's 192 x 576 k/v projections). Every configuration starts from a fresh copy
+of the model and recomputes its base (GPTQ is the slow one). The model ships as Q4_1 (4-bit, blocks of 32), so 4-bit
+bases are nearly lossless for that reason alone: the int3 and 2:4 rows carry the evidence. Writes
+eora_quality-<device>.json (rewritten after every row), a Markdown table and a PNG. `--merge` keeps the rows of an
+existing results file for this device and measures only the missing (base, residual, rank) configurations (same
+--calib-tokens / --eval-tokens required), so the grid can be filled over several runs. Stored bits per weight count
+what the modules store in the run's dtype (fp32 on CPU: residual factors and scales at 32 bits, a 2:4 base stored
+dense at 32 bits, the dense row at 32); the nominal compressed 2:4 size is reported apart.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_common import compress_and_evaluate, finish_results  # noqa: E402
 
-from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
+from lowrank_ops.benchmarking import environment_header, load_previous_rows, write_results  # noqa: E402
 from lowrank_ops.compress import resolve_device  # noqa: E402
 from lowrank_ops.configs import EoraConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of an existing results file (this device)")
     args = parser.parse_args(argv)
     if any(r < 1 for r in args.ranks):
         parser.error(f"--ranks {args.ranks}: every rank must be >= 1 (the base alone is the 'none' row)")
@@ -103,17 +106,27 @@ def main(argv=None) -> int:
     header = environment_header()
     header["plot"] = {"x": "rank", "y": "perplexity", "line": "residual", "panel_cols": "base", "shape_keys": [],
                       "log_y": True}  # fmt: skip
+    rows = load_previous_rows(args.out, "eora_quality", header, args.merge)
+    for row in rows:
+        if (row["calib_tokens"], row["eval_tokens"], row["seq_len"]) != (args.calib_tokens, args.eval_tokens,
+                                                                          args.seq_len):  # fmt: skip
+            raise SystemExit(f"--merge: the existing rows were measured with calib_tokens={row['calib_tokens']}, "
+                             f"eval_tokens={row['eval_tokens']}, seq_len={row['seq_len']}; pass the same values")
+    done = {(row["base"], row["residual"], row["rank"]) for row in rows}
+    grid = [entry for entry in grid if entry[:3] not in done]
     device = resolve_device(args.device)
     pristine, tokenizer, source = load_model(args.model, device)
     calibration = text_windows(tokenizer, "calibration", args.seq_len, args.calib_tokens)
     common = dict(model=source, eval_tokens=args.eval_tokens, seq_len=args.seq_len, calib_tokens=args.calib_tokens,
                   device=str(device))  # fmt: skip
-    dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
-    dense_bits = 8.0 * next(pristine.parameters()).element_size()  # stored as loaded: 32 in fp32
-    rows = [dict(common, base="dense", residual="none", rank=None, variant="dense", bits_per_weight=dense_bits,
-                 nominal_2to4_bits_per_weight=None, perplexity=dense["perplexity"],
-                 compression_seconds=0.0)]  # fmt: skip
-    print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
+    if ("dense", "none", None) not in done:
+        dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
+        dense_bits = 8.0 * next(pristine.parameters()).element_size()  # stored as loaded: 32 in fp32
+        rows.insert(0, dict(common, base="dense", residual="none", rank=None, variant="dense",
+                            bits_per_weight=dense_bits, nominal_2to4_bits_per_weight=None,
+                            perplexity=dense["perplexity"], compression_seconds=0.0))  # fmt: skip
+        print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
+    print(f"{len(grid)} configurations to measure ({len(rows)} rows kept)", flush=True)
     path = write_results(args.out, "eora_quality", header, rows)
     for base, residual, rank, config in grid:
         report, ppl, seconds = compress_and_evaluate(pristine, tokenizer, config, calibration, args.seq_len,
