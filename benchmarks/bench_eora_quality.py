@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_common import compress_and_evaluate, finish_results  # noqa: E402
+from quality_common import compress_and_evaluate, finish_results, resumed_rows  # noqa: E402
 
-from lowrank_ops.benchmarking import environment_header, load_previous_rows, write_results  # noqa: E402
+from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
 from lowrank_ops.compress import resolve_device  # noqa: E402
 from lowrank_ops.configs import EoraConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
@@ -106,12 +106,8 @@ def main(argv=None) -> int:
     header = environment_header()
     header["plot"] = {"x": "rank", "y": "perplexity", "line": "residual", "panel_cols": "base", "shape_keys": [],
                       "log_y": True}  # fmt: skip
-    rows = load_previous_rows(args.out, "eora_quality", header, args.merge)
-    for row in rows:
-        if (row["calib_tokens"], row["eval_tokens"], row["seq_len"]) != (args.calib_tokens, args.eval_tokens,
-                                                                          args.seq_len):  # fmt: skip
-            raise SystemExit(f"--merge: the existing rows were measured with calib_tokens={row['calib_tokens']}, "
-                             f"eval_tokens={row['eval_tokens']}, seq_len={row['seq_len']}; pass the same values")
+    rows = resumed_rows(args.out, "eora_quality", header, args.merge,
+                        dict(calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len))
     done = {(row["base"], row["residual"], row["rank"]) for row in rows}
     grid = [entry for entry in grid if entry[:3] not in done]
     device = resolve_device(args.device)

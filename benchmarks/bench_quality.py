@@ -16,14 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_common import compress_and_evaluate, finish_results  # noqa: E402
+from quality_common import compress_and_evaluate, finish_results, resumed_rows  # noqa: E402
 
 from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
 from lowrank_ops.compress import resolve_device  # noqa: E402
 from lowrank_ops.configs import LowRankConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
 
-GRID = [("svd", "uniform"), ("asvd", "uniform"), ("asvd", "sensitivity"), ("whiten", "uniform"), ("whiten", "loss")]
+GRID = [("svd", "uniform"), ("asvd", "uniform"), ("asvd", "sensitivity"), ("whiten", "uniform"), ("whiten", "loss"),
+        ("whiten", "fisher")]
 
 
 def markdown_table(rows: list[dict], header: dict) -> str:
@@ -53,20 +54,31 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing results file (this device); measure only missing entries")
     args = parser.parse_args(argv)
 
     header = environment_header()
+    rows = resumed_rows(args.out, "quality", header, args.merge, dict(eval_tokens=args.eval_tokens,
+                                                                     seq_len=args.seq_len))  # fmt: skip
+    done = {(row["method"], row["allocator"], row["target_ratio"]) for row in rows}
     device = resolve_device(args.device)
     pristine, tokenizer, source = load_model(args.model, device)
     calibration = text_windows(tokenizer, "calibration", args.seq_len, args.calib_tokens)
     common = dict(model=source, eval_tokens=args.eval_tokens, seq_len=args.seq_len)
-    dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4)
-    rows = [dict(common, method="dense", allocator=None, variant="dense", target_ratio=1.0, param_ratio=1.0,
-                 perplexity=dense["perplexity"], compression_seconds=0.0)]  # fmt: skip
-    print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
+    if ("dense", None, 1.0) not in done:
+        dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4)
+        rows.insert(0, dict(common, method="dense", allocator=None, variant="dense", target_ratio=1.0,
+                            param_ratio=1.0, perplexity=dense["perplexity"], compression_seconds=0.0))  # fmt: skip
+        print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
+    header["plot"] = {"x": "param_ratio", "y": "perplexity", "line": "variant", "panel_cols": "model",
+                      "shape_keys": [], "log_y": True}  # fmt: skip
+    path = write_results(args.out, "quality", header, rows)
     for entry in args.grid:
         method, allocator = entry.split(":")
         for ratio in args.ratios:
+            if (method, allocator, ratio) in done:
+                continue
             config = LowRankConfig(
                 method=method, allocator=allocator, param_ratio=ratio, calib_tokens=args.calib_tokens,
                 seq_len=args.seq_len, device=args.device,
@@ -78,8 +90,6 @@ def main(argv=None) -> int:
                              ranks={layer.name: layer.rank for layer in report.layers}))  # fmt: skip
             print(f"{method:7s} {allocator:11s} ratio {ratio:.2f} (kept {report.param_ratio:.4f}): "
                   f"perplexity {ppl:.3f}, compression {seconds:.1f} s", flush=True)  # fmt: skip
-            header["plot"] = {"x": "param_ratio", "y": "perplexity", "line": "variant", "panel_cols": "model",
-                              "shape_keys": [], "log_y": True}  # fmt: skip
             path = write_results(args.out, "quality", header, rows)
     finish_results(path, markdown_table(rows, header))
     return 0

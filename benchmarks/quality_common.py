@@ -1,5 +1,5 @@
 """What the perplexity benchmarks (bench_quality, bench_swsc_quality, bench_eora_quality) share: compressing a fresh
-copy of the model and evaluating it, and finishing a results file (Markdown table, PNG)."""
+copy of the model and evaluating it, resuming a results file (--merge), and finishing one (Markdown table, PNG)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import copy
 import time
 from pathlib import Path
 
+from lowrank_ops.benchmarking import load_previous_rows
 from lowrank_ops.compress import compress_
 from lowrank_ops.pipeline import evaluate_perplexity
 
@@ -32,3 +33,15 @@ def finish_results(path: Path, markdown: str) -> None:
     except Exception as exc:
         print(f"plot skipped: {exc}")
     print(markdown)
+
+
+def resumed_rows(out_dir, bench: str, header: dict, merge: bool, protocol: dict) -> list[dict]:
+    """The rows of an existing results file to keep (`--merge`), after checking that they were measured with the
+    same `protocol` (e.g. eval_tokens, seq_len): mixing protocols in one table would compare unlike numbers."""
+    rows = load_previous_rows(out_dir, bench, header, merge)
+    for row in rows:
+        different = {k: row.get(k) for k, v in protocol.items() if row.get(k) != v}
+        if different:
+            raise SystemExit(f"--merge: the existing rows of {bench} were measured with {different}, this run with "
+                             f"{ {k: protocol[k] for k in different} }; pass the same values")
+    return rows

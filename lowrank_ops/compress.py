@@ -197,6 +197,12 @@ def compress_(
             f"compress_: config must be a LowRankConfig, EoraConfig or SwscConfig, got {type(config).__name__}"
         )
     config.validate()
+    if config.allocator == "fisher":  # per-basis selection: the basis-selection pipeline with calibration as target
+        from lowrank_ops.basis import compress_basis_
+
+        report = compress_basis_(model, config.as_basis_selection(), calibration, progress=progress)
+        report.config = config.to_dict()
+        return report
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     targets = find_targets(model, config.targets, config.ignore)

@@ -143,6 +143,30 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert json.loads((out / "lowrank_ops.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]["rank"] > 0
 
 
+def test_fisher_allocator_is_training_free_basis_selection_on_the_calibration_text(tmp_path):
+    from lowrank_ops.configs import BasisConfig
+
+    tokens = _tokens()
+    config = _config(method="whiten", allocator="fisher", param_ratio=0.6)
+    assert config.needs_calibration and _config(method="svd", allocator="fisher").needs_calibration
+    model, reference = tiny_llama_gqa(), tiny_llama_gqa()
+    report = compress_(model, config, tokens, progress=False)
+    assert report.config == config.to_dict() and report.param_ratio <= 0.6 + 1e-9
+    assert all(isinstance(model.get_submodule(layer.name), (LowRankLinear, torch.nn.Linear)) for layer in report.layers)
+    basis = BasisConfig(param_ratio=0.6, basis="whiten", score="fisher", calib_tokens=6 * 32, seq_len=32,
+                        batch_size=3, align=4, device="cpu")  # fmt: skip
+    assert config.as_basis_selection() == basis
+    compress_(reference, basis, tokens, progress=False)
+    same, other = model.state_dict(), reference.state_dict()
+    assert same.keys() == other.keys() and all(torch.equal(same[k], other[k]) for k in same)
+    out = save_compressed(model, tmp_path / "fisher", config=config, source="tiny")
+    loaded, manifest = load_compressed(out)
+    assert manifest["config"]["allocator"] == "fisher"
+    assert torch.equal(loaded(tokens[:2]).logits, model(tokens[:2]).logits)
+    with pytest.raises(ValueError, match="needs calibration token ids"):
+        compress_(tiny_llama_gqa(), _config(method="svd", allocator="fisher"), progress=False)
+
+
 def test_unfolded_coefficients_survive_save_and_load(tmp_path):
     model = tiny_llama_gqa()
     config = _config(method="svd", param_ratio=0.6)
