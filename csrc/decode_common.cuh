@@ -200,6 +200,33 @@ __device__ __forceinline__ void fma_u_chunk(float (&acc)[MT][R], const uint4 (&w
   }
 }
 
+// The epilogue of the kernels that write y (M, m): acc[mi][i] holds lane-partial sums of y[mi, row0 + i] over one
+// warp; reduce them over the warp and let one lane per value write y = sum + b (b optional) in T.
+template <typename T, int MT, int R>
+__device__ __forceinline__ void store_output_rows(const float (&acc)[MT][R], int lane, int row0, int rows, int m,
+                                                  const T* __restrict__ bias, T* __restrict__ y) {
+  constexpr int kN = MT * R;
+  float flat[kN];
+#pragma unroll
+  for (int t = 0; t < kN; ++t) {
+    flat[t] = acc[t / R][t % R];
+  }
+  warp_reduce_many<kN>(flat, lane);
+  if (!reduced_writer<kN>(lane)) {
+    return;
+  }
+#pragma unroll
+  for (int t = 0; t < reduced_count<kN>(); ++t) {
+    const int index = reduced_index<kN>(lane, t);
+    const int mi = index / R;
+    const int o = row0 + index % R;
+    if (mi < rows && o < m) {
+      const float b = bias != nullptr ? Convert<T>::to_float(bias[o]) : 0.0f;
+      y[static_cast<int64_t>(mi) * m + o] = Convert<T>::from_float(flat[t] + b);
+    }
+  }
+}
+
 // zs[i] = sum_s partial[s][i] for i < count = M r: the split-K partial sums of z = x V^T, reduced in a fixed order
 // (deterministic), read by the whole block.
 __device__ __forceinline__ void load_z(float* zs, const float* __restrict__ partial,  // (S, M, r)

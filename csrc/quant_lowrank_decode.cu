@@ -156,25 +156,7 @@ __global__ void __launch_bounds__(kQuantThreads)
       }
     }
 
-    constexpr int kN = MT * R;
-    float flat[kN];
-#pragma unroll
-    for (int t = 0; t < kN; ++t) {
-      flat[t] = acc[t / R][t % R];
-    }
-    warp_reduce_many<kN>(flat, lane);
-    if (reduced_writer<kN>(lane)) {
-#pragma unroll
-      for (int t = 0; t < reduced_count<kN>(); ++t) {
-        const int index = reduced_index<kN>(lane, t);
-        const int mi = index / R;
-        const int o = row0 + index % R;
-        if (mi < rows && o < m) {
-          const float b = bias != nullptr ? Convert<T>::to_float(bias[o]) : 0.0f;
-          y[static_cast<int64_t>(mi) * m + o] = Convert<T>::from_float(flat[t] + b);
-        }
-      }
-    }
+    store_output_rows<T, MT, R>(acc, lane, row0, rows, m, bias, y);
   }
 }
 
