@@ -559,7 +559,7 @@ def plot_e2e(json_path: Path, png_path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="batch / prompt", title_fontsize=8)
     gpu_note = "" if header.get("is_gpu") else "  (CPU ONLY: not GPU numbers)"
-    fig.suptitle(f"{header['model']} {header['dtype']} on {header['device']}{gpu_note}\n"
+    fig.suptitle(f"{header.get('model_source', header['model'])} {header['dtype']} on {header['device']}{gpu_note}\n"
                  f"git {header['git_sha']}, {header['date_utc']}", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
