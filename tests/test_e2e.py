@@ -21,7 +21,7 @@ def small_llama():
 
 @pytest.mark.parametrize(
     ("name", "kind", "field", "value"),
-    [("dense", "dense", "rank", 0), ("lowrank-0.8", "lowrank", "param_ratio", 0.8),
+    [("dense", "dense", "rank", 0), ("saved", "saved", "rank", 0), ("lowrank-0.8", "lowrank", "param_ratio", 0.8),
      ("int4-g128-r64", "quant", "group_size", 128), ("INT8-g32-r0", "quant", "bits", 8),
      ("swsc-k0.25-r16", "swsc", "cluster_fraction", 0.25), ("swsc-k1-r0", "swsc", "rank", 0)],
 )  # fmt: skip
@@ -62,7 +62,8 @@ def test_swapped_layers_restores_the_originals_even_on_error():
     before = {n: model.get_submodule(n) for n in names}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="boom"):
-        with e2e.swapped_layers(model, names, lambda layer: e2e._InputView(layer.out_features), torch.device("cpu")):
+        with e2e.swapped_layers(model, names, lambda _, layer: e2e._InputView(layer.out_features),
+                                torch.device("cpu")):
             assert all(isinstance(model.get_submodule(n), e2e._InputView) for n in names)
             raise RuntimeError("boom")
     assert all(model.get_submodule(n) is before[n] for n in names)
@@ -100,8 +101,8 @@ def test_static_decoder_matches_full_forward_and_never_reads_the_host(variant):
     names = list(find_targets(model))
     generator = torch.Generator().manual_seed(1)
     swap = (contextlib.nullcontext() if variant == "dense" else
-            e2e.swapped_layers(model, names, lambda layer: e2e.build_layer(e2e.parse_variant(variant), layer,
-                                                                           generator)))  # fmt: skip
+            e2e.swapped_layers(model, names, lambda _, layer: e2e.build_layer(e2e.parse_variant(variant), layer,
+                                                                              generator)))  # fmt: skip
     batch, prompt, steps = 2, 7, 4
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(2))
     with swap, torch.inference_mode():
@@ -215,3 +216,51 @@ def test_cli_bench_e2e_bad_input(tmp_path):
         main(["bench-e2e", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--layers"):
         e2e.build_model("default", torch.device("cpu"), torch.float32, layers=2)
+
+
+def _saved_compressed_model(tmp_path):
+    from lowrank_ops.compress import compress_
+    from lowrank_ops.configs import LowRankConfig
+    from lowrank_ops.serialization import save_compressed
+
+    model = small_llama()
+    config = LowRankConfig(method="svd", param_ratio=0.5, allocator="loss", align=4, device="cpu")
+    report = compress_(model, config, progress=False)
+    return save_compressed(model, tmp_path / "saved", config=config, source="tiny"), model, report
+
+
+def test_a_saved_model_is_measured_against_its_own_dense_form(tmp_path):
+    path, compressed, report = _saved_compressed_model(tmp_path)
+    model, source, saved = e2e.build_model(str(path), torch.device("cpu"), torch.float32)
+    assert "saved lowrank model" in source and saved and all(isinstance(m, LowRankLinear) for m in saved.values())
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())  # the model comes back dense
+    names = list(find_targets(model))
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+        torch.testing.assert_close(dense_logits, compressed(ids).logits, rtol=1e-4, atol=1e-4)  # to_linear: same map
+        with e2e.swapped_layers(model, list(saved), lambda name, layer: saved[name]):
+            assert torch.equal(model(ids).logits, compressed(ids).logits)  # the saved layers, bit for bit
+    grid = e2e.Grid(prefill_batches=(1,), prompt_lens=(8,), decode_batches=(1,), decode_prompt=6, new_tokens=3)
+    rows = []
+    for name in ("dense", "saved"):
+        rows += e2e.measure_variant(model, e2e.parse_variant(name), names, grid, target_ms=1.0, layer_share=False,
+                                    saved_layers=saved, log=lambda s: None)  # fmt: skip
+    kept = {r["variant"]: r["bytes_kept"] for r in rows}
+    assert kept["dense"] == 1.0 and kept["saved"] == pytest.approx(report.param_ratio)
+    assert not any(r.get("error") for r in rows)
+    with pytest.raises(ValueError, match="needs a model directory"):
+        e2e.measure_variant(model, e2e.parse_variant("saved"), names, grid, log=lambda s: None)
+
+
+def test_cli_defaults_to_dense_and_saved_for_a_saved_model_and_refuses_saved_otherwise(tmp_path):
+    from lowrank_ops.cli import main
+
+    path, _, _ = _saved_compressed_model(tmp_path)
+    out = tmp_path / "results"
+    assert main(["bench-e2e", "--model", str(path), "--out", str(out), "--prompt-lens", "8", "--decode-batches", "1",
+                 "--decode-prompt", "6", "--new-tokens", "3", "--target-ms", "1", "--no-plot"]) == 0  # fmt: skip
+    rows = json.loads((out / "e2e-saved-cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "dense", "saved", "saved"]
+    with pytest.raises(ValueError, match="variant 'saved' needs --model"):
+        main(["bench-e2e", "--model", str(tmp_path / "elsewhere"), "--out", str(out), "--variants", "saved"])
