@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_ops.backends import DECODE_MAX_M  # one decode bound for dispatch and kernel configs
 from lowrank_ops.kernels.launch import (
     MAX_SPLIT,
     cap_split,
@@ -141,7 +142,6 @@ def _lowrank_matmul_kernel(
 
 FMA_MAX_M = 4  # above this, tl.dot tiles (BLOCK_M = 16) beat the broadcast product's register footprint
 FMA_PRODUCT_ELEMS = 4096  # BLOCK_M * BLOCK_N * BLOCK_K of the broadcast product: 32 fp32 regs/thread, 4 warps
-DECODE_MAX_M = 16
 EXPAND_DOT_BLOCK_N = 64  # tl.dot decode expand: 4x fewer programs than 16 re-read the partials (module docstring)
 EXPAND_BLOCK_K = 64  # expand K-step at 1 < M <= 16; 128 with BLOCK_N = 64 reached 255 registers (bf16) and
 # spilled (fp32, 3xTF32) in the sm_90a compile
