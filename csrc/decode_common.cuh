@@ -200,11 +200,11 @@ __device__ __forceinline__ void fma_u_chunk(float (&acc)[MT][R], const uint4 (&w
   }
 }
 
-// The epilogue of the kernels that write y (M, m): acc[mi][i] holds lane-partial sums of y[mi, row0 + i] over one
-// warp; reduce them over the warp and let one lane per value write y = sum + b (b optional) in T.
-template <typename T, int MT, int R>
-__device__ __forceinline__ void store_output_rows(const float (&acc)[MT][R], int lane, int row0, int rows, int m,
-                                                  const T* __restrict__ bias, T* __restrict__ y) {
+// The epilogue of every decode kernel: acc[mi][i] holds this lane's partial sums of output (mi, i) of a warp
+// tile; reduce them over the warp and call store(mi, i, sum) once per output, from one lane (bounds checks are the
+// store's).
+template <int MT, int R, typename Store>
+__device__ __forceinline__ void warp_reduce_and_store(const float (&acc)[MT][R], int lane, Store store) {
   constexpr int kN = MT * R;
   float flat[kN];
 #pragma unroll
@@ -218,13 +218,30 @@ __device__ __forceinline__ void store_output_rows(const float (&acc)[MT][R], int
 #pragma unroll
   for (int t = 0; t < reduced_count<kN>(); ++t) {
     const int index = reduced_index<kN>(lane, t);
-    const int mi = index / R;
-    const int o = row0 + index % R;
+    store(index / R, index % R, flat[t]);
+  }
+}
+
+// The kernels that write y (M, m): y[mi, row0 + i] = sum + b (b optional), in T.
+template <typename T, int MT, int R>
+__device__ __forceinline__ void store_output_rows(const float (&acc)[MT][R], int lane, int row0, int rows, int m,
+                                                  const T* __restrict__ bias, T* __restrict__ y) {
+  warp_reduce_and_store(acc, lane, [&](int mi, int i, float sum) {
+    const int o = row0 + i;
     if (mi < rows && o < m) {
       const float b = bias != nullptr ? Convert<T>::to_float(bias[o]) : 0.0f;
-      y[static_cast<int64_t>(mi) * m + o] = Convert<T>::from_float(flat[t] + b);
+      y[static_cast<int64_t>(mi) * m + o] = Convert<T>::from_float(sum + b);
     }
+  });
+}
+
+// Dynamic shared memory above the default 48 KB per block needs a per-kernel opt-in.
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) {
+    return cudaSuccess;
   }
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 // zs[i] = sum_s partial[s][i] for i < count = M r: the split-K partial sums of z = x V^T, reduced in a fixed order

@@ -126,25 +126,12 @@ __global__ void __launch_bounds__(kShrinkThreads)
     }
   }
 
-  constexpr int kN = MT * kShrinkRows;
-  float flat[kN];
-#pragma unroll
-  for (int t = 0; t < kN; ++t) {
-    flat[t] = acc[t / kShrinkRows][t % kShrinkRows];
-  }
-  warp_reduce_many<kN>(flat, lane);
-  if (!reduced_writer<kN>(lane)) {
-    return;
-  }
-#pragma unroll
-  for (int t = 0; t < reduced_count<kN>(); ++t) {
-    const int index = reduced_index<kN>(lane, t);
-    const int mi = index / kShrinkRows;
-    const int j = j0 + index % kShrinkRows;
+  warp_reduce_and_store(acc, lane, [&](int mi, int i, float sum) {
+    const int j = j0 + i;
     if (mi < rows && j < rank) {
-      partial[(static_cast<int64_t>(slice) * rows + mi) * rank + j] = flat[t];
+      partial[(static_cast<int64_t>(slice) * rows + mi) * rank + j] = sum;
     }
-  }
+  });
 }
 
 template <typename T, int MT>
@@ -247,11 +234,7 @@ template <typename T, int MT>
 LowrankOpsStatus launch_expand(const LowrankDecodeArgs* a, const Plan& plan, cudaStream_t stream, char* err,
                                size_t err_len) {
   auto kernel = lowrank_expand_kernel<T, MT>;
-  // Above the default 48 KB a block must opt in to its dynamic shared memory (cudaFuncSetAttribute).
-  if (plan.smem_bytes > 48 * 1024) {
-    LOWRANK_OPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(plan.smem_bytes)));
-  }
+  LOWRANK_OPS_CUDA_CHECK(allow_dynamic_smem(kernel, plan.smem_bytes));
   const bool u_vec = a->rank % kVec == 0 && aligned16(a->u);
   LOWRANK_OPS_CUDA_CHECK(launch_dependent(kernel, plan.expand_blocks, kExpandThreads, plan.smem_bytes, stream,
                                           static_cast<const float*>(a->workspace), static_cast<const T*>(a->u),

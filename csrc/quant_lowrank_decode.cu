@@ -235,11 +235,7 @@ template <typename T, int MT>
 LowrankOpsStatus launch(const QuantLowrankDecodeArgs* a, const Plan& plan, cudaStream_t stream, char* err,
                         size_t err_len) {
   auto kernel = quant_lowrank_kernel<T, MT>;
-  // Above the default 48 KB a block must opt in to its dynamic shared memory (cudaFuncSetAttribute).
-  if (plan.smem_bytes > 48 * 1024) {
-    LOWRANK_OPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(plan.smem_bytes)));
-  }
+  LOWRANK_OPS_CUDA_CHECK(allow_dynamic_smem(kernel, plan.smem_bytes));
   const int words = (a->n + kCodesPerWord - 1) / kCodesPerWord;
   const bool x_vec = a->n % kVec == 0 && a->x_row_stride % kVec == 0 && aligned16(a->x);
   const bool q_vec = words % kWordsPerLoad == 0 && aligned16(a->qweight);
