@@ -44,7 +44,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         bits = args.bits if args.bits is not None or args.clusters is not None else SwscConfig().bits
         config = SwscConfig(shared=args.shared, clusters=args.clusters, bits=bits,
                             rank=_option(args, "rank", SwscConfig), residual=_option(args, "residual", SwscConfig),
-                            weighted=args.shared == "rows" and not args.unweighted, **common)  # fmt: skip
+                            weighted=not args.unweighted, **common)  # fmt: skip
     elif args.method == "basis":
         from lowrank_ops.configs import BasisConfig
 
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"swsc: bits per weight per layer instead of --clusters (default {w.bits})")  # fmt: skip
     comp.add_argument("--shared", default=w.shared, choices=["rows", "columns"], help="swsc: which channels share")
     comp.add_argument("--unweighted", action="store_true",
-                      help="swsc: plain k-means distance (rows: weighted by (mean|x|)^2 by default)")  # fmt: skip
+                      help="swsc: plain k-means (default: input channels weighted by (mean|x|)^2)")  # fmt: skip
     comp.add_argument(
         "--param-ratio",
         type=float,

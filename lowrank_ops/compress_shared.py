@@ -85,11 +85,12 @@ def compress_shared_channels_(
     points = {name: linear_weight(module).detach() for name, module in targets.items()}
     if config.shared == "columns":
         points = {name: W.mT for name, W in points.items()}
-    weights = None
-    if config.weighted:
-        weights = {name: stats[name].mean_abs.square().to(torch.float32) for name in targets}
-    codebooks = kmeans_many(points, clusters, n_iter=config.n_iter, weights=weights, seed=config.seed,
-                            device=device, progress=progress)  # fmt: skip
+    importance = None
+    if config.weighted:  # feature weights for shared rows, point weights for shared columns (algorithms.swsc)
+        importance = {name: stats[name].mean_abs.square().to(torch.float32) for name in targets}
+    by = {"weights" if config.shared == "rows" else "point_weights": importance}
+    codebooks = kmeans_many(points, clusters, n_iter=config.n_iter, seed=config.seed, device=device,
+                            progress=progress, **by)  # fmt: skip
     seconds["kmeans"] = time.perf_counter() - tic
 
     tic = time.perf_counter()

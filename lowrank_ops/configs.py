@@ -188,7 +188,8 @@ class SwscConfig(_Config):
     rank: rank of the residual that compensates W - W_shared (0: none).
     residual: "svd" (plain SVD of the error, as in the SWSC paper), "eora" (whitened by the calibration Gram) or
         "lqer" (mean-|x| scaled); see `lowrank_ops.algorithms.eora`.
-    weighted: weight the k-means distance of shared rows by (mean |x|)^2 per input channel (needs calibration).
+    weighted: weight k-means by (mean |x|)^2 per input channel (needs calibration): the distance's features for
+        shared rows, the points (weighted centroids) for shared columns.
     n_iter / seed: k-means iteration cap and seed.
     targets / ignore / calib_tokens / seq_len / batch_size / device: as in LowRankConfig.
     """
@@ -228,9 +229,6 @@ class SwscConfig(_Config):
             raise ValueError(f"{name}: residual={self.residual!r} must be one of {list(RESIDUAL_METHODS)}")
         if not isinstance(self.weighted, bool):
             raise ValueError(f"{name}: weighted={self.weighted!r} must be a bool")
-        if self.weighted and self.shared == "columns":
-            raise ValueError(f"{name}: weighted=True applies to shared rows only (shared columns would need "
-                             f"per-point k-means weights); pass weighted=False")  # fmt: skip
         for attr in ("n_iter", "seed"):
             value = getattr(self, attr)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -61,14 +61,16 @@ def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
     return len(pairs) == len(torch.unique(a)) == len(torch.unique(b))
 
 
-def lloyd_reference(X, init, n_iter: int, weights=None):
-    """Plain float64 numpy Lloyd from explicit initial centroids, with the module's empty-cluster rule.
+def lloyd_reference(X, init, n_iter: int, weights=None, point_weights=None):
+    """Plain float64 numpy Lloyd from explicit initial centroids, with the module's empty-cluster rule; point weights
+    p make the update a p-weighted mean (plain mean where a cluster's p sum to 0) and the inertia sum p_i D_i^2.
 
     Returns (centroids, labels, inertia) after n_iter updates followed by a final assignment.
     """
     X = np.asarray(X, dtype=np.float64)
     C = np.asarray(init, dtype=np.float64).copy()
     w = np.ones(X.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    p = np.ones(X.shape[0]) if point_weights is None else np.asarray(point_weights, dtype=np.float64)
     k = C.shape[0]
 
     def assign(C):
@@ -81,14 +83,16 @@ def lloyd_reference(X, init, n_iter: int, weights=None):
         counts = np.bincount(labels, minlength=k)
         new = np.zeros_like(C)
         for j in range(k):
+            members = labels == j
             if counts[j]:
-                new[j] = X[labels == j].mean(0)
+                mass = p[members].sum()
+                new[j] = (p[members, None] * X[members]).sum(0) / mass if mass > 0 else X[members].mean(0)
         empty = np.flatnonzero(counts == 0)
-        far = np.argsort(-dist, kind="stable")[: len(empty)]
+        far = np.argsort(-(p * dist), kind="stable")[: len(empty)]
         new[empty] = X[far]
         C = new
         labels, dist = assign(C)
-    return C, labels, dist.sum()
+    return C, labels, (p * dist).sum()
 
 
 def random_init(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -165,15 +169,25 @@ def test_fewer_distinct_points_than_k():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def point_weights_with_zeros(N: int, seed: int) -> torch.Tensor:
+    """Positive weights spread over two decades, a tenth of them exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    p = 10.0 ** (2 * torch.rand(N, generator=g) - 1)
+    p[torch.randperm(N, generator=g)[: N // 10]] = 0.0
+    return p
+
+
 @pytest.mark.parametrize("n_iter", [0, 1, 3, 10, 30])
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", [False, True, "points", "both"])
 def test_matches_numpy_lloyd_from_same_init(n_iter, weighted):
     X = overlapping_mixture(400, 12, seed=6)
     init = random_init(X, 7, seed=6)
     g = torch.Generator().manual_seed(7)
-    w = torch.rand(12, generator=g) * 4 if weighted else None
-    res = kmeans(X, 7, init=init, n_iter=n_iter, tol=0.0, weights=w)
-    C_ref, labels_ref, inertia_ref = lloyd_reference(X.numpy(), init.numpy(), n_iter, None if w is None else w.numpy())
+    w = torch.rand(12, generator=g) * 4 if weighted in (True, "both") else None
+    pw = point_weights_with_zeros(400, seed=7) if weighted in ("points", "both") else None
+    res = kmeans(X, 7, init=init, n_iter=n_iter, tol=0.0, weights=w, point_weights=pw)
+    C_ref, labels_ref, inertia_ref = lloyd_reference(X.numpy(), init.numpy(), n_iter, None if w is None else w.numpy(),
+                                                     None if pw is None else pw.numpy())  # fmt: skip
     np.testing.assert_array_equal(res.labels.numpy(), labels_ref)
     np.testing.assert_allclose(res.centroids.double().numpy(), C_ref, rtol=1e-5, atol=1e-5)
     assert float(res.inertia) == pytest.approx(inertia_ref, rel=1e-5)
@@ -200,13 +214,15 @@ def test_reference_needs_many_iterations():
     assert (labels10 != labels30).sum() > 0
 
 
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", [False, True, "points"])
 def test_inertia_never_increases(weighted):
     X = overlapping_mixture(500, 10, seed=9)
     g = torch.Generator().manual_seed(9)
-    w = torch.rand(10, generator=g) + 0.1 if weighted else None
-    init = kmeans(X, 9, n_iter=0, weights=w, seed=3).centroids  # k-means++ start, reused for every cap
-    history = [float(kmeans(X, 9, init=init, n_iter=t, tol=0.0, weights=w).inertia) for t in range(16)]
+    w = torch.rand(10, generator=g) + 0.1 if weighted is True else None
+    pw = point_weights_with_zeros(500, seed=9) if weighted == "points" else None
+    init = kmeans(X, 9, n_iter=0, weights=w, point_weights=pw, seed=3).centroids  # k-means++ start, reused
+    history = [float(kmeans(X, 9, init=init, n_iter=t, tol=0.0, weights=w, point_weights=pw).inertia)
+               for t in range(16)]  # fmt: skip
     for before, after in zip(history, history[1:]):
         assert after <= before * (1 + 1e-6), history
     assert history[-1] < 0.95 * history[0], history  # it did move
@@ -601,3 +617,56 @@ def test_cuda_matches_cpu_labels_and_is_deterministic():
         assert torch.equal(a, b)
     seeded = [kmeans(X.cuda(), 16, seed=3) for _ in range(2)]
     assert torch.equal(seeded[0].centroids, seeded[1].centroids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-point weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_integer_point_weights_equal_repeated_points():
+    """Weighing a point by an integer c is the same objective as repeating it c times: same partition of the
+    original points, same centroids (to rounding) and inertia, from the same initial centroids."""
+    X = overlapping_mixture(200, 6, seed=11)
+    g = torch.Generator().manual_seed(11)
+    counts = torch.randint(1, 4, (200,), generator=g)
+    init = random_init(X, 5, seed=11)
+    weighted = kmeans(X, 5, init=init, n_iter=20, tol=0.0, point_weights=counts.float())
+    repeated = kmeans(X.repeat_interleave(counts, dim=0), 5, init=init, n_iter=20, tol=0.0)
+    first = torch.cumsum(counts, 0) - counts  # index of each original point among the repeats
+    assert torch.equal(weighted.labels, repeated.labels[first])
+    torch.testing.assert_close(weighted.centroids, repeated.centroids, rtol=1e-5, atol=1e-5)
+    assert float(weighted.inertia) == pytest.approx(float(repeated.inertia), rel=1e-5)
+
+
+def test_a_heavy_point_pulls_its_centroid_and_zero_weight_points_are_never_seeds():
+    X, _ = blobs(50, separated_centers(3, 4, seed=12), std=1.0, seed=12)
+    pw = torch.ones(150)
+    pw[7] = 1e6
+    res = kmeans(X, 3, point_weights=pw, seed=0)
+    torch.testing.assert_close(res.centroids[res.labels[7]], X[7], rtol=0, atol=1e-3)
+    only = torch.zeros(150)
+    only[[3, 60, 120]] = 1.0  # k-means++ with p can only draw the three weighted points
+    seeds = kmeans(X, 3, point_weights=only, n_iter=0, seed=5).centroids
+    assert sorted(int((X == c).all(-1).nonzero()[0]) for c in seeds) == [3, 60, 120]
+
+
+def test_point_weights_in_batches_and_kmeans_many_equal_single_calls():
+    mats = [overlapping_mixture(120, 5, seed=s) for s in (13, 14, 15)]
+    pws = [point_weights_with_zeros(120, seed=s) for s in (13, 14)] + [None]
+    singles = [kmeans(X, 4, point_weights=p, seed=2) for X, p in zip(mats, pws)]
+    many = kmeans_many(mats, 4, point_weights=pws, seed=2)
+    for a, b in zip(singles, many):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.centroids, b.centroids)
+        assert float(a.inertia) == float(b.inertia)
+
+
+@pytest.mark.parametrize(
+    ("pw", "error", "pattern"),
+    [(torch.ones(9), ValueError, "point_weights.shape"), (-torch.ones(10), ValueError, "negative"),
+     (torch.zeros(10), ValueError, "all zero"), (torch.full((10,), float("nan")), ValueError, "NaN|finite"),
+     (torch.ones(10, dtype=torch.int64), TypeError, "floating")],
+)  # fmt: skip
+def test_bad_point_weights(pw, error, pattern):
+    with pytest.raises(error, match=pattern):
+        kmeans(torch.randn(10, 3), 2, point_weights=pw)

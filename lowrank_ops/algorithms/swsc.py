@@ -12,8 +12,8 @@ The codebook is the engine's k-means (`lowrank_ops.engine.kmeans`) of the channe
 of row i over calibration inputs is E ||(w_i - c) . x||^2 = (w_i - c)^T E[x x^T] (w_i - c); keeping the diagonal
 gives per-feature weights w_f = E[x_f^2], and we use ASVD's statistic (mean |x_f|)^2 in its place (always collected,
 no Gram needed), so input channels that carry large activations are matched more closely ("activation-weighted").
-For columns shared the same diagonal argument weights each POINT (column f) by E[x_f^2]: that needs per-point
-weights in the k-means update, which the engine does not have, so shared columns are clustered unweighted.
+For columns shared the same diagonal argument weights each POINT (column f) by E[x_f^2]: ||(W_:f - c) x_f||^2
+averages to E[x_f^2] ||W_:f - c||^2, so the engine's per-point weights (p-weighted centroids) get (mean |x_f|)^2.
 
 The residual is fitted to the shared weight the module will hold (the codebook rounded to the layer's dtype) by
 one of the EoRA module's residual methods: "svd" (plain SVD of E, as in the paper), "eora" (whitened by the
@@ -109,8 +109,9 @@ def share_channels(
 ) -> SharedChannels:
     """k-means the channels of W (m, n) into `clusters` shared ones (module docstring).
 
-    importance: None, or per-input-channel weights (n,) >= 0 for rows shared (e.g. (mean |x|)^2); not supported for
-        shared columns (see the module docstring). The codebook is float32 (float64 for float64 W) on W's device.
+    importance: None, or per-input-channel weights (n,) >= 0 (e.g. (mean |x|)^2): feature weights of the distance
+        for shared rows, point weights (weighted centroids) for shared columns (module docstring). The codebook is
+        float32 (float64 for float64 W) on W's device.
     """
     from lowrank_ops.engine import kmeans
 
@@ -119,13 +120,10 @@ def share_channels(
     _check_matrix(W, where, name="W", batched=False)
     m, n = W.shape
     check_clusters(clusters, m, n, shared, where)
-    if importance is not None and shared == "columns":
-        raise ValueError(
-            f"{where}: importance weights apply to shared rows only (shared columns would need per-point weights)"
-        )
     points = W if shared == "rows" else W.mT
     weights = None if importance is None else importance.to(device=W.device, dtype=torch.float32)
-    result = kmeans(points, clusters, n_iter=n_iter, tol=tol, weights=weights, seed=seed)
+    by_feature, by_point = (weights, None) if shared == "rows" else (None, weights)
+    result = kmeans(points, clusters, n_iter=n_iter, tol=tol, weights=by_feature, point_weights=by_point, seed=seed)
     codebook = result.centroids if shared == "rows" else result.centroids.mT.contiguous()
     return SharedChannels(codebook, result.labels.to(torch.int32), shared, float(result.inertia))
 

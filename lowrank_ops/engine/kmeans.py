@@ -21,6 +21,16 @@ problem in c_jf whose minimiser is the mean of x_if over the cluster (for w_f > 
 and the mean is kept). So w changes the assignment step (and the initialisation and re-seeding, which use the same
 distance) but not the update step.
 
+Per-point weights p (N,) >= 0 (`point_weights`; None: p = 1) weigh the points instead of the features:
+
+    inertia = sum_i p_i || (x_i - c_{l(i)}) * sqrt(w) ||^2.
+
+For shared columns the points are W's columns and ||(w_:j - c) x_j||^2 averaged over tokens is E[x_j^2] ||w_:j - c||^2,
+so p_j = E[x_j^2] (or (mean|x_j|)^2) weighs each input channel by the activations it meets. The assignment is
+unchanged (p_i scales all of point i's distances alike); the update becomes the p-weighted mean (the minimiser of
+sum_{i in j} p_i (x_i - c)^2; a cluster whose points all have p = 0 keeps their plain mean); k-means++ draws the first
+centre with probability proportional to p and the next ones to p D^2; re-seeding picks the points of largest p D^2.
+
 Algorithm
 ---------
 1. Centre: X <- X - mean_i(x_i) per matrix (k-means is translation invariant; this shrinks ||x||^2 and with it the
@@ -35,7 +45,8 @@ Algorithm
 4. Empty clusters: after an assignment, the empty clusters of a matrix (in index order) are moved onto the points
    farthest from their own centroid (largest distance first, ties by point index). The moved point's old cluster
    keeps its mean for this step, and the next assignment gives the point distance 0, so the inertia still does not
-   increase; re-seeding repeats at every step a cluster is empty (e.g. when X has fewer than k distinct points).
+   increase (with point weights the farthest means largest p_i D^2); re-seeding repeats at every step a cluster is
+   empty (e.g. when X has fewer than k distinct points).
 
 Distances and memory
 --------------------
@@ -100,7 +111,8 @@ class KMeansResult(NamedTuple):
     centroids: (..., k, d) float32 (float64 for float64 X), the mean of each cluster's points (an empty cluster, only
         possible when X has fewer than k distinct points, keeps the point it was re-seeded on).
     labels: (..., N) int64 in [0, k), each point's nearest centroid (in the weighted distance).
-    inertia: (...,) float64, sum_i ||(x_i - c_{l(i)}) * sqrt(w)||^2, computed from the differences.
+    inertia: (...,) float64, sum_i p_i ||(x_i - c_{l(i)}) * sqrt(w)||^2 (p = 1 without point weights), computed
+        from the differences.
     n_iter: (...,) int64, Lloyd updates run per matrix (<= the n_iter cap; 0 for k == N or n_iter=0).
     """
 
@@ -150,6 +162,25 @@ def _check_weights(weights, batch: tuple[int, ...], d: int, where: str) -> torch
     if bool((weights.reshape(-1, d) == 0).all(dim=-1).any()):
         raise ValueError(f"{where}: weights are all zero for some matrix (every distance would be 0)")
     return weights
+
+
+def _check_point_weights(point_weights, batch: tuple[int, ...], N: int, where: str) -> torch.Tensor | None:
+    """None, or p broadcastable to (B, N): shape (N,) or batch + (N,); finite, >= 0, not all zero per matrix."""
+    if point_weights is None:
+        return None
+    if not isinstance(point_weights, torch.Tensor) or not point_weights.is_floating_point():
+        raise TypeError(f"{where}: point_weights must be None or a floating torch.Tensor, got "
+                        f"{type(point_weights).__name__}")  # fmt: skip
+    if tuple(point_weights.shape) not in ((N,), (*batch, N)):
+        allowed = f"({N},)" if not batch else f"({N},) or {(*batch, N)}"
+        raise ValueError(f"{where}: point_weights.shape={tuple(point_weights.shape)} must be {allowed} (one weight "
+                         "per point)")  # fmt: skip
+    _check_finite(point_weights, where, "point_weights")
+    if bool((point_weights < 0).any()):
+        raise ValueError(f"{where}: point_weights has negative entries (min {float(point_weights.min()):.3e})")
+    if bool((point_weights.reshape(-1, N) == 0).all(dim=-1).any()):
+        raise ValueError(f"{where}: point_weights are all zero for some matrix (every point would be free)")
+    return point_weights
 
 
 def _check_chunk_size(chunk_size, where: str) -> int | None:
@@ -218,26 +249,44 @@ def _assign(Xw: torch.Tensor, xx: torch.Tensor, Cw: torch.Tensor, chunk: int) ->
     return labels, dist.clamp_min_(0.0)
 
 
-def _update(X64: torch.Tensor, labels: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster means (B, k, d) (0 for empty clusters) and sizes (B, k) int64, from float64 one-hot GEMMs split over
-    clusters (each sum is one full-length reduction, deterministic and independent of the split; float64 makes the
-    rounded means independent of the BLAS kernel, which on CPU varies with the alignment of a batch element)."""
+def _cluster_sums(X64: torch.Tensor, labels: torch.Tensor, k: int, p64: torch.Tensor | None) -> torch.Tensor:
+    """sum_{i in j} p_i x_i (B, k, d) float64 (p = 1 when None), by one-hot GEMMs split over clusters."""
     B, N, d = X64.shape
     dev = X64.device
-    counts = torch.zeros((B, k), dtype=torch.int64, device=dev)
-    counts.scatter_add_(1, labels, torch.ones_like(labels))  # integer adds: exact in any order
     sums = torch.empty((B, k, d), dtype=torch.float64, device=dev)
     step = _rows_per_block(B, N, 8)
     for s in range(0, k, step):
         e = min(s + step, k)
         ids = torch.arange(s, e, device=dev)
         onehot = (labels[:, None, :] == ids[None, :, None]).to(torch.float64)  # (B, kc, N)
+        if p64 is not None:
+            onehot.mul_(p64[:, None, :])
         torch.bmm(onehot, X64, out=sums[:, s:e])
-    return (sums / counts.clamp_min(1)[..., None]).to(dtype), counts
+    return sums
+
+
+def _update(X64: torch.Tensor, labels: torch.Tensor, k: int, dtype: torch.dtype,
+            p64: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Cluster means (B, k, d) (0 for empty clusters; p-weighted with point weights p64 (B, N)) and sizes (B, k)
+    int64, from float64 one-hot GEMMs split over clusters (each sum is one full-length reduction, deterministic and
+    independent of the split; float64 makes the rounded means independent of the BLAS kernel, which on CPU varies
+    with the alignment of a batch element)."""
+    counts = torch.zeros(labels.shape[0], k, dtype=torch.int64, device=X64.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))  # integer adds: exact in any order
+    if p64 is None:
+        return (_cluster_sums(X64, labels, k, None) / counts.clamp_min(1)[..., None]).to(dtype), counts
+    mass = torch.zeros(labels.shape[0], k, dtype=torch.float64, device=X64.device).scatter_add_(1, labels, p64)
+    means = _cluster_sums(X64, labels, k, p64) / mass.clamp_min(torch.finfo(torch.float64).tiny)[..., None]
+    weightless = (mass == 0) & (counts > 0)  # every point of the cluster has p = 0: their plain mean
+    if bool(weightless.any()):
+        plain = _cluster_sums(X64, labels, k, None) / counts.clamp_min(1)[..., None]
+        means = torch.where(weightless[..., None], plain, means)
+    return means.to(dtype), counts
 
 
 def _reseed_empty(X, C, counts, dist) -> torch.Tensor:
-    """Move the empty clusters of each matrix (index order) onto its points farthest from their centroid."""
+    """Move the empty clusters of each matrix (index order) onto its points farthest from their centroid (`dist`:
+    p-weighted distances with point weights)."""
     empty = counts == 0  # (B, k)
     if not bool(empty.any()):
         return C
@@ -269,21 +318,27 @@ def _sq_dist_to(Xw: torch.Tensor, xx: torch.Tensor, Pw: torch.Tensor) -> torch.T
     return torch.baddbmm(pp, Xw, Pw.mT, alpha=-2.0).add_(xx[..., None]).clamp_min_(0.0)
 
 
-def _kmeanspp(Xw: torch.Tensor, xx: torch.Tensor, k: int, trials: int, g: torch.Generator) -> torch.Tensor:
-    """Indices (B, k) of k-means++ centres (trials > 1: greedy). One set of uniforms serves every matrix."""
+def _kmeanspp(Xw: torch.Tensor, xx: torch.Tensor, k: int, trials: int, g: torch.Generator,
+              p64: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Indices (B, k) of k-means++ centres (trials > 1: greedy); with point weights p64 (B, N) the first centre is
+    drawn with probability p and the next ones p D^2. One set of uniforms serves every matrix."""
     B, N, _ = Xw.shape
     dev = Xw.device
     u = torch.rand((k, trials), generator=g, device=g.device, dtype=torch.float64).to(dev)
     rows = torch.arange(B, device=dev)
     idx = torch.empty((B, k), dtype=torch.int64, device=dev)
-    first = (u[0, 0] * N).to(torch.int64).clamp_(max=N - 1).expand(B)
+    if p64 is None:
+        first = (u[0, 0] * N).to(torch.int64).clamp_(max=N - 1).expand(B)
+    else:
+        cum_p = p64.cumsum(-1)
+        first = torch.searchsorted(cum_p, u[0, 0] * cum_p[:, -1:], right=True)[:, 0].clamp_(max=N - 1)
     idx[:, 0] = first
     d2 = _sq_dist_to(Xw, xx, Xw[rows, first][:, None, :])[..., 0]  # (B, N): D^2 to the nearest centre so far
     chosen = torch.zeros((B, N), dtype=torch.bool, device=dev)
     chosen[rows, first] = True
     d2.masked_fill_(chosen, 0.0)
     for j in range(1, k):
-        mass = d2.to(torch.float64)
+        mass = d2.to(torch.float64) if p64 is None else d2.to(torch.float64) * p64
         total = mass.sum(-1, keepdim=True)
         # all remaining D^2 = 0 (fewer distinct points than centres so far): uniform over the points not yet chosen
         mass = torch.where(total > 0, mass, (~chosen).to(torch.float64))
@@ -294,7 +349,8 @@ def _kmeanspp(Xw: torch.Tensor, xx: torch.Tensor, k: int, trials: int, g: torch.
         if trials == 1:
             best = torch.zeros((B, 1), dtype=torch.int64, device=dev)
         else:
-            potential = torch.minimum(d2[..., None], dc).sum(dim=1, dtype=torch.float64)  # (B, trials)
+            nearest = torch.minimum(d2[..., None], dc).to(torch.float64)  # (B, N, trials)
+            potential = (nearest if p64 is None else nearest * p64[..., None]).sum(dim=1)  # (B, trials)
             best = potential.argmin(dim=-1, keepdim=True)
         pick = cand.gather(1, best)[:, 0]
         d2 = torch.minimum(d2, dc.gather(2, best[:, None, :].expand(B, N, 1))[..., 0])
@@ -304,7 +360,7 @@ def _kmeanspp(Xw: torch.Tensor, xx: torch.Tensor, k: int, trials: int, g: torch.
     return idx
 
 
-def _initial_centroids(X, Xw, xx, k, init, seed) -> torch.Tensor:
+def _initial_centroids(X, Xw, xx, k, init, seed, p64=None) -> torch.Tensor:
     """(B, k, d) centred initial centroids."""
     B, N, d = X.shape
     if isinstance(init, torch.Tensor):
@@ -315,7 +371,7 @@ def _initial_centroids(X, Xw, xx, k, init, seed) -> torch.Tensor:
         idx = torch.randperm(N, generator=g, device=X.device)[:k].expand(B, k)
     else:
         trials = 1 if init == "k-means++" else 2 + int(math.log(k))
-        idx = _kmeanspp(Xw, xx, k, trials, g)
+        idx = _kmeanspp(Xw, xx, k, trials, g, p64)
     return X.gather(1, idx[..., None].expand(B, k, d))
 
 
@@ -353,6 +409,7 @@ def kmeans(
     n_iter: int = 100,
     tol: float = 1e-4,
     weights: torch.Tensor | None = None,
+    point_weights: torch.Tensor | None = None,
     seed: int = DEFAULT_SEED,
     init: str | torch.Tensor = "k-means++",
     chunk_size: int | None = None,
@@ -367,6 +424,8 @@ def kmeans(
         tol: a matrix stops once an update lowers its inertia by at most tol x the previous inertia (0: fixed point).
         weights: None, or per-feature importance w >= 0 of shape (d,) (every matrix) or (..., d) (one per matrix),
             e.g. E[x^2] or (mean|x|)^2 of the layer's inputs for shared rows. Centroids stay plain cluster means.
+        point_weights: None, or per-point importance p >= 0 of shape (N,) or (..., N), e.g. E[x_j^2] of input channel
+            j for shared columns: the objective weighs point i by p_i and centroids are p-weighted means.
         seed: seeds a torch.Generator on X's device; the result is reproducible for (seed, device).
         init: "k-means++" (default), "greedy-k-means++" (2 + ln k candidates per centre, best kept), "random"
             (k distinct points), or a tensor (k, d) / (..., k, d) of initial centroids (in X's coordinates).
@@ -386,6 +445,7 @@ def kmeans(
     _check_int(seed, where, "seed", 0)
     chunk_size = _check_chunk_size(chunk_size, where)
     weights = _check_weights(weights, batch, d, where)
+    point_weights = _check_point_weights(point_weights, batch, N, where)
     _check_init(init, batch, k, d, where)
 
     dtype = _compute_dtype(X.dtype)
@@ -400,14 +460,15 @@ def kmeans(
         mean = (X3.sum(dim=1, keepdim=True, dtype=torch.float64) / N).to(dtype)  # (B, 1, d)
         init = _centred_init(init, k, d, mean)
         with _ieee_fp32(X.device), torch.no_grad():
-            C, labels, inertia, iters = _kmeans_core(X3 - mean, k, n_iter, tol, weights, seed, init, chunk_size)
+            C, labels, inertia, iters = _kmeans_core(X3 - mean, k, n_iter, tol, weights, seed, init, chunk_size,
+                                                     point_weights)  # fmt: skip
         C = C + mean
     return KMeansResult(
         C.reshape(*batch, k, d), labels.reshape(*batch, N), inertia.reshape(batch), iters.reshape(batch)
     )
 
 
-def _kmeans_core(X, k, n_iter, tol, weights, seed, init, chunk_size):
+def _kmeans_core(X, k, n_iter, tol, weights, seed, init, chunk_size, point_weights=None):
     """Lloyd on centred X (B, N, d), k < N: (centroids, labels, inertia, n_iter), no checks."""
     B, N, d = X.shape
     dev = X.device
@@ -417,22 +478,28 @@ def _kmeans_core(X, k, n_iter, tol, weights, seed, init, chunk_size):
         sqrt_w = weights.to(device=dev, dtype=X.dtype).reshape(-1, d).expand(B, d).sqrt()
         Xw = X * sqrt_w[:, None, :]
     xx = Xw.square().sum(-1, dtype=torch.float64).to(X.dtype)  # (B, N)
+    p64 = None
+    if point_weights is not None:
+        p64 = point_weights.to(device=dev, dtype=torch.float64).reshape(-1, N).expand(B, N).contiguous()
+
+    def objective(dist):  # per-point contributions to the inertia
+        return dist if p64 is None else dist * p64
     X64 = X.to(torch.float64)  # one-hot x fp32 products are exact in fp64: cluster sums round only in fp64
     chunk = chunk_size or _rows_per_block(B, k, X.element_size())
 
     def weighted(C):
         return C if sqrt_w is None else C * sqrt_w[:, None, :]
 
-    C = _initial_centroids(X, Xw, xx, k, init, seed)
+    C = _initial_centroids(X, Xw, xx, k, init, seed, p64)
     labels, dist = _assign(Xw, xx, weighted(C), chunk)
-    inertia = dist.sum(-1, dtype=torch.float64)
+    inertia = objective(dist).sum(-1, dtype=torch.float64)
     iters = torch.zeros(B, dtype=torch.int64, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     for _ in range(n_iter):
-        means, counts = _update(X64, labels, k, X.dtype)
-        C_new = _reseed_empty(X, means, counts, dist)
+        means, counts = _update(X64, labels, k, X.dtype, p64)
+        C_new = _reseed_empty(X, means, counts, objective(dist))
         labels_new, dist_new = _assign(Xw, xx, weighted(C_new), chunk)
-        inertia_new = dist_new.sum(-1, dtype=torch.float64)
+        inertia_new = objective(dist_new).sum(-1, dtype=torch.float64)
         # matrices that already stopped keep their state, so a matrix's result does not depend on its batch
         C = torch.where(active[:, None, None], C_new, C)
         labels = torch.where(active[:, None], labels_new, labels)
@@ -444,7 +511,7 @@ def _kmeans_core(X, k, n_iter, tol, weights, seed, init, chunk_size):
         if not bool(active.any()):
             break
     exact = _exact_distances(X, C, labels, sqrt_w, _rows_per_block(B, d, 8))
-    return C, labels, exact.sum(-1), iters
+    return C, labels, objective(exact).sum(-1), iters
 
 
 def kmeans_many(
@@ -454,6 +521,7 @@ def kmeans_many(
     n_iter: int = 100,
     tol: float = 1e-4,
     weights: Sequence[torch.Tensor | None] | Mapping[str, torch.Tensor | None] | None = None,
+    point_weights: Sequence[torch.Tensor | None] | Mapping[str, torch.Tensor | None] | None = None,
     seed: int = DEFAULT_SEED,
     init: str = "k-means++",
     chunk_size: int | None = None,
@@ -471,6 +539,7 @@ def kmeans_many(
             errors name the offending index or name.
         k: one k for all, or one per matrix (a sequence in order, or a mapping with the same keys).
         weights: None, or one entry per matrix (sequence or mapping; an entry may be None, meaning w = 1).
+        point_weights: None, or one entry per matrix (sequence or mapping; an entry may be None, meaning p = 1).
         init: an initialisation name (tensors are per matrix: call `kmeans`).
         max_batch_bytes: bound on one batch's compute-dtype copy of its matrices.
         device: where to compute (and return) results; None -> each matrix's own device.
@@ -480,6 +549,8 @@ def kmeans_many(
     keys, mats, labels = named_matrices(matrices, where)
     ks = _per_matrix(k, keys, len(mats), where, "k")
     ws = [None] * len(mats) if weights is None else _per_matrix(weights, keys, len(mats), where, "weights")
+    ps = [None] * len(mats) if point_weights is None else _per_matrix(point_weights, keys, len(mats), where,
+                                                                      "point_weights")  # fmt: skip
     if not isinstance(init, str):
         raise TypeError(f"{where}: init must be one of {INIT_METHODS} (for init tensors call kmeans per matrix)")
     _check_init_name(init, where)
@@ -496,6 +567,7 @@ def kmeans_many(
         _check_points(X, prefix, batched=False)
         _check_k(k_i, X.shape[0], tuple(X.shape), prefix)
         _check_weights(w, (), X.shape[1], prefix)
+        _check_point_weights(ps[i], (), X.shape[0], prefix)
         dev = target if target is not None else X.device
         groups.setdefault((tuple(X.shape), str(dev), _compute_dtype(X.dtype), k_i), []).append(i)
 
@@ -507,17 +579,23 @@ def kmeans_many(
             for s in range(0, len(idx), per_batch):
                 chunk = idx[s : s + per_batch]
                 X = torch.stack([mats[i].to(device=dev, dtype=dtype) for i in chunk])
-                w = None
-                if any(ws[i] is not None for i in chunk):
-                    ones = torch.ones(d, dtype=dtype, device=dev)
-                    w = torch.stack([ones if ws[i] is None else ws[i].to(device=dev, dtype=dtype) for i in chunk])
-                res = kmeans(X, k_g, n_iter=n_iter, tol=tol, weights=w, seed=seed, init=init, chunk_size=chunk_size)
+                w, pw = _stacked(ws, chunk, d, dtype, dev), _stacked(ps, chunk, N, dtype, dev)
+                res = kmeans(X, k_g, n_iter=n_iter, tol=tol, weights=w, point_weights=pw, seed=seed, init=init,
+                             chunk_size=chunk_size)  # fmt: skip
                 for j, i in enumerate(chunk):
                     results[i] = KMeansResult(*(t[j].clone() for t in res))
                 bar.update(len(chunk))
     if keys is None:
         return results
     return dict(zip(keys, results, strict=True))
+
+
+def _stacked(entries: list, chunk: list[int], size: int, dtype, dev) -> torch.Tensor | None:
+    """The entries of `chunk` stacked (len(chunk), size), ones where an entry is None; None when all are None."""
+    if all(entries[i] is None for i in chunk):
+        return None
+    ones = torch.ones(size, dtype=dtype, device=dev)
+    return torch.stack([ones if entries[i] is None else entries[i].to(device=dev, dtype=dtype) for i in chunk])
 
 
 def _per_matrix(value, keys, count: int, where: str, name: str) -> list:
@@ -532,6 +610,6 @@ def _per_matrix(value, keys, count: int, where: str, name: str) -> list:
         if len(value) != count:
             raise ValueError(f"{where}: got {len(value)} entries of {name} for {count} matrices")
         return list(value)
-    if name == "weights":
-        raise TypeError(f"{where}: weights must be None or one entry per matrix (a sequence or a mapping)")
+    if name in ("weights", "point_weights"):
+        raise TypeError(f"{where}: {name} must be None or one entry per matrix (a sequence or a mapping)")
     return [value] * count
