@@ -39,7 +39,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, device=args.device)  # fmt: skip
     if args.method == "eora":
         config = EoraConfig(base=args.base, rank=_option(args, "rank", EoraConfig),
-                            residual=_option(args, "residual", EoraConfig), **common)  # fmt: skip
+                            residual=_option(args, "residual", EoraConfig), sequential=args.sequential,
+                            **common)  # fmt: skip
     elif args.method == "swsc":
         bits = args.bits if args.bits is not None or args.clusters is not None else SwscConfig().bits
         config = SwscConfig(shared=args.shared, clusters=args.clusters, bits=bits,
@@ -54,6 +55,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     else:
         config = LowRankConfig(method=args.method, param_ratio=args.param_ratio, allocator=args.allocator,
                                alpha=args.alpha, align=args.align, sequential=args.sequential, **common)  # fmt: skip
+    if args.sequential and args.method in ("swsc", "basis"):
+        raise ValueError(f"--sequential is supported by --method svd|asvd|whiten|eora, not --method {args.method}")
     if args.target_data is not None and args.method != "basis":
         raise ValueError(f"--target-data is used by --method basis only, not --method {args.method}")
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
@@ -195,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--sequential",
         action="store_true",
-        help="one decoder layer on the device at a time (uniform allocator, asvd/whiten)",
+        help="one decoder layer at a time, each calibrated on the compressed layers before it (asvd / whiten with "
+             "the uniform allocator; eora with a calibrated base or residual, e.g. sequential GPTQ)",
     )
     comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     comp.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")

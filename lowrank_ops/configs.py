@@ -139,6 +139,9 @@ class EoraConfig(_Config):
         "lqer" (diagonal mean-|x| scaling, LQER).
     targets / ignore / calib_tokens / seq_len / batch_size / device: as in LowRankConfig. Calibration runs when the
         base (GPTQ, Wanda) or the residual (eora, lqer) needs statistics.
+    sequential: calibrate and compress one decoder layer at a time, each on the outputs of the already-compressed
+        layers before it (as GPTQ does; one decoder layer on the device; see lowrank_ops.sequential). Needs a base or
+        residual that uses calibration statistics.
     """
 
     base: str = "int4-g128"
@@ -150,6 +153,7 @@ class EoraConfig(_Config):
     seq_len: int = 512
     batch_size: int = 4
     device: str = "auto"
+    sequential: bool = False
     kind: str = field(default="eora", init=False)
 
     def validate(self) -> None:
@@ -165,6 +169,12 @@ class EoraConfig(_Config):
         if self.residual not in RESIDUAL_METHODS:
             raise ValueError(f"{name}: residual={self.residual!r} must be one of {list(RESIDUAL_METHODS)}")
         _check_common_fields(self, name)
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"{name}: sequential={self.sequential!r} must be a bool")
+        if self.sequential and not self.needs_calibration:
+            raise ValueError(f"{name}: sequential=True needs a base or residual that uses calibration statistics "
+                             f"(gptq-*, 2:4-wanda, residual eora / lqer), got base={self.base!r}, "
+                             f"residual={self.residual!r}, rank={self.rank}")  # fmt: skip
 
     @property
     def needs_calibration(self) -> bool:

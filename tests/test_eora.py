@@ -263,6 +263,26 @@ def test_save_load_round_trip_is_bit_exact_and_to_dense_works(tmp_path):
     torch.testing.assert_close(loaded(probe).logits, logits, rtol=1e-4, atol=1e-4)
 
 
+def test_sequential_gptq_matches_one_shot_on_the_first_layer_and_feeds_quantized_outputs_forward():
+    tokens = _tokens()
+    one_shot, sequential = tiny_llama_gqa(), tiny_llama_gqa()
+    config = dict(base="gptq-int4-g32", residual="eora", rank=8)
+    compress_(one_shot, _config(**config), tokens, progress=False)
+    report = compress_(sequential, _config(**config, sequential=True), tokens, progress=False)
+    assert len(report.layers) == 14 and all(layer.rank == 8 for layer in report.layers)
+    assert report.config["sequential"] is True and "sequential" in report.seconds
+    first, second = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
+    for name in ("qweight", "scales", "zeros", "u", "v"):  # layer 0 sees the same inputs either way
+        assert torch.equal(getattr(sequential.get_submodule(first), name), getattr(one_shot.get_submodule(first), name))
+    # layer 1 was calibrated on the outputs of the quantized layer 0: its GPTQ codes or residual differ
+    a, b = sequential.get_submodule(second), one_shot.get_submodule(second)
+    assert not (torch.equal(a.qweight, b.qweight) and torch.equal(a.u, b.u))
+    assert all(not m._forward_pre_hooks for m in sequential.modules())
+    assert next(sequential.parameters()).device.type == "cpu" and torch.isfinite(sequential(tokens[:1]).logits).all()
+    with pytest.raises(ValueError, match="sequential=True needs a base or residual that uses calibration"):
+        _config(base="int4-g32", residual="svd", sequential=True)
+
+
 def test_compress_rejects_a_rank_at_or_above_a_layers_break_even_before_any_work():
     model = tiny_llama_gqa()  # k_proj / v_proj are 24 x 48: break-even 16
     before = {k: v.clone() for k, v in model.state_dict().items()}
