@@ -11,9 +11,12 @@ int2 / int3 codes in 4-bit slots), and SWSC variants whose per-layer budget is t
     weighted     k-means weighted by (mean |x|)^2 per input channel, plain SVD residual
     whitened     plain k-means, residual whitened by the calibration Gram (EoRA)
     both         weighted k-means and whitened residual
+    columns      shared columns (input channels): plain k-means of W's columns, plain SVD residual
+    columns-weighted  shared columns, each input channel a k-means point weighted by (mean |x|)^2
 
 each at every residual rank of --ranks (a rank buys fewer clusters at the same bits). Every configuration starts
-from a fresh copy of the model. Writes swsc_quality-<device>.json, a Markdown table and a PNG.
+from a fresh copy of the model. Writes swsc_quality-<device>.json, a Markdown table and a PNG. `--merge` keeps the
+rows of an existing results file for this device and measures only missing (variant, rank, bits) entries.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_common import compress_and_evaluate, finish_results  # noqa: E402
+from quality_common import compress_and_evaluate, finish_results, resumed_rows  # noqa: E402
 
 from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
 from lowrank_ops.compress import resolve_device  # noqa: E402
@@ -37,6 +40,8 @@ VARIANTS = {
     "weighted": dict(weighted=True, residual="svd"),
     "whitened": dict(weighted=False, residual="eora"),
     "both": dict(weighted=True, residual="eora"),
+    "columns": dict(shared="columns", weighted=False, residual="svd"),
+    "columns-weighted": dict(shared="columns", weighted=True, residual="svd"),
 }
 
 
@@ -82,22 +87,30 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing results file (this device); measure only missing entries")
     args = parser.parse_args(argv)
 
     header = environment_header()
     header["plot"] = {"x": "bits_per_weight", "y": "perplexity", "line": "label", "panel_cols": "model",
                       "shape_keys": [], "log_y": True}  # fmt: skip
+    rows = resumed_rows(args.out, "swsc_quality", header, args.merge,
+                        dict(eval_tokens=args.eval_tokens, seq_len=args.seq_len))  # fmt: skip
+    done = {(row["variant"], row["rank"], row["budget_bits"]) for row in rows}
     device = resolve_device(args.device)
     pristine, tokenizer, source = load_model(args.model, device)
     calibration = text_windows(tokenizer, "calibration", args.seq_len, args.calib_tokens)
     common = dict(model=source, eval_tokens=args.eval_tokens, seq_len=args.seq_len, device=str(device))
-    dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
-    rows = [dict(common, variant="dense", label="dense", rank=None, budget_bits=16.0, bits_per_weight=16.0,
-                 perplexity=dense["perplexity"], compression_seconds=0.0)]  # fmt: skip
-    print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
+    if ("dense", None, 16.0) not in done:
+        dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
+        rows.insert(0, dict(common, variant="dense", label="dense", rank=None, budget_bits=16.0, bits_per_weight=16.0,
+                            perplexity=dense["perplexity"], compression_seconds=0.0))  # fmt: skip
+        print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
     calib = dict(calib_tokens=args.calib_tokens, seq_len=args.seq_len, device=args.device)
 
     def run(variant: str, rank: int | None, budget: float, config) -> None:
+        if (variant, rank, budget) in done:
+            return
         report, ppl, seconds = compress_and_evaluate(pristine, tokenizer, config, calibration, args.seq_len,
                                                      args.eval_tokens)  # fmt: skip
         stored = budget if config.kind == "eora" else report.bits_per_weight
