@@ -146,7 +146,7 @@ def build_layer(variant: Variant, layer: nn.Module, generator: torch.Generator) 
     if variant.kind == "lowrank":
         new = LowRankLinear(n, m, rank_for_param_ratio(m, n, variant.param_ratio), bias=bias is not None, **factory)
     elif variant.kind == "quant":
-        rank = min(variant.rank, m, n)
+        rank = min(variant.rank, (m * n - 1) // (m + n))  # capped below break-even, where a residual stops saving
         packed = quantize_rtn(weight, variant.bits, variant.group_size).pack(weight.dtype)
         u, v = _random_factors(m, n, rank, weight, generator)
         new = QuantLowRankLinear.from_packed(packed, u, v, bias)
@@ -529,6 +529,9 @@ def markdown_table(rows: list[dict], header: dict) -> str:
             lines.append(f"| {v} | {first['bytes_kept']:.3f} | " + " | ".join(cells)
                          + f" | {'' if peak is None else f'{peak:.2f}'} |")  # fmt: skip
         lines.append("")
+    failed = [r for r in rows if r["phase"] == "build"]
+    if failed:
+        lines += ["**variants not measured**: " + "; ".join(f"{r['variant']} ({r['error']})" for r in failed), ""]
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
         lines += ["**decode profile** (eager steps under torch.profiler, self time by kernel / op; top 5 per row)", "",
@@ -706,9 +709,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for variant in variants:
         print(f"[{variant.name}]", flush=True)
-        new = measure_variant(model, variant, names, grid, layer_share=not args.no_layer_share,
-                              use_graph=not args.no_graph, target_ms=args.target_ms, profile_steps=args.profile,
-                              saved_layers=saved_layers, log=lambda s: print(s, flush=True))  # fmt: skip
+        try:
+            new = measure_variant(model, variant, names, grid, layer_share=not args.no_layer_share,
+                                  use_graph=not args.no_graph, target_ms=args.target_ms, profile_steps=args.profile,
+                                  saved_layers=saved_layers, log=lambda s: print(s, flush=True))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - e.g. a variant that cannot be built: the other variants go on
+            new = [{"variant": variant.name, "kind": variant.kind, "phase": "build", "batch": None, "prompt": None,
+                    "setting": "build", "error": f"{type(exc).__name__}: {exc}"}]  # fmt: skip
+            print(f"  ERROR {variant.name}: {new[0]['error']}", flush=True)
         rows += [{"model": args.model, **r} for r in new]
         path = write_results(args.out, bench, header, add_speedups(rows))  # after every variant: nothing lost
     markdown = markdown_table(rows, header)

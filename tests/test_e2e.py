@@ -264,3 +264,33 @@ def test_cli_defaults_to_dense_and_saved_for_a_saved_model_and_refuses_saved_oth
     assert [r["variant"] for r in rows] == ["dense", "dense", "saved", "saved"]
     with pytest.raises(ValueError, match="variant 'saved' needs --model"):
         main(["bench-e2e", "--model", str(tmp_path / "elsewhere"), "--out", str(out), "--variants", "saved"])
+
+
+def test_a_variant_that_cannot_be_built_is_reported_and_the_others_are_measured(tmp_path, monkeypatch):
+    from lowrank_ops.cli import main
+
+    model_dir = tmp_path / "tiny"
+    small_llama().save_pretrained(model_dir)
+    real = e2e.build_layer
+
+    def build(variant, layer, generator):
+        if variant.kind == "swsc":
+            raise RuntimeError("simulated build failure")
+        return real(variant, layer, generator)
+
+    monkeypatch.setattr(e2e, "build_layer", build)
+    out = tmp_path / "results"
+    rc = main(["bench-e2e", "--model", str(model_dir), "--out", str(out), "--variants", "lowrank-0.5,swsc-k0.5-r8",
+               "--prompt-lens", "8", "--decode-batches", "1", "--decode-prompt", "6", "--new-tokens", "3",
+               "--target-ms", "1", "--no-layer-share", "--no-plot"])  # fmt: skip
+    assert rc == 1
+    rows = json.loads((out / "e2e-tiny-cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows if not r.get("error")] == ["dense", "dense", "lowrank-0.5", "lowrank-0.5"]
+    assert "simulated build failure" in next(r for r in rows if r["variant"] == "swsc-k0.5-r8")["error"]
+    assert "variants not measured**: swsc-k0.5-r8" in (out / "e2e-tiny-cpu.md").read_text()
+
+
+def test_the_int4_residual_is_capped_below_each_layers_break_even():
+    layer = nn.Linear(48, 24)  # break-even 24 * 48 / 72 = 16
+    new = e2e.build_layer(e2e.parse_variant("int4-g16-r64"), layer, torch.Generator().manual_seed(0))
+    assert new.rank == 15
