@@ -136,6 +136,7 @@ def _random_factors(m: int, n: int, rank: int, like: torch.Tensor, generator: to
 
 def build_layer(variant: Variant, layer: nn.Module, generator: torch.Generator) -> nn.Module:
     """The variant's replacement for `layer` (nn.Linear or Conv1D), on its device and in its dtype."""
+    from lowrank_ops.algorithms.allocation import max_factored_rank
     from lowrank_ops.algorithms.quantize import quantize_rtn
     from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear
     from lowrank_ops.rank import rank_for_param_ratio
@@ -146,7 +147,7 @@ def build_layer(variant: Variant, layer: nn.Module, generator: torch.Generator) 
     if variant.kind == "lowrank":
         new = LowRankLinear(n, m, rank_for_param_ratio(m, n, variant.param_ratio), bias=bias is not None, **factory)
     elif variant.kind == "quant":
-        rank = min(variant.rank, (m * n - 1) // (m + n))  # capped below break-even, where a residual stops saving
+        rank = min(variant.rank, max_factored_rank(m, n, 1))  # below break-even, where a residual stops saving
         packed = quantize_rtn(weight, variant.bits, variant.group_size).pack(weight.dtype)
         u, v = _random_factors(m, n, rank, weight, generator)
         new = QuantLowRankLinear.from_packed(packed, u, v, bias)
@@ -294,6 +295,16 @@ class StaticDecoder:
         with torch.cuda.graph(self.graph):
             self.step()
 
+    def start(self, ids: torch.Tensor, graph: bool) -> None:
+        """Prefill, warm up (capture the step as a CUDA graph, or run one eager step: kernels compile and autotune
+        outside what is measured), then prefill again, since the warm-up advanced the cache."""
+        self.prefill(ids)
+        if graph:
+            self.capture()
+        else:
+            self.step()
+        self.prefill(ids)
+
     def run_step(self) -> None:
         if self.graph is not None:
             self.graph.replay()
@@ -308,11 +319,8 @@ def time_decode(model: nn.Module, batch: int, prompt: int, new_tokens: int, gene
     ids = _random_ids(model, batch, prompt, generator)
     with torch.inference_mode():
         decoder = StaticDecoder(model, batch, prompt, new_tokens, device)
-        decoder.prefill(ids)
         graphed = device.type == "cuda" and use_graph
-        if graphed:
-            decoder.capture()
-        decoder.prefill(ids)
+        decoder.start(ids, graph=graphed)
         per_step: list[float] = []
         if device.type == "cuda":
             events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)]
@@ -345,9 +353,7 @@ def profile_decode(model: nn.Module, batch: int, prompt: int, steps: int, genera
     cuda = device.type == "cuda"
     with torch.inference_mode():
         decoder = StaticDecoder(model, batch, prompt, steps + 1, device)
-        decoder.prefill(ids)
-        decoder.step()  # warm-up: Triton compiles and autotunes outside the profile
-        decoder.prefill(ids)
+        decoder.start(ids, graph=False)  # eager: the profile attributes every kernel
         activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
         with profile(activities=activities) as prof:
             for _ in range(steps):
