@@ -1,0 +1,64 @@
+"""Builds csrc/'s decode kernels against the CPU emulator (tests/cuda_emu/emu.h) into a shared library for ctypes.
+
+The kernel files are compiled unmodified except for two rewrites a host compiler needs, each checked to have
+matched every occurrence (a new construct fails the build instead of slipping through):
+    kernel<<<grid, block, smem, stream>>>(args)  ->  ::cuda_emu::launch(kernel, grid, block, smem, stream)(args)
+    extern __shared__ T name[];                  ->  T* name = ::cuda_emu::dynamic_shared<T>();
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parents[1] / "csrc"
+KERNEL_SOURCES = ("lowrank_decode.cu", "quant_lowrank_decode.cu")
+RUNTIME_SOURCES = ("emu.cpp", "harness.cpp")
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
+_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def host_source(text: str, name: str) -> str:
+    """The kernel source `text` with launches and dynamic shared memory rewritten for the emulator."""
+    launches, shared = text.count("<<<"), len(re.findall(r"__shared__", text))
+    text, n_launch = _LAUNCH.subn(r"::cuda_emu::launch(\1, \2)(", text)
+    text, n_shared = _SHARED.subn(r"\1* \2 = ::cuda_emu::dynamic_shared<\1>();", text)
+    if n_launch != launches or n_shared != shared:
+        raise RuntimeError(f"{name}: rewrote {n_launch} of {launches} <<<>>> launches and {n_shared} of {shared} "
+                           "__shared__ declarations; extend tests/cuda_emu/build.py for the new construct")  # fmt: skip
+    return text
+
+
+def compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def build(out_dir: Path) -> Path:
+    """Compile (once per source content) and return the path of the shared library."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ / c++) on PATH")
+    inputs = [CSRC / s for s in KERNEL_SOURCES] + [HERE / s for s in RUNTIME_SOURCES]
+    headers = sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")) + [HERE / "emu.h"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs + headers)).hexdigest()[:16]
+    library = out_dir / f"libcuda_emu-{digest}.so"
+    if library.exists():
+        return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for name in KERNEL_SOURCES:
+        target = out_dir / (Path(name).stem + ".cpp")
+        target.write_text(host_source((CSRC / name).read_text(), name))
+        sources.append(target)
+    sources += [HERE / s for s in RUNTIME_SOURCES]
+    cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+           f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}", *map(str, sources), "-o", str(library)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the CUDA emulator library failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+    return library

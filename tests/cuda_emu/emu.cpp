@@ -1,0 +1,338 @@
+// The emulator's runtime: fibers per block, barriers, shuffles, launch checks (see emu.h for the model).
+#include "emu.h"
+
+#include <stdio.h>
+#include <ucontext.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace cuda_emu {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kStackBytes = 256 * 1024;  // kernel locals are a few KB; generous so -O0 builds fit too
+constexpr size_t kSharedGuardBytes = 4096;  // NaN poison past the dynamic shared memory: overruns read NaN
+constexpr size_t kDefaultSmemLimit = 48 * 1024;
+constexpr unsigned int kMaxThreadsPerBlock = 1024;
+
+struct Thread {
+  ucontext_t context;
+  uint3 index;
+  bool done = false;
+};
+
+struct Barrier {
+  int total = 0;     // threads that take part
+  int live = 0;      // threads that have not exited
+  int arrived = 0;   // threads waiting in the current round
+  unsigned generation = 0;
+};
+
+struct Warp {
+  Barrier barrier;
+  float slots[kWarpSize];
+  int lane_masks[kWarpSize];
+};
+
+struct Device {
+  int sm_count = 4;
+  size_t smem_optin = 227 * 1024;
+};
+
+struct State {
+  // launch
+  dim3 grid, block;
+  std::vector<unsigned char> shared;
+  // block
+  std::vector<Thread> threads;
+  std::vector<Warp> warps;
+  Barrier block_barrier;
+  Thread* current = nullptr;
+  ucontext_t scheduler;
+  const std::function<void()>* body = nullptr;
+  unsigned long long progress = 0;  // arrivals, completed barriers and exits: a pass without any is a deadlock
+  std::string failure;
+  // process
+  Device device;
+  std::map<const void*, int> max_dynamic_smem;
+  std::vector<LaunchRecord> launches;
+  cudaError_t last_error = cudaSuccess;
+  std::vector<std::vector<char>> stacks;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+// Leaves the current fiber for the scheduler until it resumes this one.
+void yield() {
+  State& s = state();
+  Thread* self = s.current;
+  swapcontext(&self->context, &s.scheduler);
+}
+
+// A fault inside a kernel: remembered, and the fiber never runs again (its stack holds no destructors).
+[[noreturn]] void fail(const std::string& what) {
+  State& s = state();
+  if (s.failure.empty()) {
+    s.failure = what;
+  }
+  for (;;) {
+    yield();
+  }
+}
+
+void arrive_and_wait(Barrier& b) {
+  State& s = state();
+  ++s.progress;
+  if (++b.arrived == b.live) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  const unsigned generation = b.generation;
+  while (b.generation == generation && s.failure.empty()) {
+    yield();
+  }
+  if (!s.failure.empty()) {
+    fail(s.failure);
+  }
+}
+
+// A thread exits. Barriers are strict: CUDA leaves a __syncthreads() or full-mask shuffle that some threads never
+// reach undefined, so exiting while others wait at one, or arriving after some have exited, is a fault.
+void leave(Barrier& b, const char* what) {
+  --b.live;
+  if (b.arrived > 0 && state().failure.empty()) {
+    state().failure = std::string("a thread exited while others wait at ") + what;
+  }
+}
+
+int warp_of(const Thread* t) {
+  const State& s = state();
+  const unsigned linear = t->index.x + s.block.x * (t->index.y + s.block.y * t->index.z);
+  return static_cast<int>(linear / kWarpSize);
+}
+
+int lane_of(const Thread* t) {
+  const State& s = state();
+  return static_cast<int>((t->index.x + s.block.x * (t->index.y + s.block.y * t->index.z)) % kWarpSize);
+}
+
+void trampoline() {
+  State& s = state();
+  (*s.body)();
+  Thread* self = s.current;
+  self->done = true;
+  ++s.progress;
+  leave(s.warps[warp_of(self)].barrier, "a warp shuffle");
+  leave(s.block_barrier, "__syncthreads()");
+  // returning resumes uc_link: the scheduler
+}
+
+cudaError_t run_block(size_t threads) {
+  State& s = state();
+  s.threads.assign(threads, Thread{});
+  s.warps.assign((threads + kWarpSize - 1) / kWarpSize, Warp{});
+  for (size_t w = 0; w < s.warps.size(); ++w) {
+    s.warps[w].barrier.total = s.warps[w].barrier.live =
+        static_cast<int>(std::min<size_t>(kWarpSize, threads - w * kWarpSize));
+  }
+  s.block_barrier = Barrier{};
+  s.block_barrier.total = s.block_barrier.live = static_cast<int>(threads);
+  if (s.stacks.size() < threads) {
+    s.stacks.resize(threads);
+  }
+  for (size_t i = 0; i < threads; ++i) {
+    Thread& t = s.threads[i];
+    t.index = uint3{static_cast<unsigned>(i % s.block.x), static_cast<unsigned>((i / s.block.x) % s.block.y),
+                    static_cast<unsigned>(i / (s.block.x * s.block.y))};
+    if (s.stacks[i].size() < kStackBytes) {
+      s.stacks[i].resize(kStackBytes);
+    }
+    getcontext(&t.context);
+    t.context.uc_stack.ss_sp = s.stacks[i].data();
+    t.context.uc_stack.ss_size = kStackBytes;
+    t.context.uc_link = &s.scheduler;
+    makecontext(&t.context, trampoline, 0);
+  }
+  size_t live = threads;
+  while (live > 0) {
+    const unsigned long long before = s.progress;
+    live = 0;
+    for (Thread& t : s.threads) {
+      if (t.done) {
+        continue;
+      }
+      s.current = &t;
+      threadIdx = t.index;
+      swapcontext(&s.scheduler, &t.context);
+      s.current = nullptr;
+      if (!s.failure.empty()) {
+        return cudaErrorLaunchFailure;
+      }
+      live += t.done ? 0 : 1;
+    }
+    if (live > 0 && s.progress == before) {
+      s.failure = "deadlock: every live thread waits at a barrier the others never reach (divergent "
+                  "__syncthreads or shuffle)";
+      return cudaErrorLaunchFailure;
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+void configure(int sm_count, size_t smem_optin_bytes) {
+  State& s = state();
+  s.device.sm_count = sm_count;
+  s.device.smem_optin = smem_optin_bytes;
+}
+
+int launch_count() { return static_cast<int>(state().launches.size()); }
+LaunchRecord launch_record(int i) { return state().launches.at(static_cast<size_t>(i)); }
+void reset_launches() { state().launches.clear(); }
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  State& s = state();
+  if (bytes < 0 || static_cast<size_t>(bytes) > s.device.smem_optin) {
+    return cudaErrorInvalidValue;
+  }
+  s.max_dynamic_smem[kernel] = bytes;
+  return cudaSuccess;
+}
+
+cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic, const void* kernel,
+                     const std::function<void()>& body) {
+  State& s = state();
+  const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
+  const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
+  if (threads == 0 || threads > kMaxThreadsPerBlock || blocks == 0) {
+    return cudaErrorInvalidConfiguration;
+  }
+  const auto opt_in = s.max_dynamic_smem.find(kernel);
+  const size_t limit = opt_in == s.max_dynamic_smem.end() ? kDefaultSmemLimit
+                                                          : std::max<size_t>(kDefaultSmemLimit, opt_in->second);
+  if (smem_bytes > limit) {
+    return cudaErrorInvalidValue;
+  }
+  s.launches.push_back(LaunchRecord{grid.x, block.x, smem_bytes, programmatic});
+  s.grid = grid;
+  s.block = block;
+  gridDim = grid;
+  blockDim = block;
+  s.body = &body;
+  s.failure.clear();
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = uint3{x, y, z};
+        s.shared.assign(smem_bytes + kSharedGuardBytes, 0xFF);  // every float reads NaN until written
+        const cudaError_t status = run_block(threads);
+        if (status != cudaSuccess) {
+          fprintf(stderr, "cuda_emu: block (%u, %u, %u): %s\n", x, y, z, s.failure.c_str());
+          return status;
+        }
+      }
+    }
+  }
+  return cudaSuccess;
+}
+
+void* dynamic_shared_base() { return state().shared.data(); }
+
+void sync_block() {
+  Barrier& b = state().block_barrier;
+  if (b.live != b.total) {
+    fail("__syncthreads() after threads of the block exited");
+  }
+  arrive_and_wait(b);
+}
+
+float shuffle_xor(unsigned int mask, float value, int lane_mask) {
+  State& s = state();
+  Thread* self = s.current;
+  Warp& warp = s.warps[warp_of(self)];
+  const int lane = lane_of(self);
+  if (mask != 0xFFFFFFFFu) {
+    fail("__shfl_xor_sync: only the full-warp mask is emulated");
+  }
+  if (warp.barrier.live != kWarpSize) {
+    fail("__shfl_xor_sync with a full mask while lanes of the warp have exited");
+  }
+  warp.slots[lane] = value;
+  warp.lane_masks[lane] = lane_mask;
+  arrive_and_wait(warp.barrier);  // every lane has published
+  const int partner = (lane ^ lane_mask) & (kWarpSize - 1);
+  if (warp.lane_masks[partner] != lane_mask) {
+    fail("__shfl_xor_sync: lanes of one warp pass different lane masks in the same shuffle (divergence)");
+  }
+  const float result = warp.slots[partner];
+  arrive_and_wait(warp.barrier);  // every lane has read before anyone publishes again
+  return result;
+}
+
+void record_error(cudaError_t error) {
+  if (error != cudaSuccess) {
+    state().last_error = error;
+  }
+}
+
+}  // namespace cuda_emu
+
+uint3 threadIdx{0, 0, 0};
+uint3 blockIdx{0, 0, 0};
+dim3 blockDim;
+dim3 gridDim;
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  const auto& d = cuda_emu::state().device;
+  if (device != 0) {
+    return cudaErrorInvalidValue;
+  }
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = d.sm_count;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(d.smem_optin);
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = cuda_emu::state().last_error;
+  cuda_emu::state().last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError() { return cuda_emu::state().last_error; }
+
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure:
+      return "cudaErrorLaunchFailure";
+  }
+  return "cudaErrorUnknown";
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaErrorLaunchFailure && !cuda_emu::state().failure.empty() ? cuda_emu::state().failure.c_str()
+                                                                                : cudaGetErrorName(error);
+}

@@ -1,0 +1,283 @@
+// A CPU emulator of the small part of CUDA that csrc/'s decode kernels use, so that their logic (indexing, masks,
+// split-K plans, warp reductions, shared-memory staging, launch checks) runs and is tested on machines without a
+// GPU. tests/cuda_emu/build.py compiles the unmodified kernel sources against it with g++ (after rewriting the two
+// constructs a host compiler cannot parse: `kernel<<<...>>>(...)` and `extern __shared__ T name[];`).
+//
+// Execution model. A launch runs its blocks one after another on the calling OS thread; the threads of a block are
+// cooperative fibers (ucontext) that run until they reach a barrier: __syncthreads() (all live threads of the block)
+// or a warp shuffle (all 32 lanes of the warp; two barriers per shuffle: publish, then read). So every interleaving
+// the kernels rely on is forced through their own synchronisation, and code that reads shared memory another
+// thread has not written yet reads the NaN poison it starts with. What it does NOT model: concurrent blocks, the
+// memory model beyond program order, PDL overlap (a dependent launch runs after its predecessor has finished),
+// timing. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
+// exited or non-converged lanes, block size > 1024, an empty grid, dynamic shared memory above the kernel's opt-in.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <functional>
+
+// ---------------------------------------------------------------------------------------------- qualifiers
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+using std::max;
+using std::min;
+
+// ---------------------------------------------------------------------------------------------- vector types
+struct uint3 {
+  unsigned int x, y, z;
+};
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
+
+// ---------------------------------------------------------------------------------------------- runtime API subset
+typedef enum cudaError {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+} cudaError_t;
+
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+};
+
+enum cudaLaunchAttributeID {
+  cudaLaunchAttributeProgrammaticStreamSerialization = 5,
+};
+
+union cudaLaunchAttributeValue {
+  int programmaticStreamSerializationAllowed;
+};
+
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+
+namespace cuda_emu {
+
+// The emulated device: SM count and the largest dynamic shared memory a kernel may opt in to.
+void configure(int sm_count, size_t smem_optin_bytes);
+
+struct LaunchRecord {
+  unsigned int grid, block;
+  size_t smem;
+  bool programmatic;  // launched with programmatic stream serialization (PDL)
+};
+// Launches since the last reset (for tests: how many kernels an op enqueued, and how).
+int launch_count();
+LaunchRecord launch_record(int i);
+void reset_launches();
+
+// Runs `body` as every thread of a (grid, block) launch; returns the launch status.
+cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic, const void* kernel,
+                     const std::function<void()>& body);
+
+void* dynamic_shared_base();
+void sync_block();
+float shuffle_xor(unsigned int mask, float value, int lane_mask);
+void record_error(cudaError_t error);
+
+template <typename T>
+T* dynamic_shared() {
+  return static_cast<T*>(dynamic_shared_base());
+}
+
+// `kernel<<<grid, block, smem, stream>>>(args...)` is rewritten to `launch(kernel, grid, block, smem, stream)(args...)`.
+template <typename... Params>
+struct Launcher {
+  void (*kernel)(Params...);
+  dim3 grid, block;
+  size_t smem;
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    record_error(run_grid(grid, block, smem, false, reinterpret_cast<const void*>(kernel),
+                          [&] { kernel(static_cast<Params>(args)...); }));
+  }
+};
+
+template <typename... Params>
+Launcher<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem = 0,
+                           cudaStream_t stream = nullptr) {
+  (void)stream;
+  return Launcher<Params...>{kernel, grid, block, smem};
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
+
+}  // namespace cuda_emu
+
+// The built-in variables: set by the scheduler before it resumes a thread (one OS thread runs every fiber).
+extern uint3 threadIdx;
+extern uint3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
+const char* cudaGetErrorName(cudaError_t error);
+const char* cudaGetErrorString(cudaError_t error);
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    return cudaErrorInvalidValue;
+  }
+  return ::cuda_emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
+  bool programmatic = false;
+  for (unsigned int i = 0; i < config->numAttrs; ++i) {
+    programmatic |= config->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
+                    config->attrs[i].val.programmaticStreamSerializationAllowed != 0;
+  }
+  const cudaError_t status =
+      ::cuda_emu::run_grid(config->gridDim, config->blockDim, config->dynamicSmemBytes, programmatic,
+                           reinterpret_cast<const void*>(kernel), [&] { kernel(static_cast<Params>(args)...); });
+  ::cuda_emu::record_error(status);
+  return status;
+}
+
+// ---------------------------------------------------------------------------------------------- device builtins
+inline void __syncthreads() { ::cuda_emu::sync_block(); }
+
+inline float __shfl_xor_sync(unsigned int mask, float value, int lane_mask) {
+  return ::cuda_emu::shuffle_xor(mask, value, lane_mask);
+}
+
+// PDL: blocks run after the whole previous grid has finished, so waiting is a no-op and triggering changes nothing.
+inline void cudaGridDependencySynchronize() {}
+inline void cudaTriggerProgrammaticLaunchCompletion() {}
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+
+inline float __uint_as_float(unsigned int bits) {
+  float f;
+  memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------------- fp16 / bf16
+struct __half {
+  uint16_t bits;
+};
+struct __half2 {
+  __half x, y;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+namespace cuda_emu {
+
+inline uint32_t float_bits(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+inline float bits_float(uint32_t b) {
+  float f;
+  memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+// IEEE binary16, round to nearest even (subnormals, overflow to infinity, NaN kept quiet).
+inline uint16_t float_to_half(float f) {
+  const uint32_t x = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t a = x & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) {
+    return sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u);
+  }
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half, in units of 2^-24 (the multiply is exact)
+    return sign | static_cast<uint16_t>(nearbyintf(bits_float(a) * 16777216.0f));
+  }
+  uint32_t h = ((((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3FFu));
+  const uint32_t rest = a & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) {
+    ++h;  // a carry into the exponent is correct, up to infinity (0x7C00)
+  }
+  return sign | static_cast<uint16_t>(h > 0x7C00u ? 0x7C00u : h);
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu;
+  const uint32_t mantissa = h & 0x3FFu;
+  if (exponent == 0) {
+    const float f = ldexpf(static_cast<float>(mantissa), -24);
+    return sign ? -f : f;
+  }
+  if (exponent == 31) {
+    return bits_float(sign | 0x7F800000u | (mantissa << 13));
+  }
+  return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+inline uint16_t float_to_bfloat16(float f) {
+  const uint32_t x = float_bits(f);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) {
+    return static_cast<uint16_t>((x >> 16) | 0x40u);
+  }
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+inline float bfloat16_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
+
+}  // namespace cuda_emu
+
+inline float __half2float(__half h) { return ::cuda_emu::half_to_float(h.bits); }
+inline __half __float2half_rn(float f) { return __half{::cuda_emu::float_to_half(f)}; }
+inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return ::cuda_emu::bfloat16_to_float(b.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{::cuda_emu::float_to_bfloat16(f)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 b) { return float2{__bfloat162float(b.x), __bfloat162float(b.y)}; }

@@ -1,0 +1,166 @@
+// C entry points for tests/test_cuda_emulated.py (ctypes): the decode ops of csrc/ run under the emulator with flat
+// arguments, the fp32 workspace allocated here and poisoned with NaN (its contents "need not be initialised").
+#include <math.h>
+
+#include <vector>
+
+#include "emu.h"
+#include "lowrank_decode.h"
+#include "quant_lowrank_decode.h"
+
+namespace {
+
+// ---- emulator self-checks: kernels with the faults the emulator claims to catch, and one that is right ----
+
+// out[t] = sum over the warp of (t % 32), by a butterfly of shuffles: every lane must read 496.
+__global__ void warp_sum_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x % 32);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+
+// Thread t reads the shared value thread (t + 1) writes, with or without the barrier between write and read.
+__global__ void neighbour_kernel(float* out, bool synchronise) {
+  float* cells = ::cuda_emu::dynamic_shared<float>();
+  cells[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (synchronise) {
+    __syncthreads();
+  }
+  out[threadIdx.x] = cells[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Only the even threads reach the barrier: a deadlock on a GPU, a reported fault here.
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1.0f;
+}
+
+// Lane 0 leaves before the others shuffle with a full mask.
+__global__ void exited_lane_kernel(float* out) {
+  if (threadIdx.x == 0) {
+    return;
+  }
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
+std::vector<float> poisoned_workspace(size_t bytes) { return std::vector<float>(bytes / sizeof(float) + 1, NAN); }
+
+}  // namespace
+
+extern "C" {
+
+void emu_configure(int sm_count, long long smem_optin_bytes) {
+  cuda_emu::configure(sm_count, static_cast<size_t>(smem_optin_bytes));
+}
+
+// Runs self-check `which` (0 warp sum, 1 neighbour with barrier, 2 neighbour without, 3 divergent barrier,
+// 4 exited lane) with `blocks` x `threads`, writing `out`; returns the cudaError_t of the launch.
+int emu_selftest(int which, int blocks, int threads, float* out) {
+  (void)cudaGetLastError();
+  const size_t smem = sizeof(float) * static_cast<size_t>(threads);
+  switch (which) {
+    case 0:
+      ::cuda_emu::launch(warp_sum_kernel, blocks, threads)(out);
+      break;
+    case 1:
+    case 2:
+      ::cuda_emu::launch(neighbour_kernel, blocks, threads, smem)(out, which == 1);
+      break;
+    case 3:
+      ::cuda_emu::launch(divergent_barrier_kernel, blocks, threads)(out);
+      break;
+    default:
+      ::cuda_emu::launch(exited_lane_kernel, blocks, threads)(out);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+// The emulator's fp16 / bf16 conversions, checked against torch's.
+float emu_half_to_float(unsigned short bits) { return __half2float(__half{bits}); }
+unsigned short emu_float_to_half(float f) { return __float2half_rn(f).bits; }
+float emu_bfloat16_to_float(unsigned short bits) { return __bfloat162float(__nv_bfloat16{bits}); }
+unsigned short emu_float_to_bfloat16(float f) { return __float2bfloat16_rn(f).bits; }
+
+void emu_reset_launches() { cuda_emu::reset_launches(); }
+
+int emu_launch_count() { return cuda_emu::launch_count(); }
+
+// (grid, block, dynamic shared bytes, programmatic) of launch i.
+void emu_launch_record(int i, long long* out4) {
+  const cuda_emu::LaunchRecord r = cuda_emu::launch_record(i);
+  out4[0] = r.grid;
+  out4[1] = r.block;
+  out4[2] = static_cast<long long>(r.smem);
+  out4[3] = r.programmatic ? 1 : 0;
+}
+
+// (splits, chunks_per_slice, blocks, workspace bytes) of lowrank_shrink_plan.
+void emu_shrink_plan(int rows, int n, int m, int rank, int sm_count, int consumer_blocks, long long* out4) {
+  const LowrankShrinkPlan p = lowrank_shrink_plan(rows, n, m, rank, sm_count, consumer_blocks);
+  out4[0] = p.splits;
+  out4[1] = p.chunks_per_slice;
+  out4[2] = p.blocks;
+  out4[3] = static_cast<long long>(p.workspace_bytes);
+}
+
+int emu_lowrank_decode(int dtype, int rows, int n, int m, int rank, const void* x, long long x_row_stride,
+                       const void* v, const void* u, const void* bias, void* y, char* err, size_t err_len) {
+  LowrankDecodeArgs a{};
+  a.dtype = static_cast<LowrankOpsDtype>(dtype);
+  a.rows = rows;
+  a.n = n;
+  a.m = m;
+  a.rank = rank;
+  a.x = x;
+  a.x_row_stride = x_row_stride;
+  a.v = v;
+  a.u = u;
+  a.bias = bias;
+  a.y = y;
+  size_t bytes = 0;
+  const LowrankOpsStatus status = lowrank_decode_workspace_bytes(&a, &bytes, err, err_len);
+  if (status != LOWRANK_OPS_OK) {
+    return status;
+  }
+  std::vector<float> workspace = poisoned_workspace(bytes);
+  a.workspace = workspace.data();
+  a.workspace_bytes = bytes;
+  return lowrank_decode(&a, nullptr, err, err_len);
+}
+
+int emu_quant_lowrank_decode(int dtype, int rows, int n, int m, int group_size, int rank, const void* x,
+                             long long x_row_stride, const int32_t* qweight, const void* scales, const void* zeros,
+                             const void* v, const void* u, const void* bias, void* y, char* err, size_t err_len) {
+  QuantLowrankDecodeArgs a{};
+  a.dtype = static_cast<LowrankOpsDtype>(dtype);
+  a.rows = rows;
+  a.n = n;
+  a.m = m;
+  a.group_size = group_size;
+  a.rank = rank;
+  a.x = x;
+  a.x_row_stride = x_row_stride;
+  a.qweight = qweight;
+  a.scales = scales;
+  a.zeros = zeros;
+  a.v = v;
+  a.u = u;
+  a.bias = bias;
+  a.y = y;
+  size_t bytes = 0;
+  const LowrankOpsStatus status = quant_lowrank_decode_workspace_bytes(&a, &bytes, err, err_len);
+  if (status != LOWRANK_OPS_OK) {
+    return status;
+  }
+  std::vector<float> workspace = poisoned_workspace(bytes);
+  a.workspace = bytes > 0 ? workspace.data() : nullptr;
+  a.workspace_bytes = bytes;
+  return quant_lowrank_decode(&a, nullptr, err, err_len);
+}
+
+}  // extern "C"

@@ -1,0 +1,304 @@
+"""csrc/'s CUDA decode kernels run on the CPU under tests/cuda_emu (threads of a block as fibers that meet at
+every __syncthreads and warp shuffle): parity with float64 on awkward shapes, out-of-bounds reads and writes, the
+split-K plan, launch structure and argument errors -- everything but timing and true concurrency, on any machine
+with g++. tests/test_cuda_kernels.py runs the same kernels on a real GPU.
+
+Guards: every input lives between NaN (or random-code) guard regions, the workspace and shared memory start as
+NaN, and the output starts as NaN between NaN guards, so a read past a tensor, a read of unwritten workspace or
+shared memory, or a missing write shows up as a non-finite or wrong output, and a write past y as a changed guard.
+"""
+
+import ctypes
+
+import pytest
+import torch
+from cuda_emu import build as emu_build
+from helpers import assert_close_to_reference
+
+from lowrank_ops.ops.reference import lowrank_matmul_ref, quant_lowrank_matmul_ref
+from lowrank_ops.quant_format import num_groups, pack
+
+H100_SMS = 132
+H100_SMEM_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100
+GUARD = 64  # elements on each side of every tensor: 128+ bytes keeps the 16-byte alignment of the views
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+ERR_LEN = 512
+
+
+class KernelError(RuntimeError):
+    """A decode entry point returned a status other than LOWRANK_OPS_OK (its message is the text)."""
+
+
+def _ptr(t):
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+class Emulator:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.emu_half_to_float.restype = ctypes.c_float
+        self.lib.emu_bfloat16_to_float.restype = ctypes.c_float
+        self.lib.emu_float_to_half.restype = ctypes.c_ushort
+        self.lib.emu_bfloat16_to_float.argtypes = self.lib.emu_half_to_float.argtypes = [ctypes.c_ushort]
+        self.lib.emu_float_to_half.argtypes = self.lib.emu_float_to_bfloat16.argtypes = [ctypes.c_float]
+        self.lib.emu_float_to_bfloat16.restype = ctypes.c_ushort
+        self.configure(H100_SMS, H100_SMEM_OPTIN)
+
+    def configure(self, sm_count, smem_optin):
+        self.lib.emu_configure(sm_count, ctypes.c_longlong(smem_optin))
+
+    def launches(self):
+        out = (ctypes.c_longlong * 4)()
+        records = []
+        for i in range(self.lib.emu_launch_count()):
+            self.lib.emu_launch_record(i, out)
+            records.append({"grid": out[0], "block": out[1], "smem": out[2], "pdl": bool(out[3])})
+        return records
+
+    def shrink_plan(self, rows, n, m, rank, sm_count, consumer_blocks):
+        out = (ctypes.c_longlong * 4)()
+        self.lib.emu_shrink_plan(rows, n, m, rank, sm_count, consumer_blocks, out)
+        return dict(zip(("splits", "chunks_per_slice", "blocks", "workspace_bytes"), out))
+
+    def _call(self, fn, *args):
+        err = ctypes.create_string_buffer(ERR_LEN)
+        self.lib.emu_reset_launches()
+        status = fn(*args, err, ctypes.c_size_t(ERR_LEN))
+        if status != 0:
+            raise KernelError(err.value.decode())
+
+    def lowrank(self, x, v, u, b, x_row_stride=None):
+        rows, n = x.shape
+        m, r = u.shape
+        y, storage = _guarded_output(rows, m, x.dtype)
+        stride = x.stride(0) if x_row_stride is None else x_row_stride
+        self._call(self.lib.emu_lowrank_decode, DTYPE_CODES[x.dtype], rows, n, m, r, _ptr(x), ctypes.c_longlong(stride),
+                   _ptr(v), _ptr(u), _ptr(b), _ptr(y))  # fmt: skip
+        _assert_guards_intact(storage)
+        return y
+
+    def quant(self, x, qweight, scales, zeros, v, u, b, bits, group_size):
+        assert bits <= 4
+        rows, n = x.shape
+        m = qweight.shape[0]
+        r = 0 if u is None else u.shape[1]
+        y, storage = _guarded_output(rows, m, x.dtype)
+        self._call(self.lib.emu_quant_lowrank_decode, DTYPE_CODES[x.dtype], rows, n, m, group_size, r, _ptr(x),
+                   ctypes.c_longlong(x.stride(0)), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(v), _ptr(u), _ptr(b),
+                   _ptr(y))  # fmt: skip
+        _assert_guards_intact(storage)
+        return y
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if emu_build.compiler() is None:
+        pytest.skip("no C++ compiler (g++ / c++) on PATH: cannot build the CUDA emulator")
+    return Emulator(emu_build.build(tmp_path_factory.mktemp("cuda_emu")))
+
+
+def _guarded(t):
+    """A copy of t (contiguous) inside a buffer with GUARD elements on each side holding NaN (floats) or random
+    values (integers): the kernels get a pointer into the middle."""
+    flat = t.contiguous().reshape(-1)
+    if t.is_floating_point():
+        storage = torch.full((flat.numel() + 2 * GUARD,), float("nan"), dtype=t.dtype)
+    else:
+        storage = torch.randint(-(2**31), 2**31 - 1, (flat.numel() + 2 * GUARD,), dtype=torch.int64).to(t.dtype)
+    storage[GUARD : GUARD + flat.numel()] = flat
+    return storage[GUARD : GUARD + flat.numel()].view(t.shape)
+
+
+def _guarded_output(rows, m, dtype):
+    storage = torch.full((rows * m + 2 * GUARD,), float("nan"), dtype=dtype)
+    return storage[GUARD : GUARD + rows * m].view(rows, m), storage
+
+
+def _assert_guards_intact(storage):
+    assert storage[:GUARD].isnan().all() and storage[-GUARD:].isnan().all(), "a kernel wrote outside y"
+
+
+# --------------------------------------------------------------------------------------------- the emulator itself
+
+
+def test_emulator_conversions_match_torch(emu):
+    bits = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16)
+    halves, bfloats = bits.view(torch.float16).float(), bits.view(torch.bfloat16).float()
+    lib = emu.lib
+    for i in range(0, 2**16, 7):  # every 7th bit pattern of both formats, subnormals, infinities and NaNs included
+        for value, to_float in ((halves[i].item(), lib.emu_half_to_float),
+                                (bfloats[i].item(), lib.emu_bfloat16_to_float)):  # fmt: skip
+            got = to_float(i)
+            assert got == value or (got != got and value != value), (i, got, value)
+    special = torch.tensor([65504.0, 65519.99, 65520.0, 1e-8, -6e-8, 2.0**-24 * 1.5, 0.0, -0.0])
+    floats = torch.cat([torch.randn(3000) * 10.0 ** torch.randint(-9, 6, (3000,)), special])
+    for f in floats.tolist():
+        assert lib.emu_float_to_half(f) == torch.tensor(f).half().view(torch.int16).item() & 0xFFFF, f
+        assert lib.emu_float_to_bfloat16(f) == torch.tensor(f).bfloat16().view(torch.int16).item() & 0xFFFF, f
+
+
+def _selftest(emu, which, blocks=2, threads=64):
+    out = torch.full((blocks * threads,), float("nan"))
+    status = emu.lib.emu_selftest(which, blocks, threads, ctypes.c_void_p(out.data_ptr()))
+    return status, out
+
+
+def test_emulator_runs_warp_shuffles_and_barriers(emu):
+    status, out = _selftest(emu, 0)
+    assert status == 0 and (out == 496.0).all()  # sum of lanes 0..31 on every lane of every warp
+    status, out = _selftest(emu, 1, blocks=1, threads=96)
+    assert status == 0 and torch.equal(out, (torch.arange(96.0) + 1) % 96)
+
+
+def test_emulator_exposes_the_faults_it_claims_to(emu):
+    status, out = _selftest(emu, 2, blocks=1, threads=96)  # no __syncthreads between write and read
+    assert status == 0 and out[:-1].isnan().any(), "a read of shared memory not yet written must see the NaN poison"
+    assert _selftest(emu, 3)[0] != 0  # a barrier only half the block reaches
+    assert _selftest(emu, 4)[0] != 0  # a full-mask shuffle after a lane exited
+
+
+# ------------------------------------------------------------------------------------------------- low-rank decode
+
+DTYPES = [torch.float16, torch.bfloat16]
+# n = 4095 (no 16-byte path for x and V), 4096, 576 (SmolLM2); odd m = 1537; r = 1 and 200 are not multiples of 8.
+LOWRANK_CASES = [(4095, 1537, 200), (4096, 1537, 24), (576, 192, 1), (576, 192, 256), (4096, 300, 256)]
+ROWS = [1, 3, 16]
+
+
+def _lowrank_inputs(rows, n, m, r, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g).to(dtype)
+    v = (torch.randn(r, n, generator=g) / n**0.5).to(dtype)
+    u = (torch.randn(m, r, generator=g) / r**0.5).to(dtype)
+    b = torch.randn(m, generator=g).to(dtype) if bias else None
+    return x, v, u, b
+
+
+def _check_lowrank(y, x, v, u, b):
+    ref64 = lowrank_matmul_ref(*(None if t is None else t.double() for t in (x, v, u, b)))
+    assert y.shape == ref64.shape and torch.isfinite(y).all()
+    assert_close_to_reference(y, lowrank_matmul_ref(x, v, u, b), ref64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("n", "m", "r"), LOWRANK_CASES, ids=str)
+def test_lowrank_decode_matches_float64(emu, n, m, r, rows, dtype):
+    x, v, u, b = _lowrank_inputs(rows, n, m, r, dtype, bias=(r + rows) % 2 == 0, seed=n + m + r + rows)
+    y = emu.lowrank(*(None if t is None else _guarded(t) for t in (x, v, u, b)))
+    _check_lowrank(y, x, v, u, b)
+    shrink, expand = emu.launches()
+    assert not shrink["pdl"] and expand["pdl"], "the shrink is a plain launch, the expand PDL-chained behind it"
+    assert expand["smem"] == 4 * rows * r
+
+
+@pytest.mark.parametrize("sm_count", [1, 8])
+def test_lowrank_decode_on_small_devices(emu, sm_count):
+    """Few SMs: one split or a handful; grids that loop over row tiles (expand blocks capped at 2 per SM)."""
+    emu.configure(sm_count, H100_SMEM_OPTIN)
+    try:
+        x, v, u, b = _lowrank_inputs(5, 2000, 1100, 40, torch.bfloat16, bias=True, seed=sm_count)
+        _check_lowrank(emu.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)
+        assert emu.launches()[1]["grid"] == 2 * sm_count
+    finally:
+        emu.configure(H100_SMS, H100_SMEM_OPTIN)
+
+
+def test_lowrank_decode_strided_unaligned_x(emu):
+    """x with row stride 4100 and offset by one element: the masked 2-byte load path, rows read at their stride."""
+    _, v, u, b = _lowrank_inputs(1, 4096, 515, 24, torch.bfloat16, bias=True, seed=7)
+    base = _guarded(torch.randn(3, 4100).to(torch.bfloat16))
+    x = base[:, 1:4097]
+    _check_lowrank(emu.lowrank(x, *map(_guarded, (v, u, b))), x, v, u, b)
+
+
+def test_lowrank_decode_large_rank_opts_in_to_shared_memory(emu):
+    """z = 16 x 1024 fp32 = 64 KB of shared memory, above the 48 KB default: needs the per-kernel opt-in."""
+    x, v, u, b = _lowrank_inputs(16, 1024, 96, 1024, torch.float16, bias=False, seed=11)
+    _check_lowrank(emu.lowrank(*(None if t is None else _guarded(t) for t in (x, v, u, b))), x, v, u, b)
+    assert emu.launches()[1]["smem"] == 65536
+
+
+def test_lowrank_decode_bad_arguments_name_the_rule(emu):
+    x, v, u, b = _lowrank_inputs(17, 64, 32, 8, torch.float16, bias=True, seed=0)
+    with pytest.raises(KernelError, match=r"rows=17 must be in 1 \.\. 16"):
+        emu.lowrank(x, v, u, b)
+    with pytest.raises(KernelError, match=r"x_row_stride=10 must be >= n=64"):
+        emu.lowrank(x[:2], v, u, b, x_row_stride=10)
+    emu.configure(H100_SMS, 8 * 1024)
+    try:
+        with pytest.raises(KernelError, match=r"rows \* rank \* 4 = 16384 bytes of z must fit .* \(8192 bytes"):
+            emu.lowrank(*_lowrank_inputs(16, 300, 32, 256, torch.float16, bias=False, seed=0)[:3], None)
+    finally:
+        emu.configure(H100_SMS, H100_SMEM_OPTIN)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize(("n", "m", "rank", "consumers"), [(4096, 4096, 256, 64), (11008, 4096, 128, 264),
+                                                           (576, 192, 24, 6), (4095, 1537, 1, 26)])  # fmt: skip
+def test_shrink_plan_rules(emu, n, m, rank, consumers, rows):
+    plan = emu.shrink_plan(rows, n, m, rank, H100_SMS, consumers)
+    chunks = -(-n // 512)
+    s, per = plan["splits"], plan["chunks_per_slice"]
+    assert 1 <= s <= chunks and s * per >= chunks and (s - 1) * per < chunks, "slices cover n, none is empty"
+    if s > 1:  # re-reads of the partials by the consumer blocks stay within the weight bytes
+        assert consumers * s * rows * rank * 4 <= (m + n) * rank * 2
+    groups = -(-rank // 2)
+    assert plan["blocks"] * 4 >= groups * s and plan["workspace_bytes"] == 4 * s * rows * rank
+
+
+# ------------------------------------------------------------------------------------------ quantized base + residual
+
+QUANT_CASES = [(4095, 1537, 128, 4), (4096, 515, 32, 3), (576, 192, 8, 4), (1000, 77, 40, 2)]
+
+
+def _quant_inputs(rows, n, m, r, group_size, bits, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (m, n), generator=g, dtype=torch.uint8)
+    groups = num_groups(n, group_size)
+    scales = (0.5 + torch.rand(m, groups, generator=g)) * (2.0 / 2**bits) * (3.0 / n) ** 0.5
+    zeros = torch.randint(0, 2**bits, (m, groups), generator=g).float()
+    packed = pack(codes, scales, zeros, bits, group_size, dtype)
+    x = torch.randn(rows, n, generator=g).to(dtype)
+    v = u = None
+    if r > 0:
+        v = (torch.randn(r, n, generator=g) / n**0.5).to(dtype)
+        u = (0.3 * torch.randn(m, r, generator=g) / r**0.5).to(dtype)
+    b = torch.randn(m, generator=g).to(dtype) if bias else None
+    return x, packed.qweight, packed.scales, packed.zeros, v, u, b, bits, group_size
+
+
+def _check_quant(y, args):
+    x, q, s, z, v, u, b, bits, group_size = args
+    ref64 = quant_lowrank_matmul_ref(
+        x.double(), q, s.double(), z.double(), *(None if t is None else t.double() for t in (v, u, b)), bits, group_size
+    )
+    assert y.shape == ref64.shape and torch.isfinite(y).all()
+    assert_close_to_reference(y, quant_lowrank_matmul_ref(*args), ref64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("r", [0, 1, 24, 200])
+@pytest.mark.parametrize(("n", "m", "group_size", "bits"), QUANT_CASES, ids=str)
+def test_quant_decode_matches_float64(emu, n, m, group_size, bits, r, rows, dtype):
+    if r >= min(n, m):
+        pytest.skip(f"rank {r} >= min(m, n) = {min(n, m)}")
+    args = _quant_inputs(rows, n, m, r, group_size, bits, dtype, bias=rows != 3, seed=n + m + r + rows)
+    guarded = [_guarded(t) if isinstance(t, torch.Tensor) else t for t in args]
+    _check_quant(emu.quant(*guarded), args)
+    launches = emu.launches()
+    if r == 0:
+        assert len(launches) == 1 and not launches[0]["pdl"] and launches[0]["smem"] == 0
+    else:
+        shrink, fused = launches
+        assert not shrink["pdl"] and fused["pdl"] and fused["smem"] == 4 * rows * r
+
+
+def test_quant_decode_bad_arguments_name_the_rule(emu):
+    args = list(_quant_inputs(1, 256, 64, 8, 128, 4, torch.float16, bias=False, seed=0))
+    with pytest.raises(KernelError, match=r"group_size=12 must be a positive multiple of 8"):
+        emu.quant(*args[:8], 12)
+    args[0] = torch.randn(17, 256).half()
+    with pytest.raises(KernelError, match=r"rows=17 must be in 1 \.\. 16"):
+        emu.quant(*args)
