@@ -1,11 +1,14 @@
 """csrc/'s CUDA decode kernels run on the CPU under tests/cuda_emu (threads of a block as fibers that meet at
-every __syncthreads and warp shuffle): parity with float64 on awkward shapes, out-of-bounds reads and writes, the
+every __syncthreads and warp shuffle): parity with float64 on awkward shapes, memory safety, bytes streamed, the
 split-K plan, launch structure and argument errors -- everything but timing and true concurrency, on any machine
 with g++. tests/test_cuda_kernels.py runs the same kernels on a real GPU.
 
-Guards: every input lives between NaN (or random-code) guard regions, the workspace and shared memory start as
-NaN, and the output starts as NaN between NaN guards, so a read past a tensor, a read of unwritten workspace or
-shared memory, or a missing write shows up as a non-finite or wrong output, and a write past y as a changed guard.
+Memory: every __ldg / __ldcs (all weight and x loads) must fall inside the buffers of the call (else the launch
+fails) and is counted, so "each weight byte is streamed once" is asserted, not assumed. Plain loads (scales,
+zeros, bias, the workspace) are covered by guards instead: every input lives between NaN (or random-code) guard
+regions, the workspace and shared memory start as NaN, and the output starts as NaN between NaN guards, so a read
+past a tensor, a read of unwritten workspace or shared memory, or a missing write shows up as a non-finite or wrong
+output, and a write past y as a changed guard.
 """
 
 import ctypes
@@ -42,6 +45,7 @@ class Emulator:
         self.lib.emu_bfloat16_to_float.argtypes = self.lib.emu_half_to_float.argtypes = [ctypes.c_ushort]
         self.lib.emu_float_to_half.argtypes = self.lib.emu_float_to_bfloat16.argtypes = [ctypes.c_float]
         self.lib.emu_float_to_bfloat16.restype = ctypes.c_ushort
+        self.lib.emu_loaded_bytes.restype = ctypes.c_longlong
         self.configure(H100_SMS, H100_SMEM_OPTIN)
 
     def configure(self, sm_count, smem_optin):
@@ -54,6 +58,10 @@ class Emulator:
             self.lib.emu_launch_record(i, out)
             records.append({"grid": out[0], "block": out[1], "smem": out[2], "pdl": bool(out[3])})
         return records
+
+    def loaded(self, name):
+        """Bytes the last decode call loaded from buffer `name` through __ldg / __ldcs."""
+        return self.lib.emu_loaded_bytes(name.encode())
 
     def shrink_plan(self, rows, n, m, rank, sm_count, consumer_blocks):
         out = (ctypes.c_longlong * 4)()
@@ -155,6 +163,7 @@ def test_emulator_exposes_the_faults_it_claims_to(emu):
     assert status == 0 and out[:-1].isnan().any(), "a read of shared memory not yet written must see the NaN poison"
     assert _selftest(emu, 3)[0] != 0  # a barrier only half the block reaches
     assert _selftest(emu, 4)[0] != 0  # a full-mask shuffle after a lane exited
+    assert _selftest(emu, 5)[0] != 0  # a load one element past the buffer
 
 
 # ------------------------------------------------------------------------------------------------- low-rank decode
@@ -190,6 +199,13 @@ def test_lowrank_decode_matches_float64(emu, n, m, r, rows, dtype):
     shrink, expand = emu.launches()
     assert not shrink["pdl"] and expand["pdl"], "the shrink is a plain launch, the expand PDL-chained behind it"
     assert expand["smem"] == 4 * rows * r
+    _assert_weights_streamed_once(emu, v=v, u=u)
+
+
+def _assert_weights_streamed_once(emu, **weights):
+    """The decode kernels are byte streams: every weight byte is loaded exactly once (x is re-read from cache)."""
+    for name, t in weights.items():
+        assert emu.loaded(name) == t.numel() * t.element_size(), f"{name}: loaded {emu.loaded(name)} bytes"
 
 
 @pytest.mark.parametrize("sm_count", [1, 8])
@@ -293,6 +309,8 @@ def test_quant_decode_matches_float64(emu, n, m, group_size, bits, r, rows, dtyp
     else:
         shrink, fused = launches
         assert not shrink["pdl"] and fused["pdl"] and fused["smem"] == 4 * rows * r
+        _assert_weights_streamed_once(emu, v=args[4], u=args[5])
+    _assert_weights_streamed_once(emu, qweight=args[1])
 
 
 def test_quant_decode_bad_arguments_name_the_rule(emu):

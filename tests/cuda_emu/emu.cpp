@@ -36,6 +36,12 @@ struct Warp {
   int lane_masks[kWarpSize];
 };
 
+struct Buffer {
+  std::string name;
+  uintptr_t begin, end;
+  long long loaded = 0;
+};
+
 struct Device {
   int sm_count = 4;
   size_t smem_optin = 227 * 1024;
@@ -60,6 +66,7 @@ struct State {
   std::vector<LaunchRecord> launches;
   cudaError_t last_error = cudaSuccess;
   std::vector<std::vector<char>> stacks;
+  std::vector<Buffer> buffers;
 };
 
 State& state() {
@@ -274,6 +281,40 @@ float shuffle_xor(unsigned int mask, float value, int lane_mask) {
   const float result = warp.slots[partner];
   arrive_and_wait(warp.barrier);  // every lane has read before anyone publishes again
   return result;
+}
+
+void register_buffer(const char* name, const void* base, size_t bytes) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(base);
+  state().buffers.push_back(Buffer{name, begin, begin + bytes, 0});
+}
+
+void clear_buffers() { state().buffers.clear(); }
+
+long long loaded_bytes(const char* name) {
+  for (const Buffer& b : state().buffers) {
+    if (b.name == name) {
+      return b.loaded;
+    }
+  }
+  return -1;
+}
+
+void note_load(const void* p, size_t bytes) {
+  State& s = state();
+  if (s.buffers.empty()) {
+    return;
+  }
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  for (Buffer& b : s.buffers) {
+    if (begin >= b.begin && begin + bytes <= b.end) {
+      b.loaded += static_cast<long long>(bytes);
+      return;
+    }
+  }
+  char message[160];
+  snprintf(message, sizeof(message), "a %zu-byte load at %p lies outside every buffer of the launch (thread %u)",
+           bytes, p, threadIdx.x);
+  fail(message);
 }
 
 void record_error(cudaError_t error) {

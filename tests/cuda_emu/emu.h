@@ -10,7 +10,8 @@
 // thread has not written yet reads the NaN poison it starts with. What it does NOT model: concurrent blocks, the
 // memory model beyond program order, PDL overlap (a dependent launch runs after its predecessor has finished),
 // timing. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
-// exited or non-converged lanes, block size > 1024, an empty grid, dynamic shared memory above the kernel's opt-in.
+// exited or non-converged lanes, block size > 1024, an empty grid, dynamic shared memory above the kernel's opt-in,
+// and an __ldg / __ldcs outside the buffers a test registered (which also counts the bytes each buffer streams).
 #pragma once
 
 #include <math.h>
@@ -139,6 +140,13 @@ Launcher<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, siz
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 
+// Global buffers a test hands to a kernel. While any is registered, every __ldg / __ldcs must fall inside one of
+// them (else the launch faults, naming the address) and adds its bytes to that buffer's count.
+void register_buffer(const char* name, const void* base, size_t bytes);
+void clear_buffers();
+long long loaded_bytes(const char* name);  // -1 for a name not registered
+void note_load(const void* p, size_t bytes);
+
 }  // namespace cuda_emu
 
 // The built-in variables: set by the scheduler before it resumes a thread (one OS thread runs every fiber).
@@ -187,12 +195,16 @@ inline float __shfl_xor_sync(unsigned int mask, float value, int lane_mask) {
 inline void cudaGridDependencySynchronize() {}
 inline void cudaTriggerProgrammaticLaunchCompletion() {}
 
+// The read-only / streaming loads every weight and x load of the kernels goes through: checked against the
+// registered buffers (a load outside all of them faults) and counted per buffer.
 template <typename T>
 inline T __ldg(const T* p) {
+  ::cuda_emu::note_load(p, sizeof(T));
   return *p;
 }
 template <typename T>
 inline T __ldcs(const T* p) {
+  ::cuda_emu::note_load(p, sizeof(T));
   return *p;
 }
 

@@ -47,7 +47,20 @@ __global__ void exited_lane_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
 }
 
+// Every thread loads its own element through __ldg; the buffer registered is one element short.
+__global__ void overrun_kernel(float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = __ldg(out + i) + 1.0f;
+}
+
 std::vector<float> poisoned_workspace(size_t bytes) { return std::vector<float>(bytes / sizeof(float) + 1, NAN); }
+
+// x (rows, n) at row stride ld: the bytes from its first to its last element.
+size_t strided_bytes(int rows, int n, long long ld, size_t item) {
+  return (static_cast<size_t>(rows - 1) * static_cast<size_t>(ld) + static_cast<size_t>(n)) * item;
+}
+
+constexpr size_t kItem = 2;  // fp16 / bf16
 
 }  // namespace
 
@@ -58,9 +71,10 @@ void emu_configure(int sm_count, long long smem_optin_bytes) {
 }
 
 // Runs self-check `which` (0 warp sum, 1 neighbour with barrier, 2 neighbour without, 3 divergent barrier,
-// 4 exited lane) with `blocks` x `threads`, writing `out`; returns the cudaError_t of the launch.
+// 4 exited lane, 5 a load one element past a registered buffer) with `blocks` x `threads`, writing `out`; returns the cudaError_t of the launch.
 int emu_selftest(int which, int blocks, int threads, float* out) {
   (void)cudaGetLastError();
+  cuda_emu::clear_buffers();
   const size_t smem = sizeof(float) * static_cast<size_t>(threads);
   switch (which) {
     case 0:
@@ -73,8 +87,12 @@ int emu_selftest(int which, int blocks, int threads, float* out) {
     case 3:
       ::cuda_emu::launch(divergent_barrier_kernel, blocks, threads)(out);
       break;
-    default:
+    case 4:
       ::cuda_emu::launch(exited_lane_kernel, blocks, threads)(out);
+      break;
+    default:
+      cuda_emu::register_buffer("out", out, sizeof(float) * (static_cast<size_t>(blocks) * threads - 1));
+      ::cuda_emu::launch(overrun_kernel, blocks, threads)(out);
       break;
   }
   return cudaGetLastError();
@@ -87,6 +105,10 @@ float emu_bfloat16_to_float(unsigned short bits) { return __bfloat162float(__nv_
 unsigned short emu_float_to_bfloat16(float f) { return __float2bfloat16_rn(f).bits; }
 
 void emu_reset_launches() { cuda_emu::reset_launches(); }
+
+// Bytes the last decode call loaded through __ldg / __ldcs from buffer `name` ("x", "v", "u", "qweight"), -1 if
+// that call had no such buffer.
+long long emu_loaded_bytes(const char* name) { return cuda_emu::loaded_bytes(name); }
 
 int emu_launch_count() { return cuda_emu::launch_count(); }
 
@@ -122,6 +144,10 @@ int emu_lowrank_decode(int dtype, int rows, int n, int m, int rank, const void* 
   a.u = u;
   a.bias = bias;
   a.y = y;
+  cuda_emu::clear_buffers();
+  cuda_emu::register_buffer("x", x, strided_bytes(rows, n, x_row_stride, kItem));
+  cuda_emu::register_buffer("v", v, static_cast<size_t>(rank) * n * kItem);
+  cuda_emu::register_buffer("u", u, static_cast<size_t>(m) * rank * kItem);
   size_t bytes = 0;
   const LowrankOpsStatus status = lowrank_decode_workspace_bytes(&a, &bytes, err, err_len);
   if (status != LOWRANK_OPS_OK) {
@@ -152,6 +178,13 @@ int emu_quant_lowrank_decode(int dtype, int rows, int n, int m, int group_size, 
   a.u = u;
   a.bias = bias;
   a.y = y;
+  cuda_emu::clear_buffers();
+  cuda_emu::register_buffer("x", x, strided_bytes(rows, n, x_row_stride, kItem));
+  cuda_emu::register_buffer("qweight", qweight, static_cast<size_t>(m) * ((n + 7) / 8) * sizeof(int32_t));
+  if (rank > 0) {
+    cuda_emu::register_buffer("v", v, static_cast<size_t>(rank) * n * kItem);
+    cuda_emu::register_buffer("u", u, static_cast<size_t>(m) * rank * kItem);
+  }
   size_t bytes = 0;
   const LowrankOpsStatus status = quant_lowrank_decode_workspace_bytes(&a, &bytes, err, err_len);
   if (status != LOWRANK_OPS_OK) {
