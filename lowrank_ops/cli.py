@@ -101,9 +101,10 @@ def _summary(result: dict) -> str:
         ev = result["compressed"]
         lines.append(f"perplexity on {ev['tokens']} Wikipedia test tokens, windows of {ev['seq_len']} (BOS-prefixed)")
     if "compressed_target" in result:
-        dense = result.get("dense_target", {}).get("perplexity", float("nan"))
         ev = result["compressed_target"]
-        lines.append(f"target data {result['target_data']}: perplexity dense {dense:.3f} -> {ev['perplexity']:.3f} on "
+        dense = result.get("dense_target", {}).get("perplexity")
+        before = "(dense not evaluated)" if dense is None else f"dense {dense:.3f} ->"
+        lines.append(f"target data {result['target_data']}: perplexity {before} {ev['perplexity']:.3f} on "
                      f"{ev['tokens']} tokens of its test split")  # fmt: skip
     return "\n".join(lines)
 

@@ -65,3 +65,17 @@ def test_summary_headlines_bits_for_quantized_layers_and_param_ratio_otherwise()
     result["compression"] = {"param_ratio": 0.9, "bits_per_weight": None, "seconds": {"total": 1.0}}
     text = _summary(result)
     assert "kept" in text and " 0.900 " in text
+
+
+def test_summary_of_a_target_run_without_dense_evaluation_says_so():
+    from lowrank_ops.cli import _summary
+
+    result = {"model": "m", "layer_table": "table", "target_data": ["wikipedia"],
+              "compressed": {"perplexity": 12.0, "tokens": 64, "seq_len": 32},
+              "compressed_target": {"perplexity": 11.5, "tokens": 64},
+              "config": {"kind": "basis", "basis": "whiten", "score": "fisher", "new_rank": 0, "train_steps": 0},
+              "compression": {"param_ratio": 0.9, "bits_per_weight": None, "seconds": {"total": 1.0}}}  # fmt: skip
+    text = _summary(result)
+    assert "perplexity (dense not evaluated) 11.500" in text and "nan" not in text
+    result["dense_target"] = {"perplexity": 10.0}
+    assert "perplexity dense 10.000 -> 11.500" in _summary(result)
