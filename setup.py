@@ -34,7 +34,11 @@ def _log(msg: str) -> None:
 
 
 def _arch_flags() -> list[str]:
-    return [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else ["-gencode=arch=compute_90a,code=sm_90a"]
+    """Hopper (sm_90a: the decode kernels chain with programmatic dependent launch) and Ampere (sm_80: the same
+    kernels in plain stream order), unless the user picks archs with TORCH_CUDA_ARCH_LIST."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    return ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
 
 
 def _cuda_extension_or_reason():
@@ -57,8 +61,8 @@ def _cuda_extension_or_reason():
         sources=CUDA_SOURCES,
         # No -std: torch's cpp_extension picks the standard its headers need (C++17 on older torch, C++20 on 2.13,
         # whose headers #error under C++17 from 2.14 on). An explicit flag would override that choice.
-        # sm_90a (Hopper features for the decode kernels) unless the user picks archs; any "arch" flag turns off
-        # torch's own arch detection, so a build without a matching image fails self_check loudly.
+        # sm_90a + sm_80 unless the user picks archs; any "arch" flag turns off torch's own arch detection, so a
+        # build without a matching image fails self_check loudly.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *_arch_flags()]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

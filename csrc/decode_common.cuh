@@ -273,11 +273,29 @@ inline int row_tile(int rows) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Launches `kernel` with programmatic dependent launch (PDL, sm_90): the grid may start while the previous kernel in
-// the stream still runs, once every block of that kernel has called cudaTriggerProgrammaticLaunchCompletion() (or
-// exited); the kernel must call cudaGridDependencySynchronize() before it reads anything that kernel writes.
+// Programmatic dependent launch (PDL) exists from sm_90 on. The device side compiles to nothing for older
+// architectures (the sm_80 image), where the host never asks for it (`launch_dependent` with programmatic = false),
+// so the consumer simply starts after the producer has finished, as any stream-ordered launch.
+//
+// Producer: the next kernel in the stream may launch now (it must still wait before reading our writes).
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
+// Consumer: wait until the previous grid has finished and its writes are visible.
+__device__ __forceinline__ void wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
+}
+
+// Launches `kernel`; with `programmatic` (sm_90+ devices) as a PDL launch: the grid may start while the previous
+// kernel in the stream still runs, once every block of that kernel has called allow_dependent_launch() (or exited);
+// the kernel must call wait_for_producer() before it reads anything that kernel writes.
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), int blocks, int threads, size_t smem_bytes,
+cudaError_t launch_dependent(void (*kernel)(Params...), int programmatic, int blocks, int threads, size_t smem_bytes,
                              cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -288,7 +306,7 @@ cudaError_t launch_dependent(void (*kernel)(Params...), int blocks, int threads,
   config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = 1;
+  config.numAttrs = programmatic != 0 ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 

@@ -18,9 +18,10 @@
 // the block stages z (M, r) fp32 in shared memory, reducing the S partials in a fixed order (deterministic, no
 // atomics, no memset of the workspace).
 //
-// Why two kernels chained with programmatic dependent launch (PDL) and not one kernel with a grid-wide handoff:
+// Why two kernels chained with programmatic dependent launch (PDL, sm_90+; on sm_80 the same two kernels run in plain
+// stream order) and not one kernel with a grid-wide handoff:
 // the expand grid is launched while the shrink runs (the shrink triggers at its first instruction) and each warp
-// loads its first chunk of U -- half of the op's bytes at r = 256 -- before cudaGridDependencySynchronize(), so
+// loads its first chunk of U -- half of the op's bytes at r = 256 -- before wait_for_producer(), so
 // the launch gap and the U fetch overlap the shrink. A single kernel would need every block co-resident (a
 // cooperative launch, or a grid capped at occupancy) plus a device-scope barrier (a counter in memory that must be
 // reset, spinning warps that hold SM slots the V stream needs), and would tie the shrink and expand grid sizes
@@ -74,9 +75,9 @@ __global__ void __launch_bounds__(kShrinkThreads)
                           float* __restrict__ partial,    // (S, M, r)
                           int rows, int n, int rank, int64_t ldx, int splits, int chunks_per_slice, bool x_vec,
                           bool v_vec) {
-  // The consumer (expand / quant kernel) may launch now: before its cudaGridDependencySynchronize() it only reads
-  // weights, which this kernel does not write; the synchronize waits for this whole grid and its writes.
-  cudaTriggerProgrammaticLaunchCompletion();
+  // The consumer (expand / quant kernel) may launch now: before its wait_for_producer() it only reads weights,
+  // which this kernel does not write; the wait covers this whole grid and its writes.
+  allow_dependent_launch();
   const int lane = threadIdx.x % kWarp;
   const int groups = (rank + kShrinkRows - 1) / kShrinkRows;
   const int task = blockIdx.x * kShrinkWarps + threadIdx.x / kWarp;
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(kExpandThreads)
   // U does not depend on the shrink: fetch the first chunk while the shrink still runs.
   uint4 w[R][kExpandVecs];
   load_u_chunk<T, R>(w, u, (blockIdx.x * kExpandWarps + warp) * R, m, rank, 0, lane, u_vec);
-  cudaGridDependencySynchronize();
+  wait_for_producer();
   load_z(zs, partial, splits, rows * rank);
   __syncthreads();
 
@@ -236,7 +237,7 @@ LowrankOpsStatus launch_expand(const LowrankDecodeArgs* a, const Plan& plan, cud
   auto kernel = lowrank_expand_kernel<T, MT>;
   LOWRANK_OPS_CUDA_CHECK(allow_dynamic_smem(kernel, plan.smem_bytes));
   const bool u_vec = a->rank % kVec == 0 && aligned16(a->u);
-  LOWRANK_OPS_CUDA_CHECK(launch_dependent(kernel, plan.expand_blocks, kExpandThreads, plan.smem_bytes, stream,
+  LOWRANK_OPS_CUDA_CHECK(launch_dependent(kernel, plan.device.pdl, plan.expand_blocks, kExpandThreads, plan.smem_bytes, stream,
                                           static_cast<const float*>(a->workspace), static_cast<const T*>(a->u),
                                           static_cast<const T*>(a->bias), static_cast<T*>(a->y), a->rows, a->m,
                                           a->rank, plan.shrink.splits, u_vec));
@@ -295,12 +296,14 @@ cudaError_t launch_shrink_tile(int rows, int n, int rank, const void* x, int64_t
 using namespace lowrank_ops_decode;
 
 extern "C" LowrankOpsStatus lowrank_decode_device(LowrankDecodeDevice* out, char* err, size_t err_len) {
-  int device = 0, sms = 0, smem_optin = 0;
+  int device = 0, sms = 0, smem_optin = 0, major = 0;
   LOWRANK_OPS_CUDA_CHECK(cudaGetDevice(&device));
   LOWRANK_OPS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   LOWRANK_OPS_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  LOWRANK_OPS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   out->sm_count = sms;
   out->smem_optin_bytes = static_cast<size_t>(smem_optin);
+  out->pdl = major >= 9 ? 1 : 0;
   return LOWRANK_OPS_OK;
 }
 

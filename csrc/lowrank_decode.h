@@ -57,6 +57,7 @@ LowrankOpsStatus lowrank_decode(const LowrankDecodeArgs* args, cudaStream_t stre
 typedef struct LowrankDecodeDevice {
   int sm_count;             // grids are sized in SMs
   size_t smem_optin_bytes;  // largest dynamic shared memory a block may opt in to (z = x V^T lives there)
+  int pdl;                  // 1: programmatic dependent launch is available (compute capability >= 9.0)
 } LowrankDecodeDevice;
 
 LowrankOpsStatus lowrank_decode_device(LowrankDecodeDevice* out, char* err, size_t err_len);

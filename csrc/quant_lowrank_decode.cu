@@ -8,7 +8,7 @@
 //   quant_lowrank_kernel        y = sum_g s_g (sum_{k in g} q_k x_k - z_g sum_{k in g} x_k) + U z + b
 //
 // The base GEMV does not depend on the shrink, so the fused kernel is PDL-launched behind it and streams its whole
-// first row tile of codes before cudaGridDependencySynchronize(); only the residual expand (z from the S partials,
+// first row tile of codes before wait_for_producer(); only the residual expand (z from the S partials,
 // staged in shared memory as in lowrank_decode.cu) waits. The shrink's V stream and the codes stream overlap.
 //
 // Base GEMV: one warp owns kQuantRows rows of W_hat; each lane loads 4 int32 words (32 codes, 16 bytes) per row
@@ -47,6 +47,16 @@ constexpr int kWordsPerLoad = 4;
 constexpr int kCodesPerWord = 8;
 // Blocks per SM the grid is capped at (each block re-reads the residual's S partials); more rows loop.
 constexpr int kQuantBlocksPerSm = 2;
+// Register budget. sm_90a, left to itself, gives the M = 8 tile 128 registers (two resident blocks per SM) and the
+// M = 16 tile 196, without spills. ptxas for sm_80 also caps the M = 8 tile at 128 but spills 16 bytes there, so the
+// sm_80 image asks for one resident block per SM (up to 255 registers): 139 registers, no spills. One block is
+// 8 warps x 4 rows x 512 B = 16 KB of codes in flight per SM, above the ~9 KB an A100 needs (1.5 TB/s x ~0.6 us
+// of DRAM latency over 108 SMs).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define LOWRANK_OPS_QUANT_LAUNCH_BOUNDS __launch_bounds__(kQuantThreads, 1)
+#else
+#define LOWRANK_OPS_QUANT_LAUNCH_BOUNDS __launch_bounds__(kQuantThreads)
+#endif
 // 2^23 as the fp32 bit pattern 0x4B000000: OR-ing a 4-bit code c into its mantissa gives the float 2^23 + c exactly.
 constexpr uint32_t kMagicBits = 0x4B000000u;
 constexpr float kMagic = 8388608.0f;
@@ -71,7 +81,7 @@ __device__ __forceinline__ uint32_t word_of(const uint4& q, int j) {
 }
 
 template <typename T, int MT>
-__global__ void __launch_bounds__(kQuantThreads)
+__global__ void LOWRANK_OPS_QUANT_LAUNCH_BOUNDS
     quant_lowrank_kernel(const T* __restrict__ x,              // (M, n), row stride ldx
                          const int32_t* __restrict__ qweight,  // (m, ceil(n / 8))
                          const T* __restrict__ scales,         // (m, G)
@@ -145,7 +155,7 @@ __global__ void __launch_bounds__(kQuantThreads)
 
     if (rank > 0) {
       if (tile == static_cast<int>(blockIdx.x)) {
-        cudaGridDependencySynchronize();  // the shrink's partial sums are complete and visible
+        wait_for_producer();  // the shrink's partial sums are complete and visible
         load_z(zs, partial, splits, rows * rank);
         __syncthreads();
       }
@@ -252,7 +262,7 @@ LowrankOpsStatus launch(const QuantLowrankDecodeArgs* a, const Plan& plan, cudaS
     if (shrink != LOWRANK_OPS_OK) {
       return shrink;
     }
-    LOWRANK_OPS_CUDA_CHECK(launch_dependent(kernel, plan.blocks, kQuantThreads, plan.smem_bytes, stream, x,
+    LOWRANK_OPS_CUDA_CHECK(launch_dependent(kernel, plan.device.pdl, plan.blocks, kQuantThreads, plan.smem_bytes, stream, x,
                                             a->qweight, scales, zeros, static_cast<const float*>(a->workspace), u,
                                             bias, y, a->rows, a->n, a->m, a->group_size, a->rank,
                                             plan.shrink.splits, a->x_row_stride, x_vec, q_vec, u_vec));

@@ -1,7 +1,7 @@
 """Packaging and the optional C++/CUDA build path (issue 2 §1, issue 9 §2).
 
 - The wheel ships `kernels/` as `lowrank_ops.kernels` and nothing top-level besides `lowrank_ops`.
-- Every csrc/*.cu compiles with plain nvcc for sm_90a (no torch, no GPU needed) with no register spills, and no
+- Every csrc/*.cu compiles with plain nvcc for sm_90a and sm_80 (no torch, no GPU needed) with no register spills, and no
   kernel file includes torch; csrc/bindings.cpp passes a syntax-only g++ check against torch's headers.
 - setup.py's decision to build or skip the extension says why, and LOWRANK_OPS_BUILD_CUDA=1 makes a skip an error.
 """
@@ -26,7 +26,9 @@ NOT_SOURCE = shutil.ignore_patterns(
     ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
     ".hypothesis", "*.so",
 )  # fmt: skip
-SM90A = "-gencode=arch=compute_90a,code=sm_90a"
+# The images setup.py builds by default: Hopper (PDL, the target) and Ampere (the same kernels in plain stream order).
+ARCHS = ("sm_90a", "sm_80")
+GENCODES = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
 TORCH_INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"](torch|ATen|c10|pybind11|Python\.h)", re.MULTILINE)
 
 
@@ -117,7 +119,12 @@ def test_cuda_sources_are_torch_free_and_listed_in_setup():
     assert not unlisted, f"csrc .cu files not in setup.py CUDA_SOURCES (they would never be built): {unlisted}"
 
 
-def test_cuda_sources_compile_for_sm90a(tmp_path):
+def test_setup_builds_the_tested_architectures():
+    assert f'"{" ".join(GENCODES)}"' not in (REPO / "setup.py").read_text()  # one flag per gencode, not one string
+    assert all(flag in (REPO / "setup.py").read_text() for flag in GENCODES)
+
+
+def test_cuda_sources_compile_for_sm90a_and_sm80(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found on PATH, in $CUDA_HOME or /usr/local/cuda: cannot compile-check csrc/*.cu")
@@ -125,8 +132,8 @@ def test_cuda_sources_compile_for_sm90a(tmp_path):
     assert sources, f"no .cu files in {CSRC}"
 
     def compile_one(src: Path) -> subprocess.CompletedProcess:
-        # -Xptxas -v reports each entry function compiled, proving device code was built for sm_90a.
-        cmd = [nvcc, "-std=c++17", SM90A, "-Werror", "all-warnings", "-Xptxas", "-v", f"-I{CSRC}", "-c", src,
+        # -Xptxas -v reports each entry function compiled, proving device code was built for each architecture.
+        cmd = [nvcc, "-std=c++17", *GENCODES, "-Werror", "all-warnings", "-Xptxas", "-v", f"-I{CSRC}", "-c", src,
                "-o", tmp_path / f"{src.stem}.o"]  # fmt: skip
         return _run(cmd, timeout=600)
 
@@ -135,28 +142,31 @@ def test_cuda_sources_compile_for_sm90a(tmp_path):
     failed = {s.name: (p.stdout + p.stderr)[-3000:] for s, p in results.items() if p.returncode != 0}
     assert not failed, "nvcc failed:\n" + "\n".join(f"--- {name}\n{log}" for name, log in failed.items())
     ptxas = "".join(p.stdout + p.stderr for p in results.values())
-    assert "for 'sm_90a'" in ptxas, f"no device code was compiled for sm_90a:\n{ptxas[-3000:]}"
     kernels = ptxas_report(ptxas)
-    assert any("lowrank_expand_kernel" in k for k in kernels) and any("quant_lowrank_kernel" in k for k in kernels)
+    for arch in ARCHS:
+        built = [k for k in kernels if k.endswith(f"[{arch}]")]
+        assert any("lowrank_expand_kernel" in k for k in built) and any("quant_lowrank_kernel" in k for k in built), (
+            f"no decode kernels were compiled for {arch}:\n{ptxas[-3000:]}"
+        )
     # A spill moves registers to local memory (DRAM through L1): for a byte-bound decode kernel, extra bytes per thread.
     spills = {k: r for k, r in kernels.items() if r["spill_stores"] or r["spill_loads"]}
     assert not spills, f"kernels spill registers: {spills}"
     print("\n".join(f"{k}: {r}" for k, r in sorted(kernels.items())))  # pytest -s shows the resource table
 
 
-_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_90a'")
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def ptxas_report(log: str) -> dict[str, dict[str, int]]:
-    """Per sm_90a entry function (mangled name) of `nvcc -Xptxas -v` output: registers, static shared memory,
-    stack frame and spill bytes."""
+    """Per entry function and architecture ("<mangled name> [sm_90a]") of `nvcc -Xptxas -v` output: registers,
+    static shared memory, stack frame and spill bytes."""
     report: dict[str, dict[str, int]] = {}
     name = None
     for line in log.splitlines():
         if m := _PTXAS_ENTRY.search(line):
-            name = m.group(1)
+            name = f"{m.group(1)} [{m.group(2)}]"
             report[name] = {"registers": 0, "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0}
         elif name and (m := _PTXAS_SPILLS.search(line)):
             report[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
@@ -173,7 +183,7 @@ def test_ptxas_report_parses_spills():
         "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n"
     )
     assert ptxas_report(log) == {
-        "_Z1kPf": {"registers": 255, "smem": 1024, "stack": 8, "spill_stores": 4, "spill_loads": 8}
+        "_Z1kPf [sm_90a]": {"registers": 255, "smem": 1024, "stack": 8, "spill_stores": 4, "spill_loads": 8}
     }
 
 

@@ -11,6 +11,7 @@ past a tensor, a read of unwritten workspace or shared memory, or a missing writ
 output, and a write past y as a changed guard.
 """
 
+import contextlib
 import ctypes
 
 import pytest
@@ -21,8 +22,8 @@ from helpers import assert_close_to_reference
 from lowrank_ops.ops.reference import lowrank_matmul_ref, quant_lowrank_matmul_ref
 from lowrank_ops.quant_format import num_groups, pack
 
-H100_SMS = 132
-H100_SMEM_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100
+H100 = {"sm_count": 132, "smem_optin": 232448, "cc_major": 9}  # cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB
+A100 = {"sm_count": 108, "smem_optin": 166912, "cc_major": 8}  # no PDL: the sm_80 image, plain stream order
 GUARD = 64  # elements on each side of every tensor: 128+ bytes keeps the 16-byte alignment of the views
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 ERR_LEN = 512
@@ -46,10 +47,19 @@ class Emulator:
         self.lib.emu_float_to_half.argtypes = self.lib.emu_float_to_bfloat16.argtypes = [ctypes.c_float]
         self.lib.emu_float_to_bfloat16.restype = ctypes.c_ushort
         self.lib.emu_loaded_bytes.restype = ctypes.c_longlong
-        self.configure(H100_SMS, H100_SMEM_OPTIN)
+        self._configure(**H100)
 
-    def configure(self, sm_count, smem_optin):
-        self.lib.emu_configure(sm_count, ctypes.c_longlong(smem_optin))
+    def _configure(self, sm_count, smem_optin, cc_major):
+        self.lib.emu_configure(sm_count, ctypes.c_longlong(smem_optin), cc_major)
+
+    @contextlib.contextmanager
+    def device(self, **changes):
+        """Inside, the emulated GPU is the H100 with `changes` (sm_count, smem_optin, cc_major)."""
+        self._configure(**{**H100, **changes})
+        try:
+            yield
+        finally:
+            self._configure(**H100)
 
     def launches(self):
         out = (ctypes.c_longlong * 4)()
@@ -211,13 +221,21 @@ def _assert_weights_streamed_once(emu, **weights):
 @pytest.mark.parametrize("sm_count", [1, 8])
 def test_lowrank_decode_on_small_devices(emu, sm_count):
     """Few SMs: one split or a handful; grids that loop over row tiles (expand blocks capped at 2 per SM)."""
-    emu.configure(sm_count, H100_SMEM_OPTIN)
-    try:
+    with emu.device(sm_count=sm_count):
         x, v, u, b = _lowrank_inputs(5, 2000, 1100, 40, torch.bfloat16, bias=True, seed=sm_count)
         _check_lowrank(emu.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)
         assert emu.launches()[1]["grid"] == 2 * sm_count
-    finally:
-        emu.configure(H100_SMS, H100_SMEM_OPTIN)
+
+
+def test_pre_hopper_devices_run_the_same_kernels_without_pdl(emu):
+    """Compute capability 8.x (the sm_80 image): the second kernel is a plain launch, results unchanged."""
+    with emu.device(**A100):
+        x, v, u, b = _lowrank_inputs(16, 4096, 1537, 200, torch.float16, bias=True, seed=1)
+        _check_lowrank(emu.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)
+        assert [launch["pdl"] for launch in emu.launches()] == [False, False]
+        args = _quant_inputs(3, 4096, 515, 24, 128, 4, torch.bfloat16, bias=True, seed=2)
+        _check_quant(emu.quant(*[_guarded(t) if isinstance(t, torch.Tensor) else t for t in args]), args)
+        assert [launch["pdl"] for launch in emu.launches()] == [False, False]
 
 
 def test_lowrank_decode_strided_unaligned_x(emu):
@@ -241,19 +259,16 @@ def test_lowrank_decode_bad_arguments_name_the_rule(emu):
         emu.lowrank(x, v, u, b)
     with pytest.raises(KernelError, match=r"x_row_stride=10 must be >= n=64"):
         emu.lowrank(x[:2], v, u, b, x_row_stride=10)
-    emu.configure(H100_SMS, 8 * 1024)
-    try:
-        with pytest.raises(KernelError, match=r"rows \* rank \* 4 = 16384 bytes of z must fit .* \(8192 bytes"):
-            emu.lowrank(*_lowrank_inputs(16, 300, 32, 256, torch.float16, bias=False, seed=0)[:3], None)
-    finally:
-        emu.configure(H100_SMS, H100_SMEM_OPTIN)
+    too_small = pytest.raises(KernelError, match=r"rows \* rank \* 4 = 16384 bytes of z must fit .* \(8192 bytes")
+    with emu.device(smem_optin=8 * 1024), too_small:
+        emu.lowrank(*_lowrank_inputs(16, 300, 32, 256, torch.float16, bias=False, seed=0)[:3], None)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 16])
 @pytest.mark.parametrize(("n", "m", "rank", "consumers"), [(4096, 4096, 256, 64), (11008, 4096, 128, 264),
                                                            (576, 192, 24, 6), (4095, 1537, 1, 26)])  # fmt: skip
 def test_shrink_plan_rules(emu, n, m, rank, consumers, rows):
-    plan = emu.shrink_plan(rows, n, m, rank, H100_SMS, consumers)
+    plan = emu.shrink_plan(rows, n, m, rank, H100["sm_count"], consumers)
     chunks = -(-n // 512)
     s, per = plan["splits"], plan["chunks_per_slice"]
     assert 1 <= s <= chunks and s * per >= chunks and (s - 1) * per < chunks, "slices cover n, none is empty"

@@ -45,6 +45,7 @@ struct Buffer {
 struct Device {
   int sm_count = 4;
   size_t smem_optin = 227 * 1024;
+  int cc_major = 9;
 };
 
 struct State {
@@ -194,10 +195,11 @@ cudaError_t run_block(size_t threads) {
 
 }  // namespace
 
-void configure(int sm_count, size_t smem_optin_bytes) {
+void configure(int sm_count, size_t smem_optin_bytes, int cc_major) {
   State& s = state();
   s.device.sm_count = sm_count;
   s.device.smem_optin = smem_optin_bytes;
+  s.device.cc_major = cc_major;
 }
 
 int launch_count() { return static_cast<int>(state().launches.size()); }
@@ -346,6 +348,9 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = static_cast<int>(d.smem_optin);
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = d.cc_major;
       return cudaSuccess;
   }
   return cudaErrorInvalidValue;

@@ -60,6 +60,7 @@ typedef struct CUstream_st* cudaStream_t;
 
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 
@@ -91,8 +92,10 @@ struct cudaLaunchConfig_t {
 
 namespace cuda_emu {
 
-// The emulated device: SM count and the largest dynamic shared memory a kernel may opt in to.
-void configure(int sm_count, size_t smem_optin_bytes);
+// The emulated device: SM count, the largest dynamic shared memory a kernel may opt in to, compute capability major.
+// Device code is compiled without __CUDA_ARCH__, so arch-guarded intrinsics (PDL's wait / trigger) compile to nothing:
+// a dependent launch runs after its predecessor has finished, which PDL allows.
+void configure(int sm_count, size_t smem_optin_bytes, int cc_major);
 
 struct LaunchRecord {
   unsigned int grid, block;
@@ -190,10 +193,6 @@ inline void __syncthreads() { ::cuda_emu::sync_block(); }
 inline float __shfl_xor_sync(unsigned int mask, float value, int lane_mask) {
   return ::cuda_emu::shuffle_xor(mask, value, lane_mask);
 }
-
-// PDL: blocks run after the whole previous grid has finished, so waiting is a no-op and triggering changes nothing.
-inline void cudaGridDependencySynchronize() {}
-inline void cudaTriggerProgrammaticLaunchCompletion() {}
 
 // The read-only / streaming loads every weight and x load of the kernels goes through: checked against the
 // registered buffers (a load outside all of them faults) and counted per buffer.

@@ -66,8 +66,8 @@ constexpr size_t kItem = 2;  // fp16 / bf16
 
 extern "C" {
 
-void emu_configure(int sm_count, long long smem_optin_bytes) {
-  cuda_emu::configure(sm_count, static_cast<size_t>(smem_optin_bytes));
+void emu_configure(int sm_count, long long smem_optin_bytes, int cc_major) {
+  cuda_emu::configure(sm_count, static_cast<size_t>(smem_optin_bytes), cc_major);
 }
 
 // Runs self-check `which` (0 warp sum, 1 neighbour with barrier, 2 neighbour without, 3 divergent barrier,
