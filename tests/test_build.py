@@ -1,8 +1,8 @@
 """Packaging and the optional C++/CUDA build path (issue 2 §1, issue 9 §2).
 
 - The wheel ships `kernels/` as `lowrank_ops.kernels` and nothing top-level besides `lowrank_ops`.
-- Every csrc/*.cu compiles with plain nvcc for sm_90a and sm_80 (no torch, no GPU needed) with no register spills, and no
-  kernel file includes torch; csrc/bindings.cpp passes a syntax-only g++ check against torch's headers.
+- Every csrc/*.cu compiles with plain nvcc for sm_90a and sm_80 (no torch, no GPU needed) with no register spills,
+  and no kernel file includes torch; csrc/bindings.cpp passes a syntax-only g++ check against torch's headers.
 - setup.py's decision to build or skip the extension says why, and LOWRANK_OPS_BUILD_CUDA=1 makes a skip an error.
 """
 
