@@ -92,8 +92,9 @@ def _summary(result: dict) -> str:
     lines = [result["layer_table"], "", f"{'variant':40s} {size_name:>6s} {'perplexity':>11s} {'seconds':>8s}"]
     if "dense" in result:
         lines.append(f"{'dense':40s} {dense_size:6.3f} {result['dense']['perplexity']:11.3f}")
-    ppl = result.get("compressed", {}).get("perplexity", float("nan"))
-    lines.append(f"{variant:40s} {size:6.3f} {ppl:11.3f} {compression['seconds']['total']:8.1f}")
+    ppl = result.get("compressed", {}).get("perplexity")
+    ppl_text = "-" if ppl is None else f"{ppl:.3f}"  # "-": --no-eval
+    lines.append(f"{variant:40s} {size:6.3f} {ppl_text:>11s} {compression['seconds']['total']:8.1f}")
     meaning = ("bits/w = storage bits per targeted weight (dense counted at 16)" if bits is not None
                else "kept = fraction of the targeted Linear parameters")  # fmt: skip
     lines.append(f"model: {result['model']}; {meaning}")

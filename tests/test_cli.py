@@ -65,6 +65,8 @@ def test_summary_headlines_bits_for_quantized_layers_and_param_ratio_otherwise()
     result["compression"] = {"param_ratio": 0.9, "bits_per_weight": None, "seconds": {"total": 1.0}}
     text = _summary(result)
     assert "kept" in text and " 0.900 " in text
+    del result["compressed"]  # --no-eval
+    assert "nan" not in _summary(result) and "0.900           -" in _summary(result)
 
 
 def test_summary_of_a_target_run_without_dense_evaluation_says_so():
