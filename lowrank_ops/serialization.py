@@ -191,6 +191,9 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
         module.dense_class = entry.get("dense_class", "Linear")
         replace_module(model, name, module)
     model.to_empty(device=device)
+    # to_empty gives every parameter its own storage (torch 2.13), untying lm_head from the input embedding; the
+    # file holds a tied tensor once (safetensors drops the duplicate name), so tie again before loading.
+    model.tie_weights()
     load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
     _recompute_non_persistent_buffers(model, hf_config, device)
     if dtype is not None:

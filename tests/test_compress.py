@@ -7,6 +7,7 @@ import torch
 from tiny_models import tiny_gpt2, tiny_llama_gqa
 
 from lowrank_ops import LowRankLinear
+from lowrank_ops.assets import tiny_llama
 from lowrank_ops.calibration import collect_input_statistics
 from lowrank_ops.compress import compress_
 from lowrank_ops.configs import LowRankConfig, config_from_dict, config_from_json
@@ -126,6 +127,21 @@ def test_gpt2_conv1d_layers_compress_and_convert_back_to_dense():
     assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
     torch.testing.assert_close(model(tokens).logits, compressed_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(model(tokens).logits, reference(tokens).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(vocab_size=128, hidden_size=48, intermediate_size=80,
+                                                       max_position_embeddings=64, tie_word_embeddings=True),
+                                   tiny_gpt2], ids=["llama-tied", "gpt2"])  # fmt: skip
+def test_save_load_keeps_tied_embeddings(tmp_path, make):
+    """SmolLM2 and GPT-2 tie lm_head to the input embedding: the file holds the tensor once, the loaded model must
+    tie it again (regression: loading `make compress`'s output failed with a missing embed_tokens.weight)."""
+    model = make()
+    compress_(model, _config(method="svd", param_ratio=0.7), progress=False)
+    loaded, _ = load_compressed(save_compressed(model, tmp_path / "tied", config=None, source="tiny"))
+    head, embedding = loaded.get_output_embeddings().weight, loaded.get_input_embeddings().weight
+    assert head.data_ptr() == embedding.data_ptr()
+    tokens = _tokens(2)
+    assert torch.equal(model(tokens).logits, loaded(tokens).logits)
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
