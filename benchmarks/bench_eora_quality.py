@@ -12,9 +12,10 @@ of the model and recomputes its base (GPTQ is the slow one). The model ships as 
 bases are nearly lossless for that reason alone: the int3 and 2:4 rows carry the evidence. Writes
 eora_quality-<device>.json (rewritten after every row), a Markdown table and a PNG. `--merge` keeps the rows of an
 existing results file for this device and measures only the missing (base, residual, rank) configurations (same
---calib-tokens / --eval-tokens required), so the grid can be filled over several runs. Stored bits per weight count
-what the modules store in the run's dtype (fp32 on CPU: residual factors and scales at 32 bits, a 2:4 base stored
-dense at 32 bits, the dense row at 32); the nominal compressed 2:4 size is reported apart.
+--calib-tokens / --eval-tokens required), so the grid can be filled over several runs. Bits per weight count the
+packed codes as stored and every float (scales, zero points, residual factors, a 2:4 base stored dense, the dense
+row) at 16 bits, the deployment width, whatever dtype the run used (`lowrank_ops.compress.REPORT_VALUE_BITS`); the
+nominal compressed 2:4 size is reported apart.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_common import compress_and_evaluate, finish_results, resumed_rows  # noqa: E402
 
 from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
-from lowrank_ops.compress import resolve_device  # noqa: E402
+from lowrank_ops.compress import REPORT_VALUE_BITS, resolve_device  # noqa: E402
 from lowrank_ops.configs import EoraConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
 
@@ -68,7 +69,7 @@ def markdown_table(rows: list[dict], header: dict) -> str:
             lines.append(f"| {base} | {residual} | " + " | ".join(cells) + " |")
         if not any(row["base"] == base and row["rank"] for row in rows) and none is not None:
             lines.append(f"| {base} | none | {none:.2f} |" + " |" * len(ranks))
-    lines += ["", "| base | residual | rank | stored bits/w | nominal 2:4 bits/w | perplexity | compression s |",
+    lines += ["", "| base | residual | rank | bits/w | nominal 2:4 bits/w | perplexity | compression s |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         rank = "" if row["rank"] is None else str(row["rank"])
@@ -106,20 +107,19 @@ def main(argv=None) -> int:
     header = environment_header()
     header["plot"] = {"x": "rank", "y": "perplexity", "line": "residual", "panel_cols": "base", "shape_keys": [],
                       "log_y": True}  # fmt: skip
-    rows = resumed_rows(args.out, "eora_quality", header, args.merge,
-                        dict(calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len))
+    protocol = dict(calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                    value_bits=REPORT_VALUE_BITS)  # fmt: skip
+    rows = resumed_rows(args.out, "eora_quality", header, args.merge, protocol)
     done = {(row["base"], row["residual"], row["rank"]) for row in rows}
     grid = [entry for entry in grid if entry[:3] not in done]
     device = resolve_device(args.device)
     pristine, tokenizer, source = load_model(args.model, device)
     calibration = text_windows(tokenizer, "calibration", args.seq_len, args.calib_tokens)
-    common = dict(model=source, eval_tokens=args.eval_tokens, seq_len=args.seq_len, calib_tokens=args.calib_tokens,
-                  device=str(device))  # fmt: skip
+    common = dict(model=source, device=str(device), **protocol)
     if ("dense", "none", None) not in done:
         dense = evaluate_perplexity(pristine, tokenizer, args.seq_len, args.eval_tokens, batch_size=4, progress=False)
-        dense_bits = 8.0 * next(pristine.parameters()).element_size()  # stored as loaded: 32 in fp32
         rows.insert(0, dict(common, base="dense", residual="none", rank=None, variant="dense",
-                            bits_per_weight=dense_bits, nominal_2to4_bits_per_weight=None,
+                            bits_per_weight=float(REPORT_VALUE_BITS), nominal_2to4_bits_per_weight=None,
                             perplexity=dense["perplexity"], compression_seconds=0.0))  # fmt: skip
         print(f"dense: perplexity {dense['perplexity']:.3f}", flush=True)
     print(f"{len(grid)} configurations to measure ({len(rows)} rows kept)", flush=True)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                          perplexity=ppl, compression_seconds=seconds,
                          ranks=sorted({layer.rank for layer in report.layers}), config=config.to_dict()))  # fmt: skip
         print(f"{base:16s} {residual:5s} rank {rank!s:4s}: perplexity {ppl:.3f}, "
-              f"{report.bits_per_weight:.3f} bits/w stored, compression {seconds:.1f} s", flush=True)  # fmt: skip
+              f"{report.bits_per_weight:.3f} bits/w, compression {seconds:.1f} s", flush=True)  # fmt: skip
         path = write_results(args.out, "eora_quality", header, rows)
 
     finish_results(path, markdown_table(rows, header))

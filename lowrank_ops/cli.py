@@ -95,8 +95,8 @@ def _summary(result: dict) -> str:
     ppl = result.get("compressed", {}).get("perplexity")
     ppl_text = "-" if ppl is None else f"{ppl:.3f}"  # "-": --no-eval
     lines.append(f"{variant:40s} {size:6.3f} {ppl_text:>11s} {compression['seconds']['total']:8.1f}")
-    meaning = ("bits/w = storage bits per targeted weight (dense counted at 16)" if bits is not None
-               else "kept = fraction of the targeted Linear parameters")  # fmt: skip
+    meaning = ("bits/w = storage bits per targeted weight, floats counted at 16 bits (the dense row too)"
+               if bits is not None else "kept = fraction of the targeted Linear parameters")  # fmt: skip
     lines.append(f"model: {result['model']}; {meaning}")
     if "compressed" in result:
         ev = result["compressed"]

@@ -28,6 +28,11 @@ from lowrank_ops.rank import discarded_energy, rank_for_param_ratio
 from lowrank_ops.sequential import compress_sequentially
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_weight, replace_module
 
+REPORT_VALUE_BITS = 16
+"""Width at which float values (factors, codebooks, scales, zero points, dense weights) are counted in bit budgets
+and reports: fp16 / bf16, the deployment dtype, whatever dtype the compression ran in (a float32 run on a CPU stores
+twice the float bytes; the modules' own `bits_per_weight` counts what they store)."""
+
 
 @dataclass
 class LayerResult:
@@ -61,11 +66,12 @@ class CompressionReport:
 
     @property
     def bits_per_weight(self) -> float | None:
-        """Storage bits per targeted weight, for layers that report it (quantized / shared-channel layers; dense
-        layers count 16 bits); None when no layer does (plain low-rank: param_ratio is the headline)."""
+        """Storage bits per targeted weight with floats at REPORT_VALUE_BITS, for layers that report it (quantized /
+        shared-channel layers; dense layers count REPORT_VALUE_BITS); None when no layer does (plain low-rank:
+        param_ratio is the headline)."""
         if not any(hasattr(layer, "bits_per_weight") for layer in self.layers):
             return None
-        bits = sum(getattr(layer, "bits_per_weight", 16.0) * layer.out_features * layer.in_features
+        bits = sum(getattr(layer, "bits_per_weight", REPORT_VALUE_BITS) * layer.out_features * layer.in_features
                    for layer in self.layers)  # fmt: skip
         return bits / self.targeted_params
 
@@ -90,14 +96,14 @@ class CompressionReport:
             kept = layer.kept_params / (layer.out_features * layer.in_features)
             dropped = "" if layer.discarded_energy is None else f"{layer.discarded_energy:.4f}"
             shape = f"{layer.out_features}x{layer.in_features}"
-            layer_bits = f" {getattr(layer, 'bits_per_weight', 16.0):7.3f}" if bits is not None else ""
+            layer_bits = f" {getattr(layer, 'bits_per_weight', REPORT_VALUE_BITS):7.3f}" if bits is not None else ""
             lines.append(f"{layer.name:48s} {shape:>11s} {rank:>6s} {kept:6.3f} {dropped:>14s}{layer_bits}")
         lines.append(
             f"targeted params kept: {self.kept_params:,} / {self.targeted_params:,} = {self.param_ratio:.4f} "
             f"(embeddings + lm_head, not targeted: {self.embedding_params:,})"
         )
         if bits is not None:
-            lines.append(f"storage of the targeted layers: {bits:.3f} bits per weight")
+            lines.append(f"storage of the targeted layers: {bits:.3f} bits per weight ({REPORT_VALUE_BITS}-bit floats)")
         return "\n".join(lines)
 
 

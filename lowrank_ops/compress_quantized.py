@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lowrank_ops.algorithms.eora import base_weight, parse_base_spec, quantized_base, residual_svd, residual_whitening
 from lowrank_ops.calibration import calibration_windows, collect_input_statistics
-from lowrank_ops.compress import CompressionReport, LayerResult, resolve_device
+from lowrank_ops.compress import REPORT_VALUE_BITS, CompressionReport, LayerResult, resolve_device
 from lowrank_ops.configs import EoraConfig
 from lowrank_ops.modules import QuantLowRankLinear, SparseLowRankLinear
 from lowrank_ops.modules._base_residual import check_residual_rank
@@ -34,9 +34,10 @@ from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_
 class QuantLayerResult(LayerResult):
     """LayerResult of a quantized or 2:4 layer. kept_params counts the base's m n entries plus the residual's
     r (m + n) (so the report's param_ratio is >= 1: parameters, not bytes; a 2:4 base is stored dense); bits_per_weight
-    is the storage cost as stored (`QuantLowRankLinear.bits_per_weight`, `SparseLowRankLinear.bits_per_weight`: a 2:4
-    base counts its dense storage); nominal_2to4_bits_per_weight, for 2:4 bases only, what the compressed 2:4 format
-    would take (`SparseLowRankLinear.nominal_2to4_bits_per_weight`, not stored in this package yet);
+    is the storage cost with floats at REPORT_VALUE_BITS (`bits_per_weight_at`: packed codes as stored, scales, zero
+    points and factors at 16 bits; a 2:4 base counts its dense storage); nominal_2to4_bits_per_weight, for 2:4 bases
+    only, what the compressed 2:4 format would take (`SparseLowRankLinear.nominal_2to4_bits_per_weight_at`, not
+    stored in this package yet);
     discarded_energy is the fraction of the base error's energy, in the residual method's norm, that the residual
     leaves (1.0 at rank 0; for "eora" the calibration output error ||(dW - U V) X^T||^2 / ||dW X^T||^2)."""
 
@@ -127,10 +128,11 @@ def _compress_layer(model: nn.Module, name: str, module: nn.Module, layer_stats,
     bias = None if module.bias is None else module.bias.detach().to(dtype)
     if spec.kind == "prune":
         new = SparseLowRankLinear.from_pruned(base, u=u, v=v, bias=bias)
-        nominal = new.nominal_2to4_bits_per_weight
+        nominal = new.nominal_2to4_bits_per_weight_at(REPORT_VALUE_BITS)
     else:
         new = QuantLowRankLinear.from_packed(base.to(weight.device), u=u, v=v, bias=bias)
         nominal = None
     new.dense_class = type(module).__name__
     replace_module(model, name, new)
-    return QuantLayerResult(name, m, n, rank, m * n + rank * (m + n), dropped, new.bits_per_weight, nominal)
+    bits = new.bits_per_weight_at(REPORT_VALUE_BITS)
+    return QuantLayerResult(name, m, n, rank, m * n + rank * (m + n), dropped, bits, nominal)

@@ -19,16 +19,13 @@ from tqdm.auto import tqdm
 from lowrank_ops.algorithms.eora import residual_svd, residual_whitening
 from lowrank_ops.algorithms.swsc import bits_per_weight, check_clusters, clusters_for_bits, shared_weight
 from lowrank_ops.calibration import calibration_windows, collect_input_statistics
-from lowrank_ops.compress import CompressionReport, LayerResult, resolve_device
+from lowrank_ops.compress import REPORT_VALUE_BITS, CompressionReport, LayerResult, resolve_device
 from lowrank_ops.configs import SwscConfig
 from lowrank_ops.engine import kmeans_many
 from lowrank_ops.modules import SharedChannelLinear
 from lowrank_ops.quant_format import SCALE_DTYPES
 from lowrank_ops.rank import discarded_energy
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, linear_weight, replace_module
-
-STORED_VALUE_BITS = 16
-"""Width at which codebook and factor values are counted in budgets and reports: fp16 / bf16 deployment."""
 
 
 @dataclass
@@ -48,7 +45,7 @@ def layer_clusters(config: SwscConfig, name: str, m: int, n: int) -> int:
     if config.clusters is not None:
         return check_clusters(config.clusters, m, n, config.shared, where)
     rank = min(config.rank, m, n)
-    return clusters_for_bits(m, n, config.bits, rank, config.shared, STORED_VALUE_BITS, where)
+    return clusters_for_bits(m, n, config.bits, rank, config.shared, REPORT_VALUE_BITS, where)
 
 
 def compress_shared_channels_(
@@ -123,7 +120,7 @@ def compress_shared_channels_(
         replace_module(model, name, new)
         dropped = float(discarded_energy(factors.singular_values.to(torch.float64), rank, relative=True))
         kept = codebook.numel() + index.numel() + rank * (m + n)
-        bits = bits_per_weight(m, n, clusters[name], rank, config.shared, STORED_VALUE_BITS)
+        bits = bits_per_weight(m, n, clusters[name], rank, config.shared, REPORT_VALUE_BITS)
         layers.append(SharedLayerResult(name, m, n, rank, kept, dropped, clusters[name], bits))
     seconds["residuals"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - start

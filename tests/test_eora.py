@@ -136,6 +136,10 @@ def test_module_storage_repr_and_bad_arguments():
     # codes 40 x 13 int32 words, scales + zeros 2 x 40 x 4 fp16, factors (40 + 100) x 5 fp16
     assert module.storage_bytes == 40 * 13 * 4 + 2 * 40 * 4 * 2 + 140 * 5 * 2
     assert module.bits_per_weight == pytest.approx(8 * 4120 / 4000)
+    assert module.bits_per_weight_at(16) == pytest.approx(module.bits_per_weight)  # stored at 16 bits already
+    fp32 = QuantLowRankLinear.from_packed(quantized_base(W, "int4-g32", dtype=torch.float32), u=U, v=V)
+    assert fp32.bits_per_weight == pytest.approx(8 * (40 * 13 * 4 + 2 * 40 * 4 * 4 + 140 * 5 * 4) / 4000)
+    assert fp32.bits_per_weight_at(16) == pytest.approx(module.bits_per_weight)  # what a compress_ report shows
     text = repr(module)
     assert all(s in text for s in ("bits=4", "group_size=32", "rank=5", "bits_per_weight=8.240"))
     assert module.u.dtype == torch.float16 and list(module.state_dict()) == [

@@ -129,7 +129,11 @@ def test_compress_builds_2to4_layers_and_eora_lowers_the_calibration_error():
                 assert two_of_four_violation(module.weight) is None and module.rank == rank
                 assert (module.weight != 0).sum().item() == module.weight.numel() // 2  # n = 48, 80: exactly 50 %
             layer = report.layers[0]
-            assert layer.bits_per_weight == pytest.approx(32 + 32 * rank * (48 + 48) / (48 * 48))  # fp32, dense
+            # the report counts floats at 16 bits (deployment), the module what it stores (fp32 here): dense base both
+            assert layer.bits_per_weight == pytest.approx(16 + 16 * rank * (48 + 48) / (48 * 48))
+            module = swapped[layer.name]
+            assert module.bits_per_weight == pytest.approx(32 + 32 * rank * (48 + 48) / (48 * 48))
+            assert module.nominal_2to4_bits_per_weight_at(16) == layer.nominal_2to4_bits_per_weight
             assert layer.nominal_2to4_bits_per_weight < layer.bits_per_weight
             losses[(base, residual, rank)] = _calibration_loss(reference, stats, model)
         assert losses[(base, "eora", 8)] < 0.5 * losses[(base, "eora", 0)]  # measured 0.34 for both bases

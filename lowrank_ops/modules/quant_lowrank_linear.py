@@ -113,6 +113,12 @@ class QuantLowRankLinear(nn.Module):
         layout v1), scales, zeros and the residual factors, per entry of the dense weight."""
         return 8.0 * self.storage_bytes / (self.out_features * self.in_features)
 
+    def bits_per_weight_at(self, value_bits: int) -> float:
+        """bits_per_weight with the float tensors (scales, zeros, factors) counted at `value_bits` each."""
+        floats = [self.scales, self.zeros] + ([self.u, self.v] if self.rank else [])
+        bits = 8 * self.qweight.numel() * self.qweight.element_size() + value_bits * sum(t.numel() for t in floats)
+        return bits / (self.out_features * self.in_features)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -92,8 +92,11 @@ class SharedChannelLinear(nn.Module):
     @property
     def bits_per_weight(self) -> float:
         """8 * storage_bytes / (out_features * in_features), as `algorithms.swsc.bits_per_weight` counts it."""
-        return bits_per_weight(self.out_features, self.in_features, self.clusters, self.rank, self.shared,
-                               8 * self.codebook.element_size())  # fmt: skip
+        return self.bits_per_weight_at(8 * self.codebook.element_size())
+
+    def bits_per_weight_at(self, value_bits: int) -> float:
+        """bits_per_weight with codebook and factor values counted at `value_bits` (int32 index as stored)."""
+        return bits_per_weight(self.out_features, self.in_features, self.clusters, self.rank, self.shared, value_bits)
 
     def extra_repr(self) -> str:
         return (

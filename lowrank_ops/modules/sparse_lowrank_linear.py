@@ -108,20 +108,32 @@ class SparseLowRankLinear(nn.Module):
         """8 * storage_bytes / (out_features * in_features): what is stored, the dense base included."""
         return 8.0 * self.storage_bytes / (self.out_features * self.in_features)
 
+    def bits_per_weight_at(self, value_bits: int) -> float:
+        """bits_per_weight with every value (dense base, factors) counted at `value_bits`."""
+        values = self.weight.numel() + (self.u.numel() + self.v.numel() if self.rank else 0)
+        return value_bits * values / (self.out_features * self.in_features)
+
     @property
     def nominal_2to4_bytes(self) -> int:
         """NOMINAL bytes in the compressed 2:4 format (not what this module stores): the kept slots (2 per run of 4,
         ceil(L / 2) in a tail run of L) in the layer's dtype plus 2 bits of metadata per kept slot, plus the
         residual factors."""
+        return -(-self._nominal_2to4_bits(8 * self.weight.element_size()) // 8)
+
+    def _nominal_2to4_bits(self, value_bits: int) -> int:
         n = self.in_features
         kept = self.out_features * (2 * (n // 4) + (n % 4 + 1) // 2)
-        factors = sum(t.numel() * t.element_size() for t in ([self.u, self.v] if self.rank else []))
-        return kept * self.weight.element_size() + -(-kept * _METADATA_BITS_PER_KEPT // 8) + factors
+        factors = self.u.numel() + self.v.numel() if self.rank else 0
+        return value_bits * (kept + factors) + kept * _METADATA_BITS_PER_KEPT
 
     @property
     def nominal_2to4_bits_per_weight(self) -> float:
         """8 * nominal_2to4_bytes / (out_features * in_features) (NOMINAL: see nominal_2to4_bytes)."""
         return 8.0 * self.nominal_2to4_bytes / (self.out_features * self.in_features)
+
+    def nominal_2to4_bits_per_weight_at(self, value_bits: int) -> float:
+        """nominal_2to4_bits_per_weight with values (kept slots, factors) counted at `value_bits`."""
+        return self._nominal_2to4_bits(value_bits) / (self.out_features * self.in_features)
 
     def extra_repr(self) -> str:
         return (
