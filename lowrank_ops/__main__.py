@@ -1,5 +1,5 @@
 import sys
 
-from lowrank_ops.cli import main
+from lowrank_ops.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -114,6 +115,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lowrank_ops.compress import resolve_device
     from lowrank_ops.pipeline import evaluate_perplexity, load_model
 
+    if (args.model is None) == (args.model_option is None):
+        raise ValueError("eval: give the model once, as `eval MODEL` or `eval --model MODEL`")
+    args.model = args.model or args.model_option
+
     model, tokenizer, source = load_model(args.model, resolve_device(args.device))
     ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, args.batch_size)
     print(f"{source}: perplexity {ev['perplexity']:.3f} on {ev['tokens']} Wikipedia test tokens "
@@ -209,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default=None, help="directory to save the compressed model into (atomically)")
     comp.set_defaults(func=_cmd_compress)
     ev = sub.add_parser("eval", help="perplexity on the Wikipedia test split")
-    ev.add_argument("model", help="a directory written by compress, a model directory, a hub id or 'default'")
+    ev.add_argument("model", nargs="?", help="a directory written by compress, a model directory, a hub id or "
+                    "'default'")  # fmt: skip
+    ev.add_argument("--model", dest="model_option", metavar="MODEL", help="the same, as an option (like compress)")
     ev.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     ev.add_argument("--seq-len", type=int, default=d.seq_len)
     ev.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -257,5 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> int:
+    """The `lowrank-ops` command: `main`, with a user's mistake (ValueError, FileNotFoundError: a bad option, a
+    missing model) printed as one line and exit status 2 instead of a traceback; LOWRANK_OPS_DEBUG=1 re-raises."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("lowrank-ops: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("LOWRANK_OPS_DEBUG") == "1":
+            raise
+        print(f"lowrank-ops: error: {exc}\n(LOWRANK_OPS_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,6 +1,8 @@
 """The command line and env_report: what a user sees first."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,24 @@ def test_summary_of_a_target_run_without_dense_evaluation_says_so():
     assert "perplexity (dense not evaluated) 11.500" in text and "nan" not in text
     result["dense_target"] = {"perplexity": 10.0}
     assert "perplexity dense 10.000 -> 11.500" in _summary(result)
+
+
+def test_eval_takes_the_model_as_argument_or_option_once():
+    with pytest.raises(ValueError, match="give the model once"):
+        main(["eval"])
+    with pytest.raises(ValueError, match="give the model once"):
+        main(["eval", "a", "--model", "b"])
+    with pytest.raises(FileNotFoundError, match="without weights"):
+        main(["eval", "--model", str(Path(__file__).parent)])  # a directory, but not a model
+
+
+def test_command_prints_a_users_mistake_in_one_line(monkeypatch, capsys):
+    from lowrank_ops.cli import entry
+
+    monkeypatch.setattr(sys, "argv", ["lowrank-ops", "compress", "--method", "swsc", "--clusters", "0", "--no-eval"])
+    assert entry() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowrank-ops: error: ") and "clusters=0 must be an int >= 1" in err and "Traceback" not in err
+    monkeypatch.setenv("LOWRANK_OPS_DEBUG", "1")
+    with pytest.raises(ValueError, match="clusters=0"):
+        entry()
