@@ -509,7 +509,9 @@ def markdown_table(rows: list[dict], header: dict) -> str:
     first_decode = next((r for r in rows if r["phase"] == "decode"), None)
     lines = [f"Model {header['model']} ({header['dtype']}); {header['device']}; "
              f"git {header['git_sha']}{' (dirty)' if header.get('git_dirty') else ''}; {header['date_utc']}.",
-             "Weights of compressed layers are random values of the right shapes (latency does not depend on them).",
+             ("The `saved` layers are the saved model's own; the other compressed variants hold random values of "
+              "the right shapes (latency does not depend on them)." if "saved" in variants else
+              "Weights of compressed layers are random values of the right shapes (latency does not depend on them)."),
              ""]  # fmt: skip
     for phase, unit, key, fmt in (("decode", "us/token", "median_us", ".1f"), ("prefill", "ms", "median_ms", ".2f")):
         settings = list(dict.fromkeys(r["setting"] for r in rows if r["phase"] == phase))

@@ -262,6 +262,7 @@ def test_cli_defaults_to_dense_and_saved_for_a_saved_model_and_refuses_saved_oth
                  "--decode-prompt", "6", "--new-tokens", "3", "--target-ms", "1", "--no-plot"]) == 0  # fmt: skip
     rows = json.loads((out / "e2e-saved-cpu.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", "dense", "saved", "saved"]
+    assert "`saved` layers are the saved model's own" in (out / "e2e-saved-cpu.md").read_text()
     with pytest.raises(ValueError, match="variant 'saved' needs --model"):
         main(["bench-e2e", "--model", str(tmp_path / "elsewhere"), "--out", str(out), "--variants", "saved"])
 
