@@ -79,7 +79,7 @@ def test_wheel_file_list(tmp_path):
     top_level = {n.split("/")[0] for n in names}
     assert top_level == {"lowrank_ops", dist_info}, f"unexpected top-level entries: {top_level - {dist_info}}"
     assert not [n for n in names if n.endswith((".pyc", ".so"))]
-    assert re.search(r"^lowrank-ops\s*=\s*lowrank_ops\.cli:main$", entry_points, re.MULTILINE), entry_points
+    assert re.search(r"^lowrank-ops\s*=\s*lowrank_ops\.cli:entry$", entry_points, re.MULTILINE), entry_points
 
     # Installed, kernels resolve as lowrank_ops.kernels, from the wheel's files (cwd away from the repo's kernels/).
     site = tmp_path / "site"
