@@ -85,7 +85,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 # (n, m): n = 4095 (no 16-byte path for x and V), 4096, 576 (SmolLM2); odd m = 1537.
 SHAPES = [(4095, 1537), (4096, 1537), (576, 192), (4096, 4096)]
 RANKS = [1, 24, 200, 256]
-ROWS = [1, 3, 16]
+ROWS = [1, 2, 3, 7, 16]  # one per M tile the kernels instantiate (1, 2, 4, 8, 16)
 
 
 def _lowrank_inputs(rows, n, m, r, dtype, bias, seed):
