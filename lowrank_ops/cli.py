@@ -61,7 +61,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.target_data is not None and args.method != "basis":
         raise ValueError(f"--target-data is used by --method basis only, not --method {args.method}")
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
-                             evaluate_dense=not args.no_dense_eval, target_data=args.target_data)  # fmt: skip
+                             evaluate_dense=not args.no_dense_eval, target_data=args.target_data,
+                             dtype=args.dtype)  # fmt: skip
     print(_summary(result))
     if args.out:
         print(f"saved to {args.out}")
@@ -113,13 +114,14 @@ def _summary(result: dict) -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lowrank_ops.compress import resolve_device
-    from lowrank_ops.pipeline import evaluate_perplexity, load_model
+    from lowrank_ops.pipeline import evaluate_perplexity, load_model, model_dtype
 
     if (args.model is None) == (args.model_option is None):
         raise ValueError("eval: give the model once, as `eval MODEL` or `eval --model MODEL`")
     args.model = args.model or args.model_option
 
-    model, tokenizer, source = load_model(args.model, resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, tokenizer, source = load_model(args.model, device, model_dtype(args.dtype, device))
     ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, args.batch_size)
     print(f"{source}: perplexity {ev['perplexity']:.3f} on {ev['tokens']} Wikipedia test tokens "
           f"(windows of {ev['seq_len']}, BOS-prefixed), {ev['seconds']:.1f} s")  # fmt: skip
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     from lowrank_ops.configs import ALLOCATORS, DEVICES, METHODS, EoraConfig, LowRankConfig, SwscConfig
-    from lowrank_ops.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_MODEL
+    from lowrank_ops.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_MODEL, MODEL_DTYPES
 
     d = LowRankConfig()
     comp = sub.add_parser("compress", help="calibrate, compress, evaluate and save a causal LM")
@@ -202,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seq-len", type=int, default=d.seq_len)
     comp.add_argument("--batch-size", type=int, default=d.batch_size)
     comp.add_argument("--device", default=d.device, choices=DEVICES)
+    comp.add_argument("--dtype", default="auto", choices=["auto", *MODEL_DTYPES],
+                      help="weights / activations while compressing and in the saved model (auto: float32 on a CPU, "
+                      "bfloat16 on a GPU)")  # fmt: skip
     comp.add_argument(
         "--sequential",
         action="store_true",
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=d.seq_len)
     ev.add_argument("--batch-size", type=int, default=d.batch_size)
     ev.add_argument("--device", default="auto", choices=DEVICES)
+    ev.add_argument("--dtype", default="auto", choices=["auto", *MODEL_DTYPES],
+                    help="auto: float32 on a CPU, bfloat16 on a GPU")  # fmt: skip
     ev.add_argument("--json", action="store_true", help="also print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
     env = sub.add_parser("env", help="versions, GPU and available backends")

@@ -145,6 +145,19 @@ def _target_perplexity(model, windows: torch.Tensor, batch_size: int, progress: 
             "seconds": time.perf_counter() - tic}  # fmt: skip
 
 
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" -> float32 on a CPU (bfloat16 matmuls are slow there), bfloat16 on a GPU (what checkpoints ship and the
+    kernels run); else the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"dtype={name!r} must be 'auto' or one of {list(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
+
+
 def run_compression(
     model_name: str,
     config: LowRankConfig | EoraConfig,
@@ -157,15 +170,21 @@ def run_compression(
     target_data: str | list[str] | None = None,
     train_tokens: int = 8192,
     heldout_tokens: int = 2048,
+    dtype: str = "auto",
 ) -> dict:
     """Load, (evaluate dense), compress, evaluate, save. Returns the result dict also written to out_dir.
+
+    dtype: the model's weights and activations while compressing, evaluating and in the saved model ("auto":
+    float32 on a CPU, bfloat16 on a GPU; see `model_dtype`). The decompositions run in float32 / float64 regardless.
 
     A BasisConfig is scored, re-learned and also evaluated on `target_data` ("python-stdlib" by default, see
     `target_windows`): calib_tokens / train_tokens / heldout_tokens / eval_tokens tokens of its four splits; the result
     then holds "dense_target" / "compressed_target" perplexities next to the Wikipedia ones."""
     device = resolve_device(config.device)
-    model, tokenizer, source = load_model(model_name, device)
-    result: dict = {"model": source, "config": config.to_dict(), "device": str(device)}
+    torch_dtype = model_dtype(dtype, device)
+    model, tokenizer, source = load_model(model_name, device, torch_dtype)
+    result: dict = {"model": source, "config": config.to_dict(), "device": str(device),
+                    "dtype": str(torch_dtype).removeprefix("torch.")}  # fmt: skip
     if evaluate and evaluate_dense:
         result["dense"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress

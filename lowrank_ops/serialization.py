@@ -176,8 +176,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
 def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Rebuild the model saved by `save_compressed`: (model, manifest). Bit-exact when dtype is None."""
+    from safetensors import safe_open
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -186,6 +190,8 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     hf_config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
+    with safe_open(str(path / WEIGHTS), "pt") as weights:
+        saved_dtypes = {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
     for name, entry in manifest["layers"].items():
         module = _empty_module(name, entry)
         module.dense_class = entry.get("dense_class", "Linear")
@@ -194,6 +200,12 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     # to_empty gives every parameter its own storage (torch 2.13), untying lm_head from the input embedding; the
     # file holds a tied tensor once (safetensors drops the duplicate name), so tie again before loading.
     model.tie_weights()
+    # Every float tensor in the dtype it was saved in: the skeleton follows the config's dtype and the compressed
+    # modules the default one, either of which can differ from the file (a model cast to bf16 after loading).
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        saved = _SAFETENSORS_FLOATS.get(saved_dtypes.get(key))
+        if saved is not None and tensor.is_floating_point() and tensor.dtype != saved:
+            tensor.data = torch.empty_like(tensor.data, dtype=saved)
     load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
     _recompute_non_persistent_buffers(model, hf_config, device)
     if dtype is not None:

@@ -104,3 +104,35 @@ def test_command_prints_a_users_mistake_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("LOWRANK_OPS_DEBUG", "1")
     with pytest.raises(ValueError, match="clusters=0"):
         entry()
+
+
+def test_model_dtype_auto_is_float32_on_cpu_and_bfloat16_on_gpu():
+    import torch
+
+    from lowrank_ops.pipeline import model_dtype
+
+    assert model_dtype("auto", torch.device("cpu")) is torch.float32
+    assert model_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert model_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(ValueError, match="dtype='int8' must be 'auto' or one of"):
+        model_dtype("int8", torch.device("cpu"))
+
+
+def test_compress_and_eval_run_in_the_requested_dtype(tmp_path, capsys):
+    import torch
+    from tiny_models import tiny_llama_gqa, word_tokenizer
+
+    from lowrank_ops.serialization import load_compressed
+
+    source, out = tmp_path / "tiny", tmp_path / "bf16"
+    tiny_llama_gqa().save_pretrained(source)
+    word_tokenizer().save_pretrained(source)
+    common = ["--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--eval-tokens", "64"]
+    assert main(["compress", "--model", str(source), "--method", "whiten", "--param-ratio", "0.8", "--calib-tokens",
+                 "128", "--dtype", "bfloat16", "--out", str(out), *common]) == 0  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["dtype"] == "bfloat16"
+    model, _ = load_compressed(out)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--dtype", "float32", *common[:-2]]) == 0
+    assert "perplexity" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from lowrank_ops import LowRankLinear
 from lowrank_ops.assets import tiny_llama
 from lowrank_ops.calibration import collect_input_statistics
 from lowrank_ops.compress import compress_
-from lowrank_ops.configs import LowRankConfig, config_from_dict, config_from_json
+from lowrank_ops.configs import EoraConfig, LowRankConfig, SwscConfig, config_from_dict, config_from_json
 from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
 from lowrank_ops.surgery import find_targets, linear_weight
 
@@ -140,6 +140,26 @@ def test_save_load_keeps_tied_embeddings(tmp_path, make):
     loaded, _ = load_compressed(save_compressed(model, tmp_path / "tied", config=None, source="tiny"))
     head, embedding = loaded.get_output_embeddings().weight, loaded.get_input_embeddings().weight
     assert head.data_ptr() == embedding.data_ptr()
+    tokens = _tokens(2)
+    assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+
+
+@pytest.mark.parametrize("config", [
+    _config(method="whiten", param_ratio=0.7),
+    EoraConfig(base="int4-g16", rank=4, calib_tokens=6 * 32, seq_len=32, device="cpu"),
+    EoraConfig(base="2:4-magnitude", rank=4, residual="svd", calib_tokens=6 * 32, seq_len=32, device="cpu"),
+    SwscConfig(clusters=8, bits=None, rank=2, calib_tokens=6 * 32, seq_len=32, device="cpu"),
+], ids=["lowrank", "int4", "2:4", "swsc"])  # fmt: skip
+def test_a_bfloat16_model_loads_back_in_bfloat16_bit_exact(tmp_path, config):
+    """Compressed modules are rebuilt in the dtype they were saved in (they used to come back as float32 factors
+    inside a bfloat16 model)."""
+    model = tiny_llama_gqa().to(torch.bfloat16)
+    compress_(model, config, _tokens(), progress=False)
+    loaded, _ = load_compressed(save_compressed(model, tmp_path / "bf16", config=config, source="tiny"))
+    before, after = model.state_dict(), loaded.state_dict()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+    # .to(bfloat16) also rounded the rotary inv_freq buffer (not saved; the loaded model rebuilds it in float32)
+    model.model.rotary_emb.inv_freq = loaded.model.rotary_emb.inv_freq.clone()
     tokens = _tokens(2)
     assert torch.equal(model(tokens).logits, loaded(tokens).logits)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import word_tokenizer
 
 from lowrank_ops.assets import tiny_llama
 from lowrank_ops.data import (
@@ -36,19 +37,6 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=False, verbose=True):
         assert not add_special_tokens
         return {"input_ids": [3 + ord(c) % 250 for c in text]}
-
-
-def _word_level_tokenizer():
-    """A real (fast) Hugging Face tokenizer built in memory, no download."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate("the cat sat on a mat".split())}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 # ---------------------------------------------------------------------------------------------------- Wikipedia
@@ -156,7 +144,7 @@ def test_tokenize_to_sequences_windows_bos_and_eos_joins():
 
 
 def test_tokenize_to_sequences_with_a_hf_tokenizer():
-    tok = _word_level_tokenizer()
+    tok = word_tokenizer("the cat sat on a mat")
     windows = tokenize_to_sequences(tok, ["the cat sat", "on a mat the cat"], seq_len=4)
     # stream: the cat sat </s> on a mat the cat </s> -> 10 tokens, 3 per window after <s>
     assert windows.tolist() == [[1, 3, 4, 5], [1, 2, 6, 7], [1, 8, 3, 4]]

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_gpt2, tiny_llama_gqa
+from tiny_models import tiny_gpt2, tiny_llama_gqa, word_tokenizer
 from torch import nn
 
 from lowrank_ops.compress import compress_
@@ -130,22 +130,6 @@ def test_nothing_to_export_and_ambiguous_paths_raise(tmp_path):
         check_unambiguous_paths(["h.1.fc", "h.1xfc"], ["h.1.fc"])
 
 
-def _word_tokenizer():
-    """A real (fast) Hugging Face tokenizer built in memory (no download): common English words, ids < 128."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    words = ("the of and in to a is was for on as by with he that at from his it an were are which this be or "
-             "first also had has not their its but one new after city they who been two she her have all other "
-             ", . ( ) ' \" ; : - s 1 2 3 4 5 6 7 8 9 0").split()  # fmt: skip
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 def test_cli_compresses_with_a_2to4_wanda_base_and_exports_the_adapter_and_its_base(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,7 +138,7 @@ def test_cli_compresses_with_a_2to4_wanda_base_and_exports_the_adapter_and_its_b
 
     source = tmp_path / "tiny"
     tiny_llama_gqa().save_pretrained(source)
-    _word_tokenizer().save_pretrained(source)
+    word_tokenizer().save_pretrained(source)
     compressed = tmp_path / "compressed"
     args = ["compress", "--model", str(source), "--method", "eora", "--base", "2:4-wanda", "--calib-tokens", "128",
             "--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--no-eval", "--out", str(compressed)]

@@ -21,3 +21,22 @@ def tiny_opt():
     config = OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                        max_position_embeddings=64, word_embed_proj_dim=32)  # fmt: skip
     return OPTForCausalLM(config).eval()
+
+
+ENGLISH_WORDS = ("the of and in to a is was for on as by with he that at from his it an were are which this be or "
+                 "first also had has not their its but one new after city they who been two she her have all other "
+                 ", . ( ) ' \" ; : - s 1 2 3 4 5 6 7 8 9 0")  # fmt: skip
+
+
+def word_tokenizer(words: str = ENGLISH_WORDS):
+    """A real (fast) Hugging Face tokenizer built in memory (no download): <unk>, <s>, </s>, then `words` (ids < 128
+    for the default list, so it fits the tiny models' vocabularies)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words.split()))}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
