@@ -62,6 +62,30 @@ size_t strided_bytes(int rows, int n, long long ld, size_t item) {
 
 constexpr size_t kItem = 2;  // fp16 / bf16
 
+// Registers x and, with a residual, V and U as the buffers the call may load from (see emu.h).
+void register_activations_and_factors(const void* x, int rows, int n, long long x_row_stride, const void* v,
+                                      const void* u, int rank, int m) {
+  cuda_emu::register_buffer("x", x, strided_bytes(rows, n, x_row_stride, kItem));
+  if (rank > 0) {
+    cuda_emu::register_buffer("v", v, static_cast<size_t>(rank) * n * kItem);
+    cuda_emu::register_buffer("u", u, static_cast<size_t>(m) * rank * kItem);
+  }
+}
+
+// Asks `workspace_bytes` for the size, hands `run` a NaN-poisoned workspace of that size.
+template <typename Args, typename Query, typename Run>
+int with_workspace(Args* a, Query workspace_bytes, Run run, char* err, size_t err_len) {
+  size_t bytes = 0;
+  const LowrankOpsStatus status = workspace_bytes(a, &bytes, err, err_len);
+  if (status != LOWRANK_OPS_OK) {
+    return status;
+  }
+  std::vector<float> workspace = poisoned_workspace(bytes);
+  a->workspace = bytes > 0 ? workspace.data() : nullptr;
+  a->workspace_bytes = bytes;
+  return run(a, nullptr, err, err_len);
+}
+
 }  // namespace
 
 extern "C" {
@@ -145,18 +169,8 @@ int emu_lowrank_decode(int dtype, int rows, int n, int m, int rank, const void* 
   a.bias = bias;
   a.y = y;
   cuda_emu::clear_buffers();
-  cuda_emu::register_buffer("x", x, strided_bytes(rows, n, x_row_stride, kItem));
-  cuda_emu::register_buffer("v", v, static_cast<size_t>(rank) * n * kItem);
-  cuda_emu::register_buffer("u", u, static_cast<size_t>(m) * rank * kItem);
-  size_t bytes = 0;
-  const LowrankOpsStatus status = lowrank_decode_workspace_bytes(&a, &bytes, err, err_len);
-  if (status != LOWRANK_OPS_OK) {
-    return status;
-  }
-  std::vector<float> workspace = poisoned_workspace(bytes);
-  a.workspace = workspace.data();
-  a.workspace_bytes = bytes;
-  return lowrank_decode(&a, nullptr, err, err_len);
+  register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
+  return with_workspace(&a, lowrank_decode_workspace_bytes, lowrank_decode, err, err_len);
 }
 
 int emu_quant_lowrank_decode(int dtype, int rows, int n, int m, int group_size, int rank, const void* x,
@@ -179,21 +193,9 @@ int emu_quant_lowrank_decode(int dtype, int rows, int n, int m, int group_size, 
   a.bias = bias;
   a.y = y;
   cuda_emu::clear_buffers();
-  cuda_emu::register_buffer("x", x, strided_bytes(rows, n, x_row_stride, kItem));
+  register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
   cuda_emu::register_buffer("qweight", qweight, static_cast<size_t>(m) * ((n + 7) / 8) * sizeof(int32_t));
-  if (rank > 0) {
-    cuda_emu::register_buffer("v", v, static_cast<size_t>(rank) * n * kItem);
-    cuda_emu::register_buffer("u", u, static_cast<size_t>(m) * rank * kItem);
-  }
-  size_t bytes = 0;
-  const LowrankOpsStatus status = quant_lowrank_decode_workspace_bytes(&a, &bytes, err, err_len);
-  if (status != LOWRANK_OPS_OK) {
-    return status;
-  }
-  std::vector<float> workspace = poisoned_workspace(bytes);
-  a.workspace = bytes > 0 ? workspace.data() : nullptr;
-  a.workspace_bytes = bytes;
-  return quant_lowrank_decode(&a, nullptr, err, err_len);
+  return with_workspace(&a, quant_lowrank_decode_workspace_bytes, quant_lowrank_decode, err, err_len);
 }
 
 }  // extern "C"
