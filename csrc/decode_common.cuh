@@ -10,6 +10,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cuda_status.h"
+#include "lowrank_decode.h"
+
 namespace lowrank_ops_decode {
 
 constexpr int kWarp = 32;
@@ -272,6 +275,33 @@ inline int row_tile(int rows) {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Argument checks every decode entry point (`op` names it in the message) makes: the activation dtype and the row
+// count a template exists for.
+inline LowrankOpsStatus check_dtype_and_rows(const char* op, LowrankOpsDtype dtype, int rows, char* err,
+                                             size_t err_len) {
+  if (dtype != LOWRANK_OPS_FLOAT16 && dtype != LOWRANK_OPS_BFLOAT16) {
+    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
+                            "%s: dtype=%d must be LOWRANK_OPS_FLOAT16 or LOWRANK_OPS_BFLOAT16", op,
+                            static_cast<int>(dtype));
+  }
+  if (row_tile(rows) == 0) {
+    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len, "%s: rows=%d must be in 1 .. %d", op, rows,
+                            kMaxRows);
+  }
+  return LOWRANK_OPS_OK;
+}
+
+// Rows of x (row stride x_row_stride elements) must not overlap.
+inline LowrankOpsStatus check_x_stride(const char* op, int rows, int n, int64_t x_row_stride, char* err,
+                                       size_t err_len) {
+  if (x_row_stride < n && rows > 1) {
+    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
+                            "%s: x_row_stride=%lld must be >= n=%d (rows of x must not overlap)", op,
+                            static_cast<long long>(x_row_stride), n);
+  }
+  return LOWRANK_OPS_OK;
+}
 
 // Programmatic dependent launch (PDL) exists from sm_90 on. The device side compiles to nothing for older
 // architectures (the sm_80 image), where the host never asks for it (`launch_dependent` with programmatic = false),

@@ -174,14 +174,9 @@ LowrankOpsStatus check_args(const QuantLowrankDecodeArgs* a, char* err, size_t e
   if (a == nullptr) {
     return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len, "quant_lowrank_decode: args must not be null");
   }
-  if (a->dtype != LOWRANK_OPS_FLOAT16 && a->dtype != LOWRANK_OPS_BFLOAT16) {
-    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
-                            "quant_lowrank_decode: dtype=%d must be LOWRANK_OPS_FLOAT16 or LOWRANK_OPS_BFLOAT16",
-                            static_cast<int>(a->dtype));
-  }
-  if (row_tile(a->rows) == 0) {
-    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len, "quant_lowrank_decode: rows=%d must be in 1 .. %d",
-                            a->rows, kMaxRows);
+  LowrankOpsStatus status = check_dtype_and_rows("quant_lowrank_decode", a->dtype, a->rows, err, err_len);
+  if (status != LOWRANK_OPS_OK) {
+    return status;
   }
   if (a->n < 1 || a->m < 1 || a->rank < 0) {
     return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
@@ -193,10 +188,9 @@ LowrankOpsStatus check_args(const QuantLowrankDecodeArgs* a, char* err, size_t e
                             "int32 word of 8 codes never straddles two groups)",
                             a->group_size, kCodesPerWord);
   }
-  if (a->x_row_stride < a->n && a->rows > 1) {
-    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
-                            "quant_lowrank_decode: x_row_stride=%lld must be >= n=%d (rows of x must not overlap)",
-                            static_cast<long long>(a->x_row_stride), a->n);
+  status = check_x_stride("quant_lowrank_decode", a->rows, a->n, a->x_row_stride, err, err_len);
+  if (status != LOWRANK_OPS_OK) {
+    return status;
   }
   if (a->x == nullptr || a->qweight == nullptr || a->scales == nullptr || a->zeros == nullptr || a->y == nullptr ||
       (a->rank > 0 && (a->v == nullptr || a->u == nullptr))) {
