@@ -30,7 +30,7 @@ from quality_common import compress_and_evaluate, finish_results, resumed_rows  
 
 from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
 from lowrank_ops.compress import REPORT_VALUE_BITS, resolve_device  # noqa: E402
-from lowrank_ops.configs import EoraConfig  # noqa: E402
+from lowrank_ops.configs import BaseResidualConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
 
 BASES = ["int4-g128", "gptq-int4-g128", "int3-g128", "2:4-wanda"]
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     grid = []  # every config is built (and so validated) before any work
     for base in args.bases:
         if not args.no_base_only:
-            grid.append((base, "none", None, EoraConfig(base=base, rank=0, residual="svd", **calib)))
-        grid += [(base, res, r, EoraConfig(base=base, rank=r, residual=res, **calib))
+            grid.append((base, "none", None, BaseResidualConfig(base=base, rank=0, residual="svd", **calib)))
+        grid += [(base, res, r, BaseResidualConfig(base=base, rank=r, residual=res, **calib))
                  for res in args.residuals for r in args.ranks]  # fmt: skip
 
     header = environment_header()

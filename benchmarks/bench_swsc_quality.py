@@ -31,7 +31,7 @@ from quality_common import compress_and_evaluate, finish_results, resumed_rows  
 
 from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
 from lowrank_ops.compress import resolve_device  # noqa: E402
-from lowrank_ops.configs import EoraConfig, SwscConfig  # noqa: E402
+from lowrank_ops.configs import BaseResidualConfig, SwscConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
 
 RTN_GROUP = 128
@@ -113,8 +113,9 @@ def main(argv=None) -> int:
             return
         report, ppl, seconds = compress_and_evaluate(pristine, tokenizer, config, calibration, args.seq_len,
                                                      args.eval_tokens)  # fmt: skip
-        stored = budget if config.kind == "eora" else report.bits_per_weight
-        label = f"rtn g{RTN_GROUP}" if config.kind == "eora" else f"{variant} r{rank}"  # one line per method
+        rtn = config.kind == BaseResidualConfig.kind
+        stored = budget if rtn else report.bits_per_weight
+        label = f"rtn g{RTN_GROUP}" if rtn else f"{variant} r{rank}"  # one line per method
         rows.append(dict(common, variant=variant, label=label, rank=rank, budget_bits=budget, bits_per_weight=stored,
                          perplexity=ppl, compression_seconds=seconds,
                          config=config.to_dict()))  # fmt: skip
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
 
     for bits in args.bits:
         budget = rtn_bits(bits)
-        run(f"rtn int{bits}-g{RTN_GROUP}", None, budget, EoraConfig(base=f"int{bits}-g{RTN_GROUP}", rank=0, **calib))
+        rtn_config = BaseResidualConfig(base=f"int{bits}-g{RTN_GROUP}", rank=0, **calib)
+        run(f"rtn int{bits}-g{RTN_GROUP}", None, budget, rtn_config)
         for name in args.variants:
             for rank in args.ranks:
                 config = SwscConfig(bits=budget, rank=rank, n_iter=args.kmeans_iters, **VARIANTS[name], **calib)

@@ -5,18 +5,19 @@ Public face: the `compress_` verb and its configs, save / load, the modules, `en
 """
 
 from lowrank_ops import ops  # noqa: F401  (registers torch.ops.lowrank_ops.*)
+from lowrank_ops._version import __version__
 from lowrank_ops.backends import Backend, BackendUnavailableError, use_backend
 from lowrank_ops.compress import CompressionReport, compress_
-from lowrank_ops.configs import BasisConfig, EoraConfig, LowRankConfig, SwscConfig
+from lowrank_ops.configs import BaseResidualConfig, BasisConfig, EoraConfig, LowRankConfig, SwscConfig
 from lowrank_ops.env import env_report
 from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear, SparseLowRankLinear
 from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
 
-__version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendUnavailableError",
     "CompressionReport",
+    "BaseResidualConfig",
     "BasisConfig",
     "EoraConfig",
     "LowRankConfig",

@@ -32,34 +32,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
-    from lowrank_ops.configs import EoraConfig, LowRankConfig, SwscConfig
-    from lowrank_ops.pipeline import run_compression
+def config_from_args(args: argparse.Namespace):
+    """The compression config that `compress`'s arguments describe: the one place the CLI maps flags to fields
+    (every rule between fields is the config's own)."""
+    from lowrank_ops.configs import BaseResidualConfig, BasisConfig, LowRankConfig, SwscConfig
 
     common = dict(targets=args.targets, ignore=args.ignore, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-                  batch_size=args.batch_size, device=args.device)  # fmt: skip
-    if args.method == "eora":
-        config = EoraConfig(base=args.base, rank=_option(args, "rank", EoraConfig),
-                            residual=_option(args, "residual", EoraConfig), sequential=args.sequential,
-                            **common)  # fmt: skip
-    elif args.method == "swsc":
-        bits = args.bits if args.bits is not None or args.clusters is not None else SwscConfig().bits
-        config = SwscConfig(shared=args.shared, clusters=args.clusters, bits=bits,
-                            rank=_option(args, "rank", SwscConfig), residual=_option(args, "residual", SwscConfig),
-                            weighted=not args.unweighted, **common)  # fmt: skip
-    elif args.method == "basis":
-        from lowrank_ops.configs import BasisConfig
-
-        config = BasisConfig(param_ratio=args.param_ratio, basis=args.basis, score=args.score, new_rank=args.new_rank,
-                             train_steps=args.train_steps, lr=args.lr, alpha=args.alpha, align=args.align,
-                             **common)  # fmt: skip
-    else:
-        config = LowRankConfig(method=args.method, param_ratio=args.param_ratio, allocator=args.allocator,
-                               alpha=args.alpha, align=args.align, sequential=args.sequential, **common)  # fmt: skip
-    if args.sequential and args.method in ("swsc", "basis"):
-        raise ValueError(f"--sequential is supported by --method svd|asvd|whiten|eora, not --method {args.method}")
+                  batch_size=args.batch_size, device=args.device, sequential=args.sequential)  # fmt: skip
     if args.target_data is not None and args.method != "basis":
         raise ValueError(f"--target-data is used by --method basis only, not --method {args.method}")
+    if args.method == "eora":
+        return BaseResidualConfig(base=args.base, rank=_option(args, "rank", BaseResidualConfig),
+                                  residual=_option(args, "residual", BaseResidualConfig), **common)  # fmt: skip
+    if args.method == "swsc":
+        bits = args.bits if args.bits is not None or args.clusters is not None else SwscConfig().bits
+        return SwscConfig(shared=args.shared, clusters=args.clusters, bits=bits,
+                          rank=_option(args, "rank", SwscConfig), residual=_option(args, "residual", SwscConfig),
+                          weighted=not args.unweighted, **common)  # fmt: skip
+    if args.method == "basis":
+        return BasisConfig(param_ratio=args.param_ratio, basis=args.basis, score=args.score, new_rank=args.new_rank,
+                           train_steps=args.train_steps, lr=args.lr, alpha=args.alpha, align=args.align,
+                           **common)  # fmt: skip
+    return LowRankConfig(method=args.method, param_ratio=args.param_ratio, allocator=args.allocator,
+                         alpha=args.alpha, align=args.align, **common)  # fmt: skip
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank_ops.pipeline import run_compression
+
+    config = config_from_args(args)
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
                              evaluate_dense=not args.no_dense_eval, target_data=args.target_data,
                              dtype=args.dtype)  # fmt: skip
@@ -76,17 +77,7 @@ def _option(args: argparse.Namespace, name: str, config_class):
 
 
 def _summary(result: dict) -> str:
-    config, compression = result["config"], result["compression"]
-    if config["kind"] == "eora":
-        variant = f"eora {config['base']} + {config['residual']} r={config['rank']}"
-    elif config["kind"] == "swsc":
-        size = f"K={config['clusters']}" if config["clusters"] is not None else f"{config['bits']} bits"
-        variant = f"swsc {config['shared']} {size} + {config['residual']} r={config['rank']}"
-    elif config["kind"] == "basis":
-        trained = f", {config['train_steps']} steps" if config["train_steps"] else ""
-        variant = f"basis {config['basis']}/{config['score']} +{config['new_rank']}{trained}"
-    else:
-        variant = f"{config['method']} / {config['allocator']}"
+    compression, variant = result["compression"], result["variant"]
     # quantized / shared-channel layers: bits per weight is the headline (their parameter count is not their size)
     bits = compression.get("bits_per_weight")
     size_name, size = ("bits/w", bits) if bits is not None else ("kept", compression["param_ratio"])
@@ -147,24 +138,25 @@ def _cmd_export_lora(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from lowrank_ops.configs import ALLOCATORS, DEVICES, METHODS, EoraConfig, LowRankConfig, SwscConfig
+    from lowrank_ops.configs import BaseResidualConfig, LowRankConfig, SwscConfig
+    from lowrank_ops.options import Allocator, BasisScore, Device, Method, Residual, SharedDim
     from lowrank_ops.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_MODEL, MODEL_DTYPES
 
     d = LowRankConfig()
     comp = sub.add_parser("compress", help="calibrate, compress, evaluate and save a causal LM")
     comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
-    comp.add_argument("--method", default=d.method, choices=[*METHODS, "eora", "swsc", "basis"])
-    e, w = EoraConfig(), SwscConfig()
+    comp.add_argument("--method", default=d.method.value, choices=[*Method.values(), "eora", "swsc", "basis"])
+    e, w = BaseResidualConfig(), SwscConfig()
     comp.add_argument("--base", default=e.base,
                       help="eora: compressed base, e.g. int4-g128, int3-g128, gptq-int4-g128, 2:4-wanda")  # fmt: skip
     comp.add_argument("--rank", type=int, default=None,
                       help=f"eora / swsc: rank of the residual, 0: none (default {e.rank} / {w.rank})")  # fmt: skip
-    comp.add_argument("--residual", default=None, choices=["eora", "svd", "lqer"],
+    comp.add_argument("--residual", default=None, choices=Residual.values(),
                       help=f"eora / swsc: residual method (default {e.residual} / {w.residual})")  # fmt: skip
     comp.add_argument("--clusters", type=int, default=None, help="swsc: shared channels K per layer")
     comp.add_argument("--bits", type=float, default=None,
                       help=f"swsc: bits per weight per layer instead of --clusters (default {w.bits})")  # fmt: skip
-    comp.add_argument("--shared", default=w.shared, choices=["rows", "columns"], help="swsc: which channels share")
+    comp.add_argument("--shared", default=w.shared.value, choices=SharedDim.values(), help="swsc: which channels share")
     comp.add_argument("--unweighted", action="store_true",
                       help="swsc: plain k-means (default: input channels weighted by (mean|x|)^2)")  # fmt: skip
     comp.add_argument(
@@ -173,18 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.param_ratio,
         help="fraction of the targeted Linear parameters KEPT, in (0, 1]",
     )
-    comp.add_argument("--allocator", default=d.allocator, choices=ALLOCATORS)
-    from lowrank_ops.configs import BASIS_SCORES, BasisConfig
+    comp.add_argument("--allocator", default=d.allocator.value, choices=Allocator.values())
+    from lowrank_ops.configs import BasisConfig
 
     b = BasisConfig()
     comp.add_argument("--target-data", nargs="+", default=None, metavar="PATH",
                       help="basis: target-application text, 'python-stdlib' (default: this interpreter's standard "
                            "library, split by file), 'wikipedia', or UTF-8 files (split 50/20/10/20%% into "
                            "calibration / train / held-out / test)")  # fmt: skip
-    comp.add_argument("--basis", default=b.basis, choices=METHODS,
+    comp.add_argument("--basis", default=b.basis.value, choices=Method.values(),
                       help="basis: the decomposition whose bases are selected (whiten: SVD of W S with "
                            "S S^T = the target Gram)")  # fmt: skip
-    comp.add_argument("--score", default=b.score, choices=BASIS_SCORES,
+    comp.add_argument("--score", default=b.score.value, choices=BasisScore.values(),
                       help="basis: energy (target output energy), taylor (|s dL/ds|) or fisher "
                            "(mean (s dL/ds)^2)")  # fmt: skip
     comp.add_argument("--train-steps", type=int, default=b.train_steps,
@@ -203,15 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
     comp.add_argument("--seq-len", type=int, default=d.seq_len)
     comp.add_argument("--batch-size", type=int, default=d.batch_size)
-    comp.add_argument("--device", default=d.device, choices=DEVICES)
+    comp.add_argument("--device", default=d.device, choices=Device.values())
     comp.add_argument("--dtype", default="auto", choices=["auto", *MODEL_DTYPES],
                       help="weights / activations while compressing and in the saved model (auto: float32 on a CPU, "
                       "bfloat16 on a GPU)")  # fmt: skip
     comp.add_argument(
         "--sequential",
         action="store_true",
-        help="one decoder layer at a time, each calibrated on the compressed layers before it (asvd / whiten with "
-             "the uniform allocator; eora with a calibrated base or residual, e.g. sequential GPTQ)",
+        help="one decoder layer at a time, each calibrated on the compressed layers before it (every method that "
+             "calibrates; a GPTQ base is then sequential GPTQ)",
     )
     comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     comp.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
@@ -225,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     ev.add_argument("--seq-len", type=int, default=d.seq_len)
     ev.add_argument("--batch-size", type=int, default=d.batch_size)
-    ev.add_argument("--device", default="auto", choices=DEVICES)
+    ev.add_argument("--device", default="auto", choices=Device.values())
     ev.add_argument("--dtype", default="auto", choices=["auto", *MODEL_DTYPES],
                     help="auto: float32 on a CPU, bfloat16 on a GPU")  # fmt: skip
     ev.add_argument("--json", action="store_true", help="also print the result as JSON")

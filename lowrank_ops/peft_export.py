@@ -46,22 +46,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_ops.modules import QuantLowRankLinear, SparseLowRankLinear
+from lowrank_ops.modules import CompressedLinear
 from lowrank_ops.serialization import atomic_directory
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
-RESIDUAL_MODULES = (QuantLowRankLinear, SparseLowRankLinear)
+
+
+def _is_residual_module(module: nn.Module) -> bool:
+    """A base plus a residual that serves as a LoRA adapter on the base (`CompressedLinear.lora_residual`)."""
+    return isinstance(module, CompressedLinear) and module.lora_residual
 
 
 def residual_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Path -> module of every base-plus-residual layer (RESIDUAL_MODULES) with rank >= 1, in model order."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, RESIDUAL_MODULES) and module.rank > 0
-    }
+    """Path -> module of every base-plus-residual layer (`lora_residual`) with rank >= 1, in model order."""
+    return {name: module for name, module in model.named_modules() if _is_residual_module(module) and module.rank > 0}
 
 
 def check_unambiguous_paths(module_names: list[str], targets: list[str], where: str = "export_lora_adapter") -> None:
@@ -117,7 +117,7 @@ def export_lora_adapter(
     """
     from safetensors.torch import save_file
 
-    from lowrank_ops import __version__
+    from lowrank_ops._version import __version__
 
     where = "export_lora_adapter"
     layers = residual_layers(model)
@@ -176,7 +176,7 @@ def export_saved_model(
 
     path = Path(path)
     manifest = read_manifest(path)
-    kinds = {cls.__name__ for cls in RESIDUAL_MODULES}
+    kinds = {name for name, cls in CompressedLinear.registry.items() if cls.lora_residual}
     dtypes = {entry.get("dtype") for entry in manifest["layers"].values() if entry["module"] in kinds}
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 and None not in dtypes else None
     model, _ = load_compressed(path, dtype=dtype)
@@ -188,7 +188,7 @@ def export_saved_model(
         "adapter": str(out_dir),
         "layers": len(layers),
         "ranks": sorted({module.rank for module in layers.values()}),
-        "skipped_rank_0": sum(1 for m in model.modules() if isinstance(m, RESIDUAL_MODULES) and m.rank == 0),
+        "skipped_rank_0": sum(1 for m in model.modules() if _is_residual_module(m) and m.rank == 0),
         "dtype": str(next(iter(layers.values())).u.dtype).removeprefix("torch."),
         "bytes": (Path(out_dir) / ADAPTER_WEIGHTS).stat().st_size,
         "base_model_name_or_path": base_model_name_or_path,

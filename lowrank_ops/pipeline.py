@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lowrank_ops.compress import CompressionReport, compress_, resolve_device
-from lowrank_ops.configs import EoraConfig, LowRankConfig
+from lowrank_ops.configs import CompressionConfig
 from lowrank_ops.serialization import MANIFEST, load_compressed, save_compressed
 
 DEFAULT_MODEL = "default"
@@ -160,7 +160,7 @@ def model_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def run_compression(
     model_name: str,
-    config: LowRankConfig | EoraConfig,
+    config: CompressionConfig,
     out_dir: str | Path | None,
     *,
     evaluate: bool = True,
@@ -183,14 +183,14 @@ def run_compression(
     device = resolve_device(config.device)
     torch_dtype = model_dtype(dtype, device)
     model, tokenizer, source = load_model(model_name, device, torch_dtype)
-    result: dict = {"model": source, "config": config.to_dict(), "device": str(device),
+    result: dict = {"model": source, "config": config.to_dict(), "variant": config.describe(), "device": str(device),
                     "dtype": str(torch_dtype).removeprefix("torch.")}  # fmt: skip
     if evaluate and evaluate_dense:
         result["dense"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress
         )
     calibration, extra, target = None, {}, None
-    if getattr(config, "kind", None) == "basis":  # scored / trained / also evaluated on the target application's text
+    if config.calibrates_on_target_data:  # scored / trained / also evaluated on the target application's text
         budgets = {"calibration": config.calib_tokens, "train": train_tokens, "heldout": heldout_tokens,
                    "test": eval_tokens}  # fmt: skip
         target = target_windows(tokenizer, target_data or "python-stdlib", config.seq_len, budgets)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear, SparseLowRankLinear
+from lowrank_ops.modules import CompressedLinear
 from lowrank_ops.surgery import replace_module
 
 MANIFEST = "lowrank_ops.json"
@@ -37,72 +37,15 @@ FORMAT_VERSION = 1
 def _versions() -> dict:
     import transformers
 
-    from lowrank_ops import __version__
+    from lowrank_ops._version import __version__
 
     return {"lowrank_ops": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-COMPRESSED_MODULES = (LowRankLinear, QuantLowRankLinear, SharedChannelLinear, SparseLowRankLinear)
-
-
-def _manifest_entry(module: nn.Module) -> dict:
-    entry = {
-        "module": type(module).__name__,
-        "in_features": module.in_features,
-        "out_features": module.out_features,
-        "rank": module.rank,
-        "bias": module.bias is not None,
-        "dense_class": getattr(module, "dense_class", "Linear"),
-    }
-    if isinstance(module, LowRankLinear) and module.has_coefficients:
-        entry["coefficients"] = True  # y = U (s * V x) kept unfolded (e.g. to go on re-learning s)
-    if isinstance(module, QuantLowRankLinear):
-        entry.update(bits=module.bits, group_size=module.group_size, layout_version=module.packed.layout_version,
-                     dtype=str(module.scales.dtype).removeprefix("torch."))  # fmt: skip
-    if isinstance(module, SharedChannelLinear):
-        entry.update(shared=module.shared, clusters=module.clusters)
-    if isinstance(module, SparseLowRankLinear):
-        entry.update(pattern="2:4", storage="dense", dtype=str(module.weight.dtype).removeprefix("torch."))
-    return entry
-
-
 def compressed_layers(model: nn.Module) -> dict[str, dict]:
-    """Manifest entries of every compressed module in `model`."""
-    return {
-        name: _manifest_entry(module)
-        for name, module in model.named_modules()
-        if isinstance(module, COMPRESSED_MODULES)
-    }
-
-
-def _empty_module(name: str, entry: dict) -> nn.Module:
-    """The compressed module a manifest entry describes, on the meta device (filled by load_model)."""
-    from lowrank_ops.quant_format import LAYOUT_VERSION
-
-    kind = entry["module"]
-    with torch.device("meta"):
-        if kind == "LowRankLinear":
-            module = LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
-            return module.add_coefficients() if entry.get("coefficients") else module
-        if kind == "QuantLowRankLinear":
-            if entry.get("layout_version") != LAYOUT_VERSION:
-                raise ValueError(
-                    f"load_compressed: layer {name} was packed with layout_version={entry.get('layout_version')}, "
-                    f"this lowrank_ops reads {LAYOUT_VERSION}"
-                )
-            # built in the default dtype like the rest of the model: the saved fp16 / bf16 scales load into it
-            # exactly, so W_hat is unchanged ("dtype" in the entry records what was saved)
-            return QuantLowRankLinear(entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"],
-                                      entry["rank"], bias=entry["bias"])  # fmt: skip
-        if kind == "SparseLowRankLinear":  # the 2:4 pattern is checked when the state dict is loaded
-            if entry.get("pattern") != "2:4":
-                raise ValueError(f"load_compressed: layer {name} has pattern={entry.get('pattern')!r}; "
-                                 "SparseLowRankLinear reads '2:4'")  # fmt: skip
-            return SparseLowRankLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
-        if kind == "SharedChannelLinear":  # the index range is checked when the state dict is loaded
-            return SharedChannelLinear(entry["in_features"], entry["out_features"], entry["clusters"], entry["rank"],
-                                       entry["shared"], bias=entry["bias"])  # fmt: skip
-    raise ValueError(f"load_compressed: layer {name} has unknown module {kind!r}")
+    """Manifest entries of every compressed module in `model` (each module writes its own)."""
+    return {name: module.manifest_entry() for name, module in model.named_modules()
+            if isinstance(module, CompressedLinear)}  # fmt: skip
 
 
 def atomic_directory(out_dir: str | os.PathLike):
@@ -192,10 +135,9 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = AutoModelForCausalLM.from_config(hf_config)
     with safe_open(str(path / WEIGHTS), "pt") as weights:
         saved_dtypes = {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
-    for name, entry in manifest["layers"].items():
-        module = _empty_module(name, entry)
-        module.dense_class = entry.get("dense_class", "Linear")
-        replace_module(model, name, module)
+    with torch.device("meta"):
+        for name, entry in manifest["layers"].items():
+            replace_module(model, name, CompressedLinear.from_manifest(name, entry))
     model.to_empty(device=device)
     # to_empty gives every parameter its own storage (torch 2.13), untying lm_head from the input embedding; the
     # file holds a tied tensor once (safetensors drops the duplicate name), so tie again before loading.
@@ -231,19 +173,17 @@ def _recompute_non_persistent_buffers(model: nn.Module, hf_config, device) -> No
 
 
 def to_dense(model: nn.Module, residual: bool = True) -> nn.Module:
-    """Replace every compressed module (COMPRESSED_MODULES) by its dense layer (nn.Linear, or transformers' Conv1D where
+    """Replace every compressed module (CompressedLinear) by its dense layer (nn.Linear, or transformers' Conv1D where
     the original layer was one) in place, so that `save_pretrained` writes a plain model. Returns the model.
 
-    residual=False: QuantLowRankLinear / SparseLowRankLinear layers become their BASE only (W_hat, without U V): the
-    model a LoRA export of the residuals (`lowrank_ops.peft_export`) is served on. Other modules convert whole."""
+    residual=False: modules whose residual is a LoRA adapter on their base (`lora_residual`: QuantLowRankLinear,
+    SparseLowRankLinear) become their BASE only (W_hat, without U V): the model a LoRA export of the residuals
+    (`lowrank_ops.peft_export`) is served on. Other modules convert whole."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, COMPRESSED_MODULES):
+        if not isinstance(module, CompressedLinear):
             continue
-        if not residual and isinstance(module, (QuantLowRankLinear, SparseLowRankLinear)):
-            dense = module.to_linear(residual=False)
-        else:
-            dense = module.to_linear()
-        if getattr(module, "dense_class", "Linear") == "Conv1D":
+        dense = module.to_linear(residual=residual or not module.lora_residual)
+        if module.dense_class == "Conv1D":
             from transformers.pytorch_utils import Conv1D
 
             conv = Conv1D(module.out_features, module.in_features).to(

@@ -64,7 +64,7 @@ CASES: dict[str, tuple[str, dict]] = {
 def _config(kind: str, fields: dict):
     from lowrank_ops import configs
 
-    classes = {"lowrank": "LowRankConfig", "eora": "EoraConfig", "swsc": "SwscConfig", "basis": "BasisConfig"}
+    classes = {"lowrank": "LowRankConfig", "eora": "BaseResidualConfig", "swsc": "SwscConfig", "basis": "BasisConfig"}
     return getattr(configs, classes[kind])(**{**COMMON, **fields})
 
 

@@ -8,9 +8,9 @@ from tiny_models import tiny_llama_gqa
 from lowrank_ops import LowRankLinear
 from lowrank_ops.algorithms.allocation import layer_cost
 from lowrank_ops.algorithms.basis_selection import GradientScores, energy_scores, select_bases
-from lowrank_ops.basis import lm_loss
 from lowrank_ops.calibration import collect_input_statistics
 from lowrank_ops.compress import compress_
+from lowrank_ops.compress.factoring import lm_loss
 from lowrank_ops.configs import BasisConfig, LowRankConfig, config_from_json
 from lowrank_ops.engine import whitened_svd
 from lowrank_ops.serialization import load_compressed, save_compressed

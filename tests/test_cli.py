@@ -59,11 +59,11 @@ def test_summary_headlines_bits_for_quantized_layers_and_param_ratio_otherwise()
 
     result = {"model": "m", "layer_table": "table", "dense": {"perplexity": 10.0},
               "compressed": {"perplexity": 12.0, "tokens": 64, "seq_len": 32},
-              "config": {"kind": "eora", "base": "int4-g128", "residual": "eora", "rank": 8},
+              "variant": "int4-g128 + eora r=8",
               "compression": {"param_ratio": 1.05, "bits_per_weight": 4.6, "seconds": {"total": 1.0}}}  # fmt: skip
     text = _summary(result)
     assert "bits/w" in text and " 4.600 " in text and "1.050" not in text
-    result["config"] = {"kind": "lowrank", "method": "whiten", "allocator": "loss"}
+    result["variant"] = "whiten / loss"
     result["compression"] = {"param_ratio": 0.9, "bits_per_weight": None, "seconds": {"total": 1.0}}
     text = _summary(result)
     assert "kept" in text and " 0.900 " in text
@@ -77,7 +77,7 @@ def test_summary_of_a_target_run_without_dense_evaluation_says_so():
     result = {"model": "m", "layer_table": "table", "target_data": ["wikipedia"],
               "compressed": {"perplexity": 12.0, "tokens": 64, "seq_len": 32},
               "compressed_target": {"perplexity": 11.5, "tokens": 64},
-              "config": {"kind": "basis", "basis": "whiten", "score": "fisher", "new_rank": 0, "train_steps": 0},
+              "variant": "basis whiten/fisher +0",
               "compression": {"param_ratio": 0.9, "bits_per_weight": None, "seconds": {"total": 1.0}}}  # fmt: skip
     text = _summary(result)
     assert "perplexity (dense not evaluated) 11.500" in text and "nan" not in text

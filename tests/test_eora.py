@@ -1,5 +1,5 @@
 """Quantized base + low-rank residual: EoRA / SVD / LQER residuals, base specs, QuantLowRankLinear, compress_ with
-EoraConfig, save / load."""
+BaseResidualConfig, save / load."""
 
 import pytest
 import torch
@@ -10,15 +10,15 @@ from lowrank_ops import QuantLowRankLinear
 from lowrank_ops.algorithms.eora import (
     base_weight,
     compensate,
-    parse_base_spec,
     quantized_base,
     residual_svd,
     residual_whitening,
 )
 from lowrank_ops.calibration import collect_input_statistics
 from lowrank_ops.compress import compress_
-from lowrank_ops.configs import EoraConfig, config_from_json
+from lowrank_ops.configs import BaseResidualConfig, config_from_json
 from lowrank_ops.engine import InputStatistics
+from lowrank_ops.formats import parse_base_spec
 from lowrank_ops.quant_format import dequantize_packed
 from lowrank_ops.rank import discarded_energy
 from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
@@ -189,12 +189,13 @@ def test_bad_specs_and_configs_raise():
         (dict(calib_tokens=8, seq_len=32), "calib_tokens=8 must be >= seq_len=32"),
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-            EoraConfig(**bad)
-    config = EoraConfig(base="gptq-int4-g32", rank=8, residual="lqer", targets=["re:.*mlp.*"])
+            BaseResidualConfig(**bad)
+    config = BaseResidualConfig(base="gptq-int4-g32", rank=8, residual="lqer", targets=["re:.*mlp.*"])
     assert config_from_json(config.to_json()) == config and config.needs_calibration
-    assert not EoraConfig(base="int4", residual="svd").needs_calibration
+    assert not BaseResidualConfig(base="int4", residual="svd").needs_calibration
     with pytest.raises(ValueError, match="needs calibration"):  # Wanda needs the Gram: no calibration data given
-        compress_(tiny_llama_gqa(), EoraConfig(base="2:4-wanda", residual="svd", rank=8, device="cpu"), progress=False)
+        config = BaseResidualConfig(base="2:4-wanda", residual="svd", rank=8, device="cpu")
+        compress_(tiny_llama_gqa(), config, progress=False)
 
 
 def test_two_of_four_bases_are_dense_and_compensated():
@@ -216,7 +217,7 @@ def _tokens(n_windows=6, seq_len=32, vocab=128, seed=0):
 
 def _config(**kwargs):
     defaults = dict(base="int4-g32", rank=8, calib_tokens=6 * 32, seq_len=32, batch_size=3, device="cpu")
-    return EoraConfig(**{**defaults, **kwargs})
+    return BaseResidualConfig(**{**defaults, **kwargs})
 
 
 def _calibration_loss(reference, model, tokens):
@@ -283,7 +284,7 @@ def test_sequential_gptq_matches_one_shot_on_the_first_layer_and_feeds_quantized
     assert not (torch.equal(a.qweight, b.qweight) and torch.equal(a.u, b.u))
     assert all(not m._forward_pre_hooks for m in sequential.modules())
     assert next(sequential.parameters()).device.type == "cpu" and torch.isfinite(sequential(tokens[:1]).logits).all()
-    with pytest.raises(ValueError, match="sequential=True needs a base or residual that uses calibration"):
+    with pytest.raises(ValueError, match="sequential=True needs calibration statistics, and int4-g32 \\+ svd r=8"):
         _config(base="int4-g32", residual="svd", sequential=True)
 
 

@@ -14,7 +14,7 @@ from tiny_models import tiny_gpt2, tiny_llama_gqa, word_tokenizer
 from torch import nn
 
 from lowrank_ops.compress import compress_
-from lowrank_ops.configs import EoraConfig
+from lowrank_ops.configs import BaseResidualConfig
 from lowrank_ops.modules import QuantLowRankLinear, SparseLowRankLinear
 from lowrank_ops.peft_export import (
     ADAPTER_CONFIG,
@@ -42,9 +42,9 @@ def _compressed(maker, base, rank0="re:.*(k_proj|attn\\.c_proj)", rank8="re:.*(v
     convert deep copies)."""
     model, tokens = maker(), _tokens()
     common = dict(base=base, calib_tokens=6 * 32, seq_len=32, batch_size=3, device="cpu")
-    compress_(model, EoraConfig(rank=0, targets=[rank0], **common), tokens, progress=False)
-    compress_(model, EoraConfig(rank=8, targets=[rank8], **common), tokens, progress=False)
-    compress_(model, EoraConfig(rank=12, **common), tokens, progress=False)
+    compress_(model, BaseResidualConfig(rank=0, targets=[rank0], **common), tokens, progress=False)
+    compress_(model, BaseResidualConfig(rank=8, targets=[rank8], **common), tokens, progress=False)
+    compress_(model, BaseResidualConfig(rank=12, **common), tokens, progress=False)
     return model, tokens
 
 
@@ -119,7 +119,7 @@ def test_peft_loads_the_adapter_with_scaling_one_and_matches_the_compressed_mode
 
 def test_nothing_to_export_and_ambiguous_paths_raise(tmp_path):
     model = tiny_llama_gqa()
-    compress_(model, EoraConfig(base="int4-g32", rank=0, device="cpu"), progress=False)
+    compress_(model, BaseResidualConfig(base="int4-g32", rank=0, device="cpu"), progress=False)
     with pytest.raises(ValueError, match="nothing to export"):
         export_lora_adapter(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
@@ -146,7 +146,7 @@ def test_cli_compresses_with_a_2to4_wanda_base_and_exports_the_adapter_and_its_b
         main([*args, "--rank", "64"])
     assert not compressed.exists()
     assert main([*args, "--rank", "12"]) == 0
-    assert "eora 2:4-wanda + eora r=12" in capsys.readouterr().out
+    assert "2:4-wanda + eora r=12" in capsys.readouterr().out
     model, manifest = load_compressed(compressed)
     assert {e["module"] for e in manifest["layers"].values()} == {"SparseLowRankLinear"}
     assert {e["rank"] for e in manifest["layers"].values()} == {12}

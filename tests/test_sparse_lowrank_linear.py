@@ -1,4 +1,4 @@
-"""SparseLowRankLinear (2:4-pruned base stored dense + low-rank residual) and compress_ with a 2:4 EoraConfig:
+"""SparseLowRankLinear (2:4-pruned base stored dense + low-rank residual) and compress_ with a 2:4 BaseResidualConfig:
 the pattern, the forward against float64, storage accounting, save / load, to_dense, and corrupt inputs."""
 
 import pytest
@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_gpt2, tiny_llama_gqa
 
-from lowrank_ops.algorithms.quantize import prune_2to4, two_of_four_violation
+from lowrank_ops.algorithms.quantize import prune_2to4
 from lowrank_ops.calibration import collect_input_statistics
 from lowrank_ops.compress import compress_
-from lowrank_ops.configs import EoraConfig
+from lowrank_ops.configs import BaseResidualConfig
+from lowrank_ops.formats import two_of_four_violation
 from lowrank_ops.modules import SparseLowRankLinear
 from lowrank_ops.serialization import WEIGHTS, load_compressed, save_compressed, to_dense
 from lowrank_ops.surgery import find_targets, linear_weight
@@ -22,7 +23,7 @@ def _tokens(n_windows=6, seq_len=32, vocab=128, seed=0):
 
 def _config(**kwargs):
     defaults = dict(base="2:4-wanda", rank=8, calib_tokens=6 * 32, seq_len=32, batch_size=3, device="cpu")
-    return EoraConfig(**{**defaults, **kwargs})
+    return BaseResidualConfig(**{**defaults, **kwargs})
 
 
 def _pruned(m, n, seed, dtype=torch.float32):

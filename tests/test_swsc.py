@@ -8,16 +8,11 @@ from helpers import relative_error
 from tiny_models import tiny_gpt2, tiny_llama_gqa
 
 from lowrank_ops.algorithms.eora import residual_svd
-from lowrank_ops.algorithms.swsc import (
-    bits_per_weight,
-    clusters_for_bits,
-    share_channels,
-    shared_weight,
-    storage_bits,
-)
+from lowrank_ops.algorithms.swsc import share_channels
 from lowrank_ops.backends import use_backend
 from lowrank_ops.compress import compress_
 from lowrank_ops.configs import SwscConfig, config_from_json
+from lowrank_ops.formats import bits_per_weight, clusters_for_bits, shared_weight, storage_bits
 from lowrank_ops.modules import SharedChannelLinear
 from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
 from lowrank_ops.surgery import find_targets, linear_weight

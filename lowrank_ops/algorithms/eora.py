@@ -22,7 +22,7 @@ differ only in the whitening S (S S^T ~ X^T X), i.e. in the norm in which U V ap
   tokens, (1 / T) sum_t |x_tj| (`InputStatistics.mean_abs`). LQER normalises s by a constant; a positive multiple of
   S gives the same U V, so none is applied here. Channels never active (s_j = 0) get no residual.
 
-Bases are named by spec strings (`parse_base_spec`):
+Bases are named by spec strings (grammar and parser: `lowrank_ops.formats.parse_base_spec`):
 
     [gptq-]int{2,3,4,8}[-g<group_size>][-sym]     e.g. "int4-g128", "int3-g128", "int8-g128", "gptq-int4-g128",
                                                  "gptq-int4" (group 128 by default), "int4-g32-sym"
@@ -37,69 +37,22 @@ quantizer's unrounded values.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 
 from lowrank_ops.algorithms.quantize import input_norm_from_gram, prune_2to4, quantize_gptq, quantize_rtn
 from lowrank_ops.engine import WhitenedSVD, whitened_svd
 from lowrank_ops.engine.stats import InputStatistics
 from lowrank_ops.engine.svd import Whitening, _check_matrix, as_whitening, whitening_from_scale
-from lowrank_ops.quant_format import SCALE_DTYPES, PackedQuantWeight, check_format_args, dequantize_packed
+from lowrank_ops.formats import BaseSpec, parse_base_spec
+from lowrank_ops.options import Residual
+from lowrank_ops.quant_format import SCALE_DTYPES, PackedQuantWeight, dequantize_packed
 
 GPTQ_ACT_ORDER = True
 """GPTQ bases quantize columns by decreasing H_jj (static groups). Measured on SmolLM2-135M, int4-g128, 8192
 calibration tokens, Wikipedia test perplexity (CPU): 42.0 with act_order, 48.7 without -- worse than RTN's 45.3,
 although without it the per-layer output error was already 2-4x below RTN's (benchmarks/results/eora_quality-cpu.md)."""
 
-RESIDUAL_METHODS = ("eora", "svd", "lqer")
-DEFAULT_GROUP_SIZE = 128
 _WHITENING_KIND = {"eora": "eigh", "svd": "identity", "lqer": "diagonal"}
-_QUANT_SPEC = re.compile(r"^(?:(?P<algo>gptq)-)?int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<sym>-sym)?$")
-_PRUNE_SPEC = re.compile(r"^2:4-(?P<method>magnitude|wanda)$")
-SPEC_GRAMMAR = "'[gptq-]int{2,3,4,8}[-g<group_size>][-sym]' or '2:4-magnitude' / '2:4-wanda'"
-
-
-@dataclass(frozen=True)
-class BaseSpec:
-    """A parsed base spec. kind "quant": bits, group_size, algorithm ("rtn" | "gptq"), symmetric;
-    kind "prune": prune_method ("magnitude" | "wanda")."""
-
-    spec: str
-    kind: str
-    bits: int | None = None
-    group_size: int | None = None
-    algorithm: str | None = None
-    symmetric: bool = False
-    prune_method: str | None = None
-
-    @property
-    def needs_gram(self) -> bool:
-        """Whether building the base needs the calibration Gram (GPTQ's Hessian, Wanda's input norms)."""
-        return self.algorithm == "gptq" or self.prune_method == "wanda"
-
-
-def parse_base_spec(spec: str) -> BaseSpec:
-    """Parse a base spec (module docstring); ValueError naming the spec and the grammar when it is malformed."""
-    where = "parse_base_spec"
-    if not isinstance(spec, str):
-        raise TypeError(f"{where}: base spec must be a string like 'int4-g128', got {type(spec).__name__} {spec!r}")
-    text = spec.strip().lower()
-    match = _PRUNE_SPEC.match(text)
-    if match:
-        return BaseSpec(spec, "prune", prune_method=match["method"])
-    match = _QUANT_SPEC.match(text)
-    if not match:
-        raise ValueError(f"{where}: base spec {spec!r} is not of the form {SPEC_GRAMMAR}")
-    bits = int(match["bits"])
-    group_size = DEFAULT_GROUP_SIZE if match["group"] is None else int(match["group"])
-    try:
-        check_format_args(f"{where}({spec!r})", bits, group_size)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(str(exc)) from None
-    return BaseSpec(spec, "quant", bits=bits, group_size=group_size, algorithm=match["algo"] or "rtn",
-                    symmetric=match["sym"] is not None)  # fmt: skip
 
 
 def _gram_of(stats, where: str, why: str):
@@ -162,8 +115,7 @@ def residual_whitening(method: str, stats, n_features: int, device: torch.device
     method's kind is returned as is (layers that share an input share one eigendecomposition).
     """
     where = "residual_whitening"
-    if method not in RESIDUAL_METHODS:
-        raise ValueError(f"{where}: method={method!r} must be one of {list(RESIDUAL_METHODS)}")
+    method = Residual.parse(method, where, "method")
     if method == "svd":
         return Whitening.identity(n_features)
     if isinstance(stats, Whitening):

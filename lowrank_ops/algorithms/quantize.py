@@ -409,23 +409,6 @@ def _two_of_four_mask(score: torch.Tensor) -> torch.Tensor:
     return (rank < keep).view(m, 4 * runs)[:, :n]
 
 
-def two_of_four_violation(W: torch.Tensor) -> tuple[int, int, int] | None:
-    """The first (row, first column of the run, non-zeros in it) where W (m, n) breaks the 2:4 pattern of
-    `prune_2to4` -- more than 2 non-zeros in a run of 4 consecutive columns, more than ceil(L / 2) in a tail run of
-    L = n mod 4 -- or None when W satisfies it. Entries that happen to be 0 are fine (at most, not exactly)."""
-    _check_matrix(W, "two_of_four_violation", name="W", batched=False)
-    m, n = W.shape
-    runs = -(-n // 4)
-    counts = F.pad(W.detach() != 0, (0, 4 * runs - n)).view(m, runs, 4).sum(dim=-1)
-    allowed = torch.full((runs,), 2, device=W.device)
-    allowed[-1] = (n - 4 * (runs - 1) + 1) // 2
-    bad = (counts > allowed).nonzero()
-    if bad.shape[0] == 0:
-        return None
-    row, run = bad[0].tolist()
-    return row, 4 * run, int(counts[row, run])
-
-
 def prune_2to4(
     W: torch.Tensor, method: str = "magnitude", input_norm: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

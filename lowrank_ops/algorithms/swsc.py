@@ -26,16 +26,12 @@ ceil(log2 K)-bit packed index would save (32 - ceil(log2 K)) / n bits per weight
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from lowrank_ops.engine.svd import _check_matrix
-
-SHARED_DIMS = ("rows", "columns")
-INDEX_BITS = 32
-"""Stored index width: the kernels gather with int32 indices."""
+from lowrank_ops.formats import check_clusters, check_shared
 
 
 class SharedChannels(NamedTuple):
@@ -46,55 +42,6 @@ class SharedChannels(NamedTuple):
     index: torch.Tensor
     shared: str
     inertia: float
-
-
-def check_shared(shared, where: str) -> str:
-    if shared not in SHARED_DIMS:
-        raise ValueError(f"{where}: shared={shared!r} must be one of {list(SHARED_DIMS)}")
-    return shared
-
-
-def channel_count(m: int, n: int, shared: str) -> int:
-    """Number of channels that share the codebook: m output rows, or n input columns."""
-    return m if shared == "rows" else n
-
-
-def storage_bits(m: int, n: int, clusters: int, rank: int, shared: str, value_bits: int = 16) -> int:
-    """Bits stored for a (m, n) layer: codebook + index + residual factors (bias excluded)."""
-    entry = n if shared == "rows" else m
-    return value_bits * (clusters * entry + rank * (m + n)) + INDEX_BITS * channel_count(m, n, shared)
-
-
-def bits_per_weight(m: int, n: int, clusters: int, rank: int, shared: str, value_bits: int = 16) -> float:
-    return storage_bits(m, n, clusters, rank, shared, value_bits) / (m * n)
-
-
-def clusters_for_bits(m: int, n: int, bits: float, rank: int, shared: str, value_bits: int = 16,
-                      where: str = "clusters_for_bits") -> int:  # fmt: skip
-    """The largest K whose storage fits `bits` per weight of the (m, n) layer with a rank-`rank` residual, capped
-    at the number of channels. Raises when not even K = 1 fits (the residual or the index alone is over budget)."""
-    entry = n if shared == "rows" else m
-    budget = bits * m * n - INDEX_BITS * channel_count(m, n, shared) - value_bits * rank * (m + n)
-    clusters = min(math.floor(budget / (value_bits * entry)), channel_count(m, n, shared))
-    if clusters < 1:
-        floor = bits_per_weight(m, n, 1, rank, shared, value_bits)
-        raise ValueError(
-            f"{where}: {bits} bits per weight cannot hold one cluster plus a rank-{rank} residual for a ({m}, {n}) "
-            f"layer (that needs {floor:.3f}); lower the rank or raise the bits"
-        )
-    return clusters
-
-
-def check_clusters(clusters, m: int, n: int, shared: str, where: str) -> int:
-    if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
-        raise ValueError(f"{where}: clusters={clusters!r} must be an int >= 1")
-    channels = channel_count(m, n, shared)
-    if clusters > channels:
-        raise ValueError(
-            f"{where}: clusters={clusters} is larger than the {channels} {shared} of a ({m}, {n}) weight "
-            f"(shared={shared!r}); use at most {channels}"
-        )
-    return clusters
 
 
 def share_channels(
@@ -126,10 +73,3 @@ def share_channels(
     result = kmeans(points, clusters, n_iter=n_iter, tol=tol, weights=by_feature, point_weights=by_point, seed=seed)
     codebook = result.centroids if shared == "rows" else result.centroids.mT.contiguous()
     return SharedChannels(codebook, result.labels.to(torch.int32), shared, float(result.inertia))
-
-
-def shared_weight(codebook: torch.Tensor, index: torch.Tensor, shared: str) -> torch.Tensor:
-    """W_shared (m, n): codebook rows gathered by index (rows), or codebook columns (columns)."""
-    check_shared(shared, "shared_weight")
-    index = index.to(torch.int64)
-    return codebook.index_select(0, index) if shared == "rows" else codebook.index_select(1, index)

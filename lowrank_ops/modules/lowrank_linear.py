@@ -11,10 +11,10 @@ state_dict keys (stable; later modules and checkpoints rely on them):
                                 coefficients, y = U (s * (V x)) + b; `fold_coefficients` multiplies s into U and
                                 removes it, so saved / deployed modules never carry it
 
-Coefficients (application-specific basis selection, `lowrank_ops.basis`): W = sum_i s_i u_i v_i^T with s learnable and
-U, V frozen. While s exists the forward is z = V x, y = U (s * z) + b in plain torch (two F.linear calls), so the
-gradient of s costs O(tokens r) (sum of z * U^T dy) instead of the r n tokens of a gradient through s * V; after
-`fold_coefficients` the module runs the fused op again.
+Coefficients (application-specific basis selection, `lowrank_ops.compress.methods.basis`): W = sum_i s_i u_i v_i^T
+with s learnable and U, V frozen. While s exists the forward is z = V x, y = U (s * z) + b in plain torch (two F.linear
+calls), so the gradient of s costs O(tokens r) (sum of z * U^T dy) instead of the r n tokens of a gradient through
+s * V; after `fold_coefficients` the module runs the fused op again.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_ops.modules.compressed import CompressedLinear
 from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
 from lowrank_ops.rank import DEFAULT_ALIGN, param_ratio, rank_for_param_ratio, validate_rank
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(CompressedLinear):
     """y = U (V x) + b with U (out_features, rank), V (rank, in_features).
 
     Args mirror nn.Linear plus `rank` (1 <= rank <= min(in_features, out_features)). Fresh modules are
@@ -169,8 +170,17 @@ class LowRankLinear(nn.Module):
                 module.bias.copy_(linear.bias.detach())
         return module
 
-    def to_linear(self) -> nn.Linear:
-        """The dense layer with W = U V (computed in float32 at least, cast to the factors' dtype)."""
+    def _manifest_fields(self) -> dict:
+        return {"coefficients": True} if self.has_coefficients else {}  # y = U (s * V x) kept unfolded
+
+    @classmethod
+    def _empty(cls, name: str, entry: dict) -> LowRankLinear:
+        module = cls(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
+        return module.add_coefficients() if entry.get("coefficients") else module
+
+    def to_linear(self, residual: bool = True) -> nn.Linear:
+        """The dense layer with W = U V (computed in float32 at least, cast to the factors' dtype); `residual` is
+        ignored (the factors are the whole layer)."""
         factory = {"dtype": self.u.dtype, "device": self.u.device}
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **factory)
         compute = torch.promote_types(self.u.dtype, torch.float32)

@@ -28,6 +28,7 @@ from lowrank_ops.modules._base_residual import (
     copy_residual_parts,
     dense_linear,
 )
+from lowrank_ops.modules.compressed import CompressedLinear
 from lowrank_ops.ops.quant_lowrank_matmul import quant_lowrank_matmul
 from lowrank_ops.quant_format import (
     LAYOUT_VERSION,
@@ -41,7 +42,7 @@ from lowrank_ops.quant_format import (
 )
 
 
-class QuantLowRankLinear(nn.Module):
+class QuantLowRankLinear(CompressedLinear):
     """y = dequant(W_hat) x + U (V x) + b with a packed (bits, group_size) base and an optional rank-r residual.
 
     Args mirror nn.Linear plus bits (2, 3, 4 or 8), group_size (>= 1, a multiple of 8 for bits <= 4) and rank
@@ -155,6 +156,22 @@ class QuantLowRankLinear(nn.Module):
             module.zeros.copy_(packed.zeros)
         copy_residual_parts(module, u, v, bias)
         return module
+
+    lora_residual = True
+
+    def _manifest_fields(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "layout_version": self.packed.layout_version,
+                "dtype": str(self.scales.dtype).removeprefix("torch.")}  # fmt: skip
+
+    @classmethod
+    def _empty(cls, name: str, entry: dict) -> QuantLowRankLinear:
+        if entry.get("layout_version") != LAYOUT_VERSION:
+            raise ValueError(f"load_compressed: layer {name} was packed with layout_version="
+                             f"{entry.get('layout_version')}, this lowrank_ops reads {LAYOUT_VERSION}")  # fmt: skip
+        # built in the default dtype like the rest of the model: the saved fp16 / bf16 scales load into it exactly,
+        # so W_hat is unchanged ("dtype" in the entry records what was saved)
+        return cls(entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"], entry["rank"],
+                   bias=entry["bias"])  # fmt: skip
 
     def to_linear(self, residual: bool = True) -> nn.Linear:
         """The dense layer with W = W_hat + U V (computed in float32 at least, cast to the module's dtype);

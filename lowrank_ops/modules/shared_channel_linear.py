@@ -21,13 +21,14 @@ import math
 import torch
 from torch import nn
 
-from lowrank_ops.algorithms.swsc import bits_per_weight, check_clusters, check_shared, shared_weight
+from lowrank_ops.formats import bits_per_weight, check_clusters, check_shared, shared_weight
 from lowrank_ops.modules._base_residual import check_residual_parts, copy_residual_parts, dense_linear
+from lowrank_ops.modules.compressed import CompressedLinear
 from lowrank_ops.ops.codebook_matmul import codebook_matmul
 from lowrank_ops.rank import validate_rank
 
 
-class SharedChannelLinear(nn.Module):
+class SharedChannelLinear(CompressedLinear):
     """y = (C[l] + U V) x + b (rows shared) or (C[:, l] + U V) x + b (columns shared).
 
     Args: in_features, out_features, clusters K (1 <= K <= the number of shared channels), rank r of the residual
@@ -91,7 +92,7 @@ class SharedChannelLinear(nn.Module):
 
     @property
     def bits_per_weight(self) -> float:
-        """8 * storage_bytes / (out_features * in_features), as `algorithms.swsc.bits_per_weight` counts it."""
+        """8 * storage_bytes / (out_features * in_features), as `formats.bits_per_weight` counts it."""
         return self.bits_per_weight_at(8 * self.codebook.element_size())
 
     def bits_per_weight_at(self, value_bits: int) -> float:
@@ -144,6 +145,14 @@ class SharedChannelLinear(nn.Module):
         copy_residual_parts(module, u, v, bias)
         module.check_index(where)
         return module
+
+    def _manifest_fields(self) -> dict:
+        return {"shared": str(self.shared), "clusters": self.clusters}
+
+    @classmethod
+    def _empty(cls, name: str, entry: dict) -> SharedChannelLinear:  # the index range is checked on load
+        return cls(entry["in_features"], entry["out_features"], entry["clusters"], entry["rank"], entry["shared"],
+                   bias=entry["bias"])  # fmt: skip
 
     def to_linear(self, residual: bool = True) -> nn.Linear:
         """The dense layer with W = W_shared + U V (computed in float32 at least, cast to the module's dtype);

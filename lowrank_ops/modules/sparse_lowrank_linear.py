@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_ops.algorithms.quantize import two_of_four_violation
+from lowrank_ops.formats import two_of_four_violation
 from lowrank_ops.modules._base_residual import (
     check_residual_parts,
     check_residual_rank,
     copy_residual_parts,
     dense_linear,
 )
+from lowrank_ops.modules.compressed import CompressedLinear
 from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
 
 PATTERN = "2:4"
@@ -60,7 +61,7 @@ def check_two_of_four(weight: torch.Tensor, where: str, name: str = "weight") ->
         )
 
 
-class SparseLowRankLinear(nn.Module):
+class SparseLowRankLinear(CompressedLinear):
     """y = W_pruned x + U (V x) + b with a 2:4-pruned base W_pruned stored dense and an optional rank-r residual.
 
     Args mirror nn.Linear plus rank (0 <= rank < the break-even rank m n / (m + n); 0 = base only). `dtype` is the
@@ -171,6 +172,18 @@ class SparseLowRankLinear(nn.Module):
             module.weight.copy_(weight.detach())
         copy_residual_parts(module, u, v, bias)
         return module
+
+    lora_residual = True
+
+    def _manifest_fields(self) -> dict:
+        return {"pattern": "2:4", "storage": "dense", "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def _empty(cls, name: str, entry: dict) -> SparseLowRankLinear:
+        if entry.get("pattern") != "2:4":  # the pattern itself is checked when the state dict is loaded
+            raise ValueError(f"load_compressed: layer {name} has pattern={entry.get('pattern')!r}; "
+                             "SparseLowRankLinear reads '2:4'")  # fmt: skip
+        return cls(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
 
     def to_linear(self, residual: bool = True) -> nn.Linear:
         """The dense layer with W = W_pruned + U V (computed in float32 at least, cast to the module's dtype);
