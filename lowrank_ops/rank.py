@@ -1,12 +1,12 @@
 """Rank rules: parameter ratio <-> rank, break-even rank, alignment.
 
-Conventions (DESIGN.md): W is (m, n) = (out, in); a rank-r factorisation stores r (m + n) parameters, so the
+Conventions (docs/FACTS.md): W is (m, n) = (out, in); a rank-r factorisation stores r (m + n) parameters, so the
 param ratio -- the fraction of parameters KEPT -- is rho = r (m + n) / (m n). The break-even rank is
 r* = m n / (m + n): at or above it the factors are no smaller than W.
 
 Alignment policy: ranks derived from a param ratio are rounded DOWN to a multiple of `align` (default 16),
 so the kept fraction never exceeds the one asked for, but never below `align` itself (a layer keeps at least
-one aligned block). Unaligned ranks are slow on tensor cores (DESIGN.md: H100 cuBLAS, M=2048, r=1492 took
+one aligned block). Unaligned ranks are slow on tensor cores (docs/FACTS.md: H100 cuBLAS, M=2048, r=1492 took
 476 us where r=1536 took 145 us). A rank the caller gives explicitly is honoured exactly.
 """
 
