@@ -64,6 +64,10 @@ class CompressedLinear(nn.Module):
     def _empty(cls, name: str, entry: dict) -> CompressedLinear:
         raise NotImplementedError
 
+    def check_loaded(self, where: str) -> None:
+        """Consistency checks of tensors assigned from a file (the 2:4 pattern, index ranges); ValueError naming
+        `where`. Default: none."""
+
     def to_linear(self, residual: bool = True) -> nn.Linear:
         """The dense nn.Linear this module computes (residual=False: its base only, for `lora_residual` modules)."""
         raise NotImplementedError

@@ -146,6 +146,9 @@ class SharedChannelLinear(CompressedLinear):
         module.check_index(where)
         return module
 
+    def check_loaded(self, where: str) -> None:
+        self.check_index(where)
+
     def _manifest_fields(self) -> dict:
         return {"shared": str(self.shared), "clusters": self.clusters}
 

@@ -175,6 +175,9 @@ class SparseLowRankLinear(CompressedLinear):
 
     lora_residual = True
 
+    def check_loaded(self, where: str) -> None:
+        self.check_pattern(where)
+
     def _manifest_fields(self) -> dict:
         return {"pattern": "2:4", "storage": "dense", "dtype": str(self.weight.dtype).removeprefix("torch.")}
 
