@@ -10,6 +10,7 @@ from lowrank_ops.backends import Backend, BackendUnavailableError, use_backend
 from lowrank_ops.compress import CompressionReport, compress_
 from lowrank_ops.configs import BaseResidualConfig, BasisConfig, EoraConfig, LowRankConfig, SwscConfig
 from lowrank_ops.env import env_report
+from lowrank_ops.integrations import transformers as _transformers  # noqa: F401  (registers from_pretrained support)
 from lowrank_ops.modules import LowRankLinear, QuantLowRankLinear, SharedChannelLinear, SparseLowRankLinear
 from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
 

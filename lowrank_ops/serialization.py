@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowrank_ops.integrations.transformers import attach_quantization_config, quantization_config_dict
 from lowrank_ops.modules import CompressedLinear
+from lowrank_ops.modules.compressed import manifest_entries
 from lowrank_ops.surgery import replace_module
 
 MANIFEST = "lowrank_ops.json"
@@ -40,12 +42,6 @@ def _versions() -> dict:
     from lowrank_ops._version import __version__
 
     return {"lowrank_ops": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def compressed_layers(model: nn.Module) -> dict[str, dict]:
-    """Manifest entries of every compressed module in `model` (each module writes its own)."""
-    return {name: module.manifest_entry() for name, module in model.named_modules()
-            if isinstance(module, CompressedLinear)}  # fmt: skip
 
 
 def atomic_directory(out_dir: str | os.PathLike):
@@ -84,7 +80,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None
     extra_files: file name -> text written into the same directory (e.g. evaluation results)."""
     from safetensors.torch import save_model
 
-    layers = compressed_layers(model)
+    layers = manifest_entries(model)
     manifest = {
         "format_version": FORMAT_VERSION,
         "config": None if config is None else config.to_dict(),
@@ -94,6 +90,9 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None
     }
     with atomic_directory(out_dir) as tmp:
         model.config.save_pretrained(tmp)
+        hf_config = json.loads((tmp / "config.json").read_text())
+        hf_config["quantization_config"] = quantization_config_dict(layers, manifest["config"])
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         save_model(model, str(tmp / WEIGHTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if tokenizer is not None:
@@ -194,4 +193,5 @@ def to_dense(model: nn.Module, residual: bool = True) -> nn.Module:
                 conv.bias.copy_(dense.bias if dense.bias is not None else torch.zeros_like(conv.bias))
             dense = conv
         replace_module(model, name, dense)
+    attach_quantization_config(model, None)  # no compressed module left: config.json must not claim any
     return model

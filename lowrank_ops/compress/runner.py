@@ -35,6 +35,7 @@ from lowrank_ops.compress.method import CompressionMethod, method_for
 from lowrank_ops.compress.report import CompressionReport
 from lowrank_ops.compress.sequential import compress_sequentially
 from lowrank_ops.configs import CompressionConfig
+from lowrank_ops.integrations.transformers import attach_quantization_config
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, replace_module
 
 
@@ -120,6 +121,7 @@ def compress_(
     report = method.report_type(config.to_dict(), layers, embedding_parameter_count(model), run.seconds)
     with run.timed("finish"):
         method.finish(run, report)
+    attach_quantization_config(model, report.config)  # model.save_pretrained now writes what from_pretrained opens
     run.seconds["total"] = time.perf_counter() - start
     return report
 

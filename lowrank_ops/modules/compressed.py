@@ -14,6 +14,12 @@ from typing import ClassVar
 from torch import nn
 
 
+def manifest_entries(model: nn.Module) -> dict[str, dict]:
+    """Module name -> manifest entry of every compressed module in `model`, in model order."""
+    return {name: module.manifest_entry() for name, module in model.named_modules()
+            if isinstance(module, CompressedLinear)}  # fmt: skip
+
+
 class CompressedLinear(nn.Module):
     """A Linear layer's compressed replacement: `in_features`, `out_features`, `rank`, `bias` (like nn.Linear),
     `dense_class` (the class it replaced: "Linear", or transformers' "Conv1D") and `to_linear()`."""
