@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -32,29 +33,72 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOWRANK = ("svd", "asvd", "whiten")
+_METHOD_FLAGS = {
+    # option dest: (flag, the --method values that read it); None = not given (its default is None in build_parser)
+    "base": ("--base", ("eora",)),
+    "rank": ("--rank", ("eora", "swsc")),
+    "residual": ("--residual", ("eora", "swsc")),
+    "clusters": ("--clusters", ("swsc",)),
+    "bits": ("--bits", ("swsc",)),
+    "shared": ("--shared", ("swsc",)),
+    "unweighted": ("--unweighted", ("swsc",)),
+    "param_ratio": ("--param-ratio", (*_LOWRANK, "basis")),
+    "allocator": ("--allocator", _LOWRANK),
+    "alpha": ("--alpha", ("asvd", "basis")),
+    "align": ("--align", (*_LOWRANK, "basis")),
+    "target_data": ("--target-data", ("basis",)),
+    "basis": ("--basis", ("basis",)),
+    "score": ("--score", ("basis",)),
+    "train_steps": ("--train-steps", ("basis",)),
+    "new_rank": ("--new-rank", ("basis",)),
+    "lr": ("--lr", ("basis",)),
+}
+
+
+def check_method_flags(args: argparse.Namespace) -> None:
+    """ValueError when a flag is given that the chosen --method would ignore (the run would not be what was asked)."""
+    ignored = [flag for dest, (flag, methods) in _METHOD_FLAGS.items()
+               if getattr(args, dest, None) not in (None, False) and args.method not in methods]  # fmt: skip
+    if args.method == "basis" and args.alpha is not None and (args.basis or "whiten") != "asvd":
+        ignored.append("--alpha (read by --basis asvd only)")
+    if ignored:
+        users = {flag: "/".join(methods) for flag, methods in _METHOD_FLAGS.values()}
+        detail = ", ".join(f"{flag} ({users[flag]})" if flag in users else flag for flag in ignored)
+        raise ValueError(f"compress: --method {args.method} ignores {detail}; drop the flag(s) or choose a method "
+                         "that reads them")  # fmt: skip
+
+
 def config_from_args(args: argparse.Namespace):
     """The compression config that `compress`'s arguments describe: the one place the CLI maps flags to fields
-    (every rule between fields is the config's own)."""
+    (every rule between fields is the config's own). A flag the method would ignore is an error
+    (`check_method_flags`); a method flag not given takes the method config's default."""
     from lowrank_ops.configs import BaseResidualConfig, BasisConfig, LowRankConfig, SwscConfig
 
+    check_method_flags(args)
     common = dict(targets=args.targets, ignore=args.ignore, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
                   batch_size=args.batch_size, device=args.device, sequential=args.sequential)  # fmt: skip
-    if args.target_data is not None and args.method != "basis":
-        raise ValueError(f"--target-data is used by --method basis only, not --method {args.method}")
     if args.method == "eora":
-        return BaseResidualConfig(base=args.base, rank=_option(args, "rank", BaseResidualConfig),
+        return BaseResidualConfig(base=_option(args, "base", BaseResidualConfig),
+                                  rank=_option(args, "rank", BaseResidualConfig),
                                   residual=_option(args, "residual", BaseResidualConfig), **common)  # fmt: skip
     if args.method == "swsc":
         bits = args.bits if args.bits is not None or args.clusters is not None else SwscConfig().bits
-        return SwscConfig(shared=args.shared, clusters=args.clusters, bits=bits,
+        return SwscConfig(shared=_option(args, "shared", SwscConfig), clusters=args.clusters, bits=bits,
                           rank=_option(args, "rank", SwscConfig), residual=_option(args, "residual", SwscConfig),
                           weighted=not args.unweighted, **common)  # fmt: skip
+    # --param-ratio / --alpha / --align not given: LowRankConfig's defaults for basis too (the CLI's defaults so far)
     if args.method == "basis":
-        return BasisConfig(param_ratio=args.param_ratio, basis=args.basis, score=args.score, new_rank=args.new_rank,
-                           train_steps=args.train_steps, lr=args.lr, alpha=args.alpha, align=args.align,
+        return BasisConfig(param_ratio=_option(args, "param_ratio", LowRankConfig),
+                           basis=_option(args, "basis", BasisConfig), score=_option(args, "score", BasisConfig),
+                           new_rank=_option(args, "new_rank", BasisConfig),
+                           train_steps=_option(args, "train_steps", BasisConfig), lr=_option(args, "lr", BasisConfig),
+                           alpha=_option(args, "alpha", LowRankConfig), align=_option(args, "align", LowRankConfig),
                            **common)  # fmt: skip
-    return LowRankConfig(method=args.method, param_ratio=args.param_ratio, allocator=args.allocator,
-                         alpha=args.alpha, align=args.align, **common)  # fmt: skip
+    return LowRankConfig(method=args.method, param_ratio=_option(args, "param_ratio", LowRankConfig),
+                         allocator=_option(args, "allocator", LowRankConfig),
+                         alpha=_option(args, "alpha", LowRankConfig), align=_option(args, "align", LowRankConfig),
+                         **common)  # fmt: skip
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -63,15 +107,15 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
                              evaluate_dense=not args.no_dense_eval, target_data=args.target_data,
-                             dtype=args.dtype)  # fmt: skip
+                             dtype=args.dtype, overwrite=args.overwrite)  # fmt: skip
     print(_summary(result))
-    if args.out:
+    if args.out is not None:
         print(f"saved to {args.out}")
     return 0
 
 
 def _option(args: argparse.Namespace, name: str, config_class):
-    """An option shared by several methods (--rank, --residual): its value, or the method's own default."""
+    """A method option (--rank, --residual, ...): its value, or the method config's own default when not given."""
     value = getattr(args, name)
     return getattr(config_class(), name) if value is None else value
 
@@ -105,14 +149,25 @@ def _summary(result: dict) -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lowrank_ops.compress import resolve_device
-    from lowrank_ops.pipeline import evaluate_perplexity, load_model, model_dtype
+    from lowrank_ops.pipeline import (
+        check_finite_weights,
+        check_seq_len,
+        evaluate_perplexity,
+        load_model,
+        model_context,
+        model_dtype,
+        saved_model_context,
+    )
 
     if (args.model is None) == (args.model_option is None):
         raise ValueError("eval: give the model once, as `eval MODEL` or `eval --model MODEL`")
     args.model = args.model or args.model_option
 
     device = resolve_device(args.device)
+    check_seq_len(args.seq_len, saved_model_context(args.model), args.model)
     model, tokenizer, source = load_model(args.model, device, model_dtype(args.dtype, device))
+    check_seq_len(args.seq_len, model_context(model.config), source)
+    check_finite_weights(model, source)
     ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, args.batch_size)
     print(f"{source}: perplexity {ev['perplexity']:.3f} on {ev['tokens']} Wikipedia test tokens "
           f"(windows of {ev['seq_len']}, BOS-prefixed), {ev['seconds']:.1f} s")  # fmt: skip
@@ -124,7 +179,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export_lora(args: argparse.Namespace) -> int:
     from lowrank_ops.peft_export import export_saved_model
 
-    summary = export_saved_model(args.model, args.out, base_out=args.base_out, base_model_name_or_path=args.base_model)
+    summary = export_saved_model(args.model, args.out, base_out=args.base_out, base_model_name_or_path=args.base_model,
+                                 overwrite=args.overwrite)
     size = summary["bytes"] / 2**20
     print(f"LoRA adapter: {summary['layers']} layers (ranks {summary['ranks']}, {summary['skipped_rank_0']} rank-0 "
           f"layers skipped), {summary['dtype']}, {size:.2f} MiB -> {summary['adapter']}")  # fmt: skip
@@ -147,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
     comp.add_argument("--method", default=d.method.value, choices=[*Method.values(), "eora", "swsc", "basis"])
     e, w = BaseResidualConfig(), SwscConfig()
-    comp.add_argument("--base", default=e.base,
-                      help="eora: compressed base, e.g. int4-g128, int3-g128, gptq-int4-g128, 2:4-wanda")  # fmt: skip
+    comp.add_argument("--base", default=None,
+                      help=f"eora: compressed base, e.g. int4-g128, int3-g128, gptq-int4-g128, 2:4-wanda (default "
+                           f"{e.base})")  # fmt: skip
     comp.add_argument("--rank", type=int, default=None,
                       help=f"eora / swsc: rank of the residual, 0: none (default {e.rank} / {w.rank})")  # fmt: skip
     comp.add_argument("--residual", default=None, choices=Residual.values(),
@@ -156,16 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--clusters", type=int, default=None, help="swsc: shared channels K per layer")
     comp.add_argument("--bits", type=float, default=None,
                       help=f"swsc: bits per weight per layer instead of --clusters (default {w.bits})")  # fmt: skip
-    comp.add_argument("--shared", default=w.shared.value, choices=SharedDim.values(), help="swsc: which channels share")
-    comp.add_argument("--unweighted", action="store_true",
+    comp.add_argument("--shared", default=None, choices=SharedDim.values(),
+                      help=f"swsc: which channels share (default {w.shared})")  # fmt: skip
+    comp.add_argument("--unweighted", action="store_true", default=None,
                       help="swsc: plain k-means (default: input channels weighted by (mean|x|)^2)")  # fmt: skip
     comp.add_argument(
         "--param-ratio",
         type=float,
-        default=d.param_ratio,
-        help="fraction of the targeted Linear parameters KEPT, in (0, 1]",
+        default=None,
+        help=f"svd / asvd / whiten / basis: fraction of the targeted Linear parameters KEPT, in (0, 1] (default "
+             f"{d.param_ratio})",
     )
-    comp.add_argument("--allocator", default=d.allocator.value, choices=Allocator.values())
+    comp.add_argument("--allocator", default=None, choices=Allocator.values(),
+                      help=f"svd / asvd / whiten: rank allocation (default {d.allocator})")  # fmt: skip
     from lowrank_ops.configs import BasisConfig
 
     b = BasisConfig()
@@ -173,21 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="basis: target-application text, 'python-stdlib' (default: this interpreter's standard "
                            "library, split by file), 'wikipedia', or UTF-8 files (split 50/20/10/20%% into "
                            "calibration / train / held-out / test)")  # fmt: skip
-    comp.add_argument("--basis", default=b.basis.value, choices=Method.values(),
+    comp.add_argument("--basis", default=None, choices=Method.values(),
                       help="basis: the decomposition whose bases are selected (whiten: SVD of W S with "
-                           "S S^T = the target Gram)")  # fmt: skip
-    comp.add_argument("--score", default=b.score.value, choices=BasisScore.values(),
+                           f"S S^T = the target Gram; default {b.basis})")  # fmt: skip
+    comp.add_argument("--score", default=None, choices=BasisScore.values(),
                       help="basis: energy (target output energy), taylor (|s dL/ds|) or fisher "
-                           "(mean (s dL/ds)^2)")  # fmt: skip
-    comp.add_argument("--train-steps", type=int, default=b.train_steps,
+                           f"(mean (s dL/ds)^2); default {b.score}")  # fmt: skip
+    comp.add_argument("--train-steps", type=int, default=None,
                       help="basis: Adam steps re-learning s on target data, held-out early stopping "
-                           "(0: training-free)")  # fmt: skip
-    comp.add_argument("--new-rank", type=int, default=b.new_rank,
+                           f"(0: training-free; default {b.train_steps})")  # fmt: skip
+    comp.add_argument("--new-rank", type=int, default=None,
                       help="basis: new bases per layer from the target residual's eigen-directions (EoRA), paid "
-                           "from --param-ratio")  # fmt: skip
-    comp.add_argument("--lr", type=float, default=b.lr, help="basis: relative Adam learning rate of the re-learning")
-    comp.add_argument("--alpha", type=float, default=d.alpha, help="ASVD exponent of mean|x|")
-    comp.add_argument("--align", type=int, default=d.align, help="ranks are multiples of this")
+                           f"from --param-ratio (default {b.new_rank})")  # fmt: skip
+    comp.add_argument("--lr", type=float, default=None,
+                      help=f"basis: relative Adam learning rate of the re-learning (default {b.lr})")  # fmt: skip
+    comp.add_argument("--alpha", type=float, default=None,
+                      help=f"asvd (and basis with --basis asvd): exponent of mean|x| (default {d.alpha})")  # fmt: skip
+    comp.add_argument("--align", type=int, default=None,
+                      help=f"svd / asvd / whiten / basis: ranks are multiples of this (default {d.align})")  # fmt: skip
     comp.add_argument("--targets", nargs="+", default=None, help="class names, qualified names or re:<regex>")
     comp.add_argument(
         "--ignore", nargs="+", default=None, help="patterns to leave dense (default: lm_head, embeddings)"
@@ -208,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     comp.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     comp.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
-    comp.add_argument("--out", default=None, help="directory to save the compressed model into (atomically)")
+    comp.add_argument("--out", default=None,
+                      help="directory to save the compressed model into (atomically; checked and locked before any "
+                           "work; an existing directory is replaced only if lowrank-ops wrote it, see --overwrite)")
+    comp.add_argument("--overwrite", action="store_true",
+                      help="allow --out to replace an existing directory that lowrank-ops did not write")
     comp.set_defaults(func=_cmd_compress)
     ev = sub.add_parser("eval", help="perplexity on the Wikipedia test split")
     ev.add_argument("model", nargs="?", help="a directory written by compress, a model directory, a hub id or "
@@ -244,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--base-out", default=None,
                       help="also write the base the adapter is served on (dequantised / pruned, no residual) as a "
                            "plain Hugging Face model directory")  # fmt: skip
+    lora.add_argument("--overwrite", action="store_true",
+                      help="allow --out / --base-out to replace existing directories that lowrank-ops did not write")
     lora.add_argument("--base-model", default=None,
                       help="base_model_name_or_path recorded in adapter_config.json (default: --base-out)")  # fmt: skip
     lora.set_defaults(func=_cmd_export_lora)
@@ -263,19 +332,36 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so that the same clean-up runs (temporary output removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
 def entry() -> int:
     """The `lowrank-ops` command: `main`, with a user's mistake (ValueError, FileNotFoundError: a bad option, a
-    missing model) printed as one line and exit status 2 instead of a traceback; LOWRANK_OPS_DEBUG=1 re-raises."""
+    missing model) printed as one line and exit status 2 instead of a traceback; LOWRANK_OPS_DEBUG=1 re-raises.
+    SIGINT and SIGTERM interrupt alike (temporary outputs removed, nothing half-written): exit 128 + the signal."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main()
-    except KeyboardInterrupt:
-        print("lowrank-ops: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"lowrank-ops: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except (ValueError, FileNotFoundError) as exc:
         if os.environ.get("LOWRANK_OPS_DEBUG") == "1":
             raise
         print(f"lowrank-ops: error: {exc}\n(LOWRANK_OPS_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

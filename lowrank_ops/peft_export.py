@@ -38,6 +38,7 @@ quantizer's int4) the adapter does not compensate anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -47,7 +48,7 @@ import torch
 from torch import nn
 
 from lowrank_ops.modules import CompressedLinear
-from lowrank_ops.serialization import atomic_directory
+from lowrank_ops.outputs import BASE_MARKER, output_directory, reserve_output
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -106,14 +107,15 @@ def lora_adapter_config(ranks: dict[str, int], fan_in_fan_out: bool, base_model_
 
 
 def export_lora_adapter(
-    model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None, *, overwrite: bool = False
 ) -> Path:
     """Write the residuals U V of `model`'s QuantLowRankLinear / SparseLowRankLinear layers as a PEFT LoRA adapter
     (module docstring) into `out_dir`, atomically; returns the path.
 
     base_model_name_or_path: recorded in adapter_config.json; it should name the model holding the compressed BASE
     (`to_dense(model, residual=False)`), not the original one. Layers of rank 0 are skipped; a model without any
-    residual raises ValueError, as does a layer path that peft could not match unambiguously.
+    residual raises ValueError, as does a layer path that peft could not match unambiguously. An existing `out_dir`
+    that is not a lowrank-ops output is never replaced unless overwrite=True (`lowrank_ops.outputs`).
     """
     from safetensors.torch import save_file
 
@@ -134,7 +136,7 @@ def export_lora_adapter(
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = module.u.detach().contiguous().cpu()
     config = lora_adapter_config({name: module.rank for name, module in layers.items()}, classes == {"Conv1D"},
                                  base_model_name_or_path)  # fmt: skip
-    with atomic_directory(out_dir) as tmp:
+    with output_directory(out_dir, overwrite=overwrite, where=where) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "lowrank_ops": __version__})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return Path(out_dir)
@@ -164,17 +166,34 @@ def export_saved_model(
     *,
     base_out: str | os.PathLike | None = None,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """`export_lora_adapter` for a directory written by save_compressed (the CLI's `export-lora`).
 
     The model is loaded in the dtype its base-plus-residual layers were saved in (so the adapter keeps it). With
     `base_out` the serving base (`to_dense(model, residual=False)`, plus the directory's tokenizer when it has one)
     is also written there with save_pretrained, atomically, and the adapter's base_model_name_or_path names it
-    (absolute path) unless `base_model_name_or_path` is given. Returns a summary dict.
+    (absolute path) unless `base_model_name_or_path` is given, with a marker file (lowrank_ops_base.json) that lets a
+    later export replace it. Both outputs are checked and locked before the model loads (`lowrank_ops.outputs`: never
+    the source directory, never a directory lowrank-ops did not write unless overwrite=True). Returns a summary dict.
     """
+    path = Path(path)
+    where = "export-lora"
+    with contextlib.ExitStack() as outputs:
+        outputs.enter_context(reserve_output(out_dir, overwrite=overwrite, protect=(path,), where=where))
+        if base_out is not None:
+            out_real, base_real = Path(out_dir).resolve(), Path(base_out).resolve()
+            if out_real == base_real or out_real in base_real.parents or base_real in out_real.parents:
+                raise ValueError(f"{where}: the adapter directory {out_dir} and --base-out {base_out} must be "
+                                 "separate directories, neither inside the other")  # fmt: skip
+            outputs.enter_context(reserve_output(base_out, overwrite=overwrite, protect=(path,), where=where))
+        return _export_saved_model(path, out_dir, base_out, base_model_name_or_path, overwrite)
+
+
+def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, overwrite: bool) -> dict:
+    from lowrank_ops._version import __version__
     from lowrank_ops.serialization import load_compressed, read_manifest, to_dense
 
-    path = Path(path)
     manifest = read_manifest(path)
     kinds = {name for name, cls in CompressedLinear.registry.items() if cls.lora_residual}
     dtypes = {entry.get("dtype") for entry in manifest["layers"].values() if entry["module"] in kinds}
@@ -183,7 +202,7 @@ def export_saved_model(
     if base_model_name_or_path is None and base_out is not None:
         base_model_name_or_path = str(Path(base_out).resolve())
     layers = residual_layers(model)
-    export_lora_adapter(model, out_dir, base_model_name_or_path)
+    export_lora_adapter(model, out_dir, base_model_name_or_path, overwrite=overwrite)
     summary = {
         "adapter": str(out_dir),
         "layers": len(layers),
@@ -200,9 +219,12 @@ def export_saved_model(
 
             tokenizer = AutoTokenizer.from_pretrained(path)
         to_dense(model, residual=False)
-        with atomic_directory(base_out) as tmp:
+        with output_directory(base_out, overwrite=overwrite, protect=(path,), where="export-lora --base-out") as tmp:
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            marker = {"written_by": "lowrank_ops export-lora --base-out", "lowrank_ops": __version__,
+                      "source": str(path.resolve())}  # fmt: skip
+            (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=2))
         summary.update(base=str(base_out), base_tokenizer=tokenizer is not None)
     return summary

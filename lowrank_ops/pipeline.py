@@ -8,7 +8,9 @@ BOS token; perplexity = exp(mean next-token NLL over every predicted token), at 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from lowrank_ops.compress import CompressionReport, compress_, resolve_device
 from lowrank_ops.configs import CompressionConfig
+from lowrank_ops.outputs import reserve_output
 from lowrank_ops.serialization import MANIFEST, load_compressed, save_compressed
 
 DEFAULT_MODEL = "default"
@@ -45,6 +48,48 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     except OSError as exc:
         raise FileNotFoundError(f"load_model: cannot load {model!r} as a Hugging Face causal LM ({exc})") from None
     return hf_model.eval(), tokenizer, model
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Config keys that hold a model's context length, in the order they are read."""
+
+
+def model_context(config) -> int | None:
+    """The context length (tokens) a transformers config (object or dict) declares, or None if it declares none."""
+    for key in _CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def saved_model_context(model: str) -> int | None:
+    """The context length in a local model directory's config.json, read without loading weights (None for
+    "default", a hub id or a directory without config.json; check the loaded model's config then)."""
+    path = Path(model)
+    if model == DEFAULT_MODEL or not (path / "config.json").is_file():
+        return None
+    try:
+        return model_context(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"load_model: {path / 'config.json'} is not readable JSON ({exc})") from None
+
+
+def check_seq_len(seq_len: int, context: int | None, model: str) -> None:
+    """ValueError when windows of `seq_len` tokens exceed the model's context (positions it was never trained on)."""
+    if context is not None and seq_len > context:
+        raise ValueError(f"seq_len={seq_len} exceeds the context of {model} ({context} tokens, its config's "
+                         f"max_position_embeddings): give --seq-len {context} or less")  # fmt: skip
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """ValueError naming the first parameter or buffer holding NaN / Inf: compressing or evaluating it would only
+    produce NaN (and a perplexity of nan)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{source}: weight {name} {tuple(tensor.shape)} holds {count} NaN / Inf value(s); "
+                             "a model with non-finite weights cannot be compressed or evaluated")  # fmt: skip
 
 
 def text_windows(tokenizer, split: str, seq_len: int, max_tokens: int, texts: list[str] | None = None) -> torch.Tensor:
@@ -132,7 +177,7 @@ def evaluate_perplexity(model, tokenizer, seq_len: int, eval_tokens: int, batch_
 
     windows = text_windows(tokenizer, "test", seq_len, eval_tokens)
     tic = time.perf_counter()
-    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    ppl = _finite(perplexity(model, windows, batch_size=batch_size, progress=progress), "the Wikipedia test split")
     return {"perplexity": ppl, "tokens": int(windows.numel()), "seq_len": seq_len, "seconds": time.perf_counter() - tic}
 
 
@@ -140,9 +185,16 @@ def _target_perplexity(model, windows: torch.Tensor, batch_size: int, progress: 
     from lowrank_ops.evaluate import perplexity
 
     tic = time.perf_counter()
-    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    ppl = _finite(perplexity(model, windows, batch_size=batch_size, progress=progress), "the target data")
     return {"perplexity": ppl, "tokens": int(windows.numel()), "seq_len": int(windows.shape[1]),
             "seconds": time.perf_counter() - tic}  # fmt: skip
+
+
+def _finite(ppl: float, text: str) -> float:
+    if not math.isfinite(ppl):
+        raise ValueError(f"evaluate: perplexity is {ppl} on {text}: the model produces non-finite logits (NaN / Inf "
+                         "weights or activations, or an overflow in a 16-bit dtype: try --dtype float32)")  # fmt: skip
+    return ppl
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,6 +223,7 @@ def run_compression(
     train_tokens: int = 8192,
     heldout_tokens: int = 2048,
     dtype: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
     """Load, (evaluate dense), compress, evaluate, save. Returns the result dict also written to out_dir.
 
@@ -179,10 +232,29 @@ def run_compression(
 
     A BasisConfig is scored, re-learned and also evaluated on `target_data` ("python-stdlib" by default, see
     `target_windows`): calib_tokens / train_tokens / heldout_tokens / eval_tokens tokens of its four splits; the result
-    then holds "dense_target" / "compressed_target" perplexities next to the Wikipedia ones."""
+    then holds "dense_target" / "compressed_target" perplexities next to the Wikipedia ones.
+
+    Checked before any work: out_dir (`lowrank_ops.outputs`: never the model's own directory, never a directory
+    lowrank-ops did not write unless overwrite=True; locked for the whole job, so a second run writing it fails at
+    once) and seq_len against the model's context (from its config.json; for "default", right after loading). A model
+    with NaN / Inf weights and a non-finite perplexity are errors (ValueError)."""
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None:
+            stack.enter_context(reserve_output(out_dir, overwrite=overwrite, protect=(model_name,), where="compress"))
+        check_seq_len(config.seq_len, saved_model_context(model_name), model_name)
+        return _run_compression(model_name, config, out_dir, evaluate=evaluate, eval_tokens=eval_tokens,
+                                evaluate_dense=evaluate_dense, progress=progress, target_data=target_data,
+                                train_tokens=train_tokens, heldout_tokens=heldout_tokens, dtype=dtype,
+                                overwrite=overwrite)  # fmt: skip
+
+
+def _run_compression(model_name, config, out_dir, *, evaluate, eval_tokens, evaluate_dense, progress, target_data,
+                     train_tokens, heldout_tokens, dtype, overwrite) -> dict:  # fmt: skip
     device = resolve_device(config.device)
     torch_dtype = model_dtype(dtype, device)
     model, tokenizer, source = load_model(model_name, device, torch_dtype)
+    check_seq_len(config.seq_len, model_context(model.config), source)
+    check_finite_weights(model, source)
     result: dict = {"model": source, "config": config.to_dict(), "variant": config.describe(), "device": str(device),
                     "dtype": str(torch_dtype).removeprefix("torch.")}  # fmt: skip
     if evaluate and evaluate_dense:
@@ -210,6 +282,6 @@ def run_compression(
         if target is not None:
             result["compressed_target"] = _target_perplexity(model, target["test"], config.batch_size, progress)
     if out_dir is not None:
-        save_compressed(model, out_dir, config=config, tokenizer=tokenizer, source=source,
-                        extra_files={RESULTS_FILE: json.dumps(result, indent=2)})  # fmt: skip
+        save_compressed(model, out_dir, config=config, tokenizer=tokenizer, source=source, overwrite=overwrite,
+                        extra_files={RESULTS_FILE: json.dumps(result, indent=2, allow_nan=False)})  # fmt: skip
     return result

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 from lowrank_ops.integrations.transformers import attach_quantization_config, quantization_config_dict
 from lowrank_ops.modules import CompressedLinear
 from lowrank_ops.modules.compressed import manifest_entries
+from lowrank_ops.outputs import output_directory
 from lowrank_ops.surgery import replace_module
 
 MANIFEST = "lowrank_ops.json"
@@ -44,40 +43,14 @@ def _versions() -> dict:
     return {"lowrank_ops": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def atomic_directory(out_dir: str | os.PathLike):
-    """Context manager yielding a temporary directory next to `out_dir` that replaces it on success."""
-    return _AtomicDirectory(Path(out_dir))
-
-
-class _AtomicDirectory:
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            self.target.rename(old)
-            self.tmp.rename(self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.target)
-        return False
-
-
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None, tokenizer=None, source=None,
-                    extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+                    extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:  # fmt: skip
     """Write `model` (with its compressed layers) to `out_dir` atomically; returns the path.
 
-    extra_files: file name -> text written into the same directory (e.g. evaluation results)."""
+    extra_files: file name -> text written into the same directory (e.g. evaluation results).
+    The rules of `lowrank_ops.outputs`: an existing `out_dir` is replaced (in one atomic step) only when it is a
+    previous lowrank-ops output or empty, unless overwrite=True; never when it is or contains `source` (a path); a
+    second process saving to the same `out_dir` meanwhile gets ValueError at once."""
     from safetensors.torch import save_model
 
     layers = manifest_entries(model)
@@ -88,7 +61,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None
         "versions": _versions(),
         "source": source,
     }
-    with atomic_directory(out_dir) as tmp:
+    with output_directory(out_dir, overwrite=overwrite, protect=(source,)) as tmp:
         model.config.save_pretrained(tmp)
         hf_config = json.loads((tmp / "config.json").read_text())
         hf_config["quantization_config"] = quantization_config_dict(layers, manifest["config"])

@@ -1,13 +1,14 @@
 """The command line and env_report: what a user sees first."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from lowrank_ops import env_report
-from lowrank_ops.cli import build_parser, main
+from lowrank_ops.cli import build_parser, config_from_args, main
 
 
 def test_env_report_names_versions_and_why_backends_are_unavailable():
@@ -47,7 +48,8 @@ def test_eora_arguments():
 
 def test_swsc_arguments_are_validated_before_any_work():
     args = build_parser().parse_args(["compress", "--method", "swsc", "--clusters", "64", "--rank", "16"])
-    assert (args.method, args.clusters, args.rank, args.shared) == ("swsc", 64, 16, "rows")
+    assert (args.method, args.clusters, args.rank, args.shared) == ("swsc", 64, 16, None)  # None: not given
+    assert config_from_args(args).shared == "rows"  # the config's default
     with pytest.raises(ValueError, match="give exactly one of clusters or bits"):
         main(["compress", "--method", "swsc", "--clusters", "64", "--bits", "3", "--no-eval"])
     with pytest.raises(ValueError, match="clusters=0 must be an int >= 1"):
@@ -136,3 +138,96 @@ def test_compress_and_eval_run_in_the_requested_dtype(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--dtype", "float32", *common[:-2]]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, flags, ignored", [
+    ("whiten", ["--rank", "5"], "--rank (eora/swsc)"),
+    ("svd", ["--base", "int4-g128"], "--base (eora)"),
+    ("asvd", ["--clusters", "4", "--unweighted"], "--clusters (swsc), --unweighted (swsc)"),
+    ("eora", ["--allocator", "loss"], "--allocator (svd/asvd/whiten)"),
+    ("swsc", ["--param-ratio", "0.5", "--clusters", "4"], "--param-ratio (svd/asvd/whiten/basis)"),
+    ("whiten", ["--alpha", "0.7"], "--alpha (asvd/basis)"),
+    ("basis", ["--alpha", "0.7"], "--alpha (read by --basis asvd only)"),
+    ("eora", ["--score", "fisher", "--target-data", "wikipedia"], "--target-data (basis), --score (basis)"),
+])  # fmt: skip
+def test_a_flag_the_method_would_ignore_is_an_error_before_any_work(method, flags, ignored):
+    args = build_parser().parse_args(["compress", "--model", "/nonexistent", "--method", method, *flags])
+    with pytest.raises(ValueError, match=f"--method {method} ignores {re.escape(ignored)}; drop"):
+        config_from_args(args)
+    with pytest.raises(ValueError, match="ignores"):  # before the model (which does not exist) is looked at
+        main(["compress", "--model", "/nonexistent", "--method", method, *flags])
+
+
+def test_method_flags_not_given_take_the_method_defaults_and_given_ones_are_honoured():
+    from lowrank_ops.configs import BaseResidualConfig, LowRankConfig, SwscConfig
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["compress", "--method", "whiten"])) == LowRankConfig(method="whiten")
+    assert config_from_args(parse(["compress", "--method", "eora"])) == BaseResidualConfig()
+    assert config_from_args(parse(["compress", "--method", "swsc"])) == SwscConfig()
+    basis = config_from_args(parse(["compress", "--method", "basis", "--basis", "asvd", "--alpha", "0.7"]))
+    assert (basis.basis, basis.alpha, basis.param_ratio) == ("asvd", 0.7, LowRankConfig().param_ratio)
+    swsc = config_from_args(parse(["compress", "--method", "swsc", "--clusters", "4", "--rank", "8", "--unweighted"]))
+    assert (swsc.clusters, swsc.bits, swsc.rank, swsc.weighted) == (4, None, 8, False)
+
+
+def _saved_tiny(tmp_path, nan=False):
+    import torch
+    from tiny_models import tiny_llama_gqa, word_tokenizer
+
+    model = tiny_llama_gqa()  # context: max_position_embeddings=64
+    if nan:
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    source = tmp_path / "tiny"
+    model.save_pretrained(source)
+    word_tokenizer().save_pretrained(source)
+    return source
+
+
+def test_seq_len_beyond_the_model_context_is_refused_before_loading(tmp_path, monkeypatch):
+    import lowrank_ops.pipeline as pipeline
+
+    source = _saved_tiny(tmp_path)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before the --seq-len check"))
+    compress = ["compress", "--model", str(source), "--no-eval", "--calib-tokens", "200000"]
+    for command in (compress, ["eval", str(source)]):
+        with pytest.raises(ValueError, match="seq_len=100000 exceeds the context of .*tiny \\(64 tokens"):
+            main([*command, "--seq-len", "100000"])
+
+
+def test_seq_len_is_checked_after_loading_when_the_config_is_not_on_disk(tmp_path, monkeypatch):
+    from tiny_models import tiny_llama_gqa, word_tokenizer
+
+    import lowrank_ops.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (tiny_llama_gqa(), word_tokenizer(), "default model"))
+    monkeypatch.setattr(pipeline, "compress_", lambda *a, **k: pytest.fail("calibrated before the --seq-len check"))
+    with pytest.raises(ValueError, match="seq_len=128 exceeds the context of default model \\(64 tokens"):
+        main(["compress", "--seq-len", "128", "--device", "cpu", "--no-eval"])
+
+
+def test_a_model_with_nan_weights_is_refused_before_compressing(tmp_path, monkeypatch, capsys):
+    from lowrank_ops.cli import entry
+
+    source = _saved_tiny(tmp_path, nan=True)
+    args = ["lowrank-ops", "compress", "--model", str(source), "--method", "svd", "--seq-len", "32", "--device", "cpu",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", args)
+    assert entry() == 2
+    err = capsys.readouterr().err
+    assert "weight model.layers.1.mlp.up_proj.weight (80, 48) holds 1 NaN / Inf value(s)" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    monkeypatch.setattr(sys, "argv", ["lowrank-ops", "eval", str(source), "--seq-len", "32", "--device", "cpu"])
+    assert entry() == 2 and "holds 1 NaN / Inf" in capsys.readouterr().err
+
+
+def test_a_non_finite_perplexity_is_an_error_and_never_written(tmp_path, monkeypatch):
+    import lowrank_ops.evaluate as evaluate
+
+    source = _saved_tiny(tmp_path)
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: float("nan"))
+    with pytest.raises(ValueError, match="perplexity is nan on the Wikipedia test split"):
+        main(["compress", "--model", str(source), "--method", "svd", "--seq-len", "32", "--device", "cpu",
+              "--eval-tokens", "64", "--no-dense-eval", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out").exists()
