@@ -134,3 +134,12 @@ def test_cuda_graph_capture_of_module():
         y = low(x)
     graph.replay()
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("ratio", [1.5, 0.0, -0.2, True, "0.5"])
+def test_from_linear_rejects_a_param_ratio_outside_0_1(ratio):
+    # issue 21: param_ratio=1.5 was accepted (and clamped to full rank); the configs reject ratios above 1
+    linear = nn.Linear(40, 24)
+    with pytest.raises(ValueError, match=r"param_ratio=.* must be in \(0, 1\]"):
+        LowRankLinear.from_linear(linear, param_ratio=ratio)
+    assert LowRankLinear.from_linear(linear, param_ratio=1.0, align=1).rank == 15  # 1.0 = break-even, floor of 15

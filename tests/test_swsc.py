@@ -225,8 +225,24 @@ def test_compressed_residual_is_fitted_to_the_stored_codebook():
 def test_compress_rejects_too_many_clusters_before_any_work():
     model = tiny_llama_gqa()
     with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.k_proj: clusters=30 is larger than the 24"):
-        compress_(model, _config(bits=None, clusters=30, weighted=False), progress=False)
+        compress_(model, _config(bits=None, clusters=30, rank=4, weighted=False), progress=False)
     assert not any(isinstance(m, SharedChannelLinear) for m in model.modules())
+
+
+def test_an_explicit_rank_is_honoured_exactly_or_refused_like_eoras_before_any_work():
+    # the trial: --clusters 4 --rank 40 was clamped to 24 on k_proj (24 x 48) and stored more bits than dense
+    model = tiny_llama_gqa()
+    with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.q_proj: rank=40 must satisfy 0 <= rank < "
+                                         r"m n / \(m \+ n\) = 24.0 .*break-even"):  # fmt: skip
+        compress_(model, _config(bits=None, clusters=4, rank=40, weighted=False), progress=False)
+    with pytest.raises(ValueError, match=r"k_proj: rank=16 must satisfy .* = 16.0"):  # k_proj 24 x 48: r* = 16
+        compress_(model, _config(bits=None, clusters=4, rank=16, weighted=False), progress=False)
+    with pytest.raises(ValueError, match=r"q_proj: clusters=24 with a rank-12 residual stores 16.67 bits per weight"):
+        compress_(model, _config(bits=None, clusters=24, rank=12, weighted=False), progress=False)
+    assert not any(isinstance(m, SharedChannelLinear) for m in model.modules())
+    report = compress_(model, _config(bits=None, clusters=4, rank=12, weighted=False), progress=False)
+    assert {layer.rank for layer in report.layers} == {12}
+    assert all(layer.bits_per_weight < 16 for layer in report.layers)
 
 
 def test_save_load_round_trip_is_bit_exact_and_to_dense_works(tmp_path):

@@ -151,6 +151,10 @@ class LowRankLinear(CompressedLinear):
                 "LowRankLinear.from_linear: give exactly one of rank or param_ratio "
                 f"(got rank={rank}, param_ratio={param_ratio})"
             )
+        if param_ratio is not None and (isinstance(param_ratio, bool) or not isinstance(param_ratio, (int, float))
+                                        or not 0 < param_ratio <= 1):  # fmt: skip
+            raise ValueError(f"LowRankLinear.from_linear: param_ratio={param_ratio!r} must be in (0, 1] (the fraction "
+                             "of parameters kept)")  # fmt: skip
         weight = linear.weight.detach()
         m, n = weight.shape
         if rank is None:

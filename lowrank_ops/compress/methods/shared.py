@@ -20,6 +20,7 @@ from lowrank_ops.configs import SwscConfig
 from lowrank_ops.engine import kmeans_many
 from lowrank_ops.formats import bits_per_weight, check_clusters, clusters_for_bits, shared_weight
 from lowrank_ops.modules import SharedChannelLinear
+from lowrank_ops.modules._base_residual import check_residual_rank
 from lowrank_ops.options import Residual, SharedDim
 from lowrank_ops.quant_format import SCALE_DTYPES
 from lowrank_ops.rank import discarded_energy
@@ -38,12 +39,23 @@ class SharedLayerResult(LayerResult):
 
 def layer_clusters(config: SwscConfig, name: str, m: int, n: int) -> int:
     """K of one (m, n) layer: config.clusters (checked against its channels) or the most that fit config.bits with
-    16-bit values (the fp16 / bf16 deployment; an fp32 model holds the same values in fp32 for evaluation)."""
+    16-bit values (the fp16 / bf16 deployment; an fp32 model holds the same values in fp32 for evaluation).
+
+    The residual rank is explicit, so it is honoured exactly or refused: a rank at or above the layer's break-even
+    rank m n / (m + n) is an error (as for eora's residual), and so is a layer whose codebook, index and residual
+    together would store at least as many bits as the dense 16-bit weight."""
     where = f"compress_ (swsc): layer {name}"
-    if config.clusters is not None:
-        return check_clusters(config.clusters, m, n, config.shared, where)
-    rank = min(config.rank, m, n)
-    return clusters_for_bits(m, n, config.bits, rank, config.shared, REPORT_VALUE_BITS, where)
+    if config.clusters is None:
+        rank = check_residual_rank(config.rank, n, m, where)
+        return clusters_for_bits(m, n, config.bits, rank, config.shared, REPORT_VALUE_BITS, where)
+    clusters = check_clusters(config.clusters, m, n, config.shared, where)
+    rank = check_residual_rank(config.rank, n, m, where)
+    bits = bits_per_weight(m, n, clusters, rank, config.shared, REPORT_VALUE_BITS)
+    if bits >= REPORT_VALUE_BITS:
+        raise ValueError(f"{where}: clusters={clusters} with a rank-{rank} residual stores {bits:.2f} bits per weight "
+                         f"for a ({m}, {n}) weight, not less than the dense {REPORT_VALUE_BITS}-bit weight; lower "
+                         "the clusters or the rank")  # fmt: skip
+    return clusters
 
 
 @register_method
@@ -87,7 +99,7 @@ class SharedChannelsMethod(CompressionMethod):
         index = codebooks[name].labels.to(torch.int32)
         W = weight.to(run.device, torch.float32)
         W_shared = shared_weight(codebook, index, config.shared).to(torch.float32)
-        rank = min(config.rank, m, n)
+        rank = config.rank  # checked against the break-even rank in check_layers (layer_clusters)
         method = config.residual if rank > 0 else Residual.svd  # rank 0: no residual (and maybe no statistics)
         whitening = None
         if method != Residual.svd:
