@@ -7,6 +7,10 @@
                  method.fit per target (lowrank_ops.compress.sequential)
     -> method.finish -> CompressionReport
 
+Under torch.distributed (`torchrun`), the calibration windows are sharded and the statistics summed, the global step
+runs on process 0 and is broadcast, layer fits are spread over the processes and every fitted module is shared, and
+`finish` runs on process 0 (lowrank_ops.compress.distributed).
+
 What a global step does in sequential mode (the statistics of a later layer do not exist until the earlier ones are
 compressed, so a step over every layer at once is impossible without a pass over the whole model):
 - selections that only read statistics and weights run per decoder layer, with the same budget rule: the "uniform"
@@ -31,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank_ops.calibration import calibration_windows, collect_input_statistics
+from lowrank_ops.compress.distributed import World
 from lowrank_ops.compress.method import CompressionMethod, method_for
 from lowrank_ops.compress.report import CompressionReport
 from lowrank_ops.compress.sequential import compress_sequentially
@@ -58,6 +63,7 @@ class Run:
     progress: bool
     cache_dir: str | os.PathLike | None = None
     inputs: dict = field(default_factory=dict)  # method-specific keyword inputs of compress_ (train / heldout)
+    world: World = field(default_factory=World)  # the processes sharing this compression (one without torchrun)
     seconds: dict[str, float] = field(default_factory=dict)
     _whitenings: dict = field(default_factory=dict)
 
@@ -73,6 +79,11 @@ class Run:
         if key not in self._whitenings:
             self._whitenings[key] = (stats, build())
         return self._whitenings[key][1]
+
+    @property
+    def local_windows(self) -> torch.Tensor | None:
+        """The calibration windows this process accumulates statistics on (all of them in a single process)."""
+        return self.world.shard(self.windows)
 
     def clear_caches(self) -> None:
         self._whitenings.clear()
@@ -115,12 +126,14 @@ def compress_(
     windows = None
     if config.needs_calibration:
         windows = calibration_windows(calibration, config.calib_tokens, method.calibration_purpose)
-    run = Run(model, config, resolve_device(config.device), windows, progress, cache_dir,
-              inputs=dict(train=train, heldout=heldout))  # fmt: skip
+    world = World.current()
+    run = Run(model, config, resolve_device(config.device), windows, progress and world.is_main, cache_dir,
+              inputs=dict(train=train, heldout=heldout), world=world)  # fmt: skip
     layers = _sequential(run, method, targets) if config.sequential else _one_shot(run, method, targets)
     report = method.report_type(config.to_dict(), layers, embedding_parameter_count(model), run.seconds)
-    with run.timed("finish"):
-        method.finish(run, report)
+    if world.is_main:  # the other processes' models are discarded (only process 0 evaluates and saves)
+        with run.timed("finish"):
+            method.finish(run, report)
     attach_quantization_config(model, report.config)  # model.save_pretrained now writes what from_pretrained opens
     run.seconds["total"] = time.perf_counter() - start
     return report
@@ -131,20 +144,34 @@ def _statistics(run: Run, method: CompressionMethod, targets: dict[str, nn.Modul
     if need is None or run.windows is None:
         return {}
     with run.timed("calibration"):
-        return collect_input_statistics(run.model, list(targets), run.windows, gram=need.gram,
-                                        batch_size=run.config.batch_size, progress=run.progress)  # fmt: skip
+        stats = collect_input_statistics(run.model, list(targets), run.local_windows, gram=need.gram,
+                                         batch_size=run.config.batch_size, progress=run.progress)  # fmt: skip
+        run.world.all_reduce_statistics(stats)
+    return stats
+
+
+def _select(run: Run, method: CompressionMethod, targets: dict[str, nn.Module], stats: dict):
+    """The method's global step, made once (by process 0) and shared."""
+    with run.timed("selection"):
+        return run.world.broadcast(method.select(run, targets, stats) if run.world.is_main else None)
 
 
 def _fit_all(run: Run, method: CompressionMethod, targets: dict[str, nn.Module], stats: dict, plan, progress: bool):
-    items = tqdm(list(targets.items()), desc=method.fit_label, unit="layer", disable=not progress)
+    """Every target fitted (by the process that owns it) and shared; the report rows in target order."""
+    names = list(targets)
+    owners = run.world.owners([targets[name] for name in names])
+    mine = [name for name, owner in zip(names, owners, strict=True) if owner == run.world.rank]
+    rows = {}
     with run.timed(method.fit_label):
-        return [method.fit(run, name, module, stats.get(name), plan) for name, module in items]
+        for name in tqdm(mine, desc=method.fit_label, unit="layer", disable=not progress):
+            rows[name] = method.fit(run, name, targets[name], stats.get(name), plan)
+        return [run.world.share_module(run.model, name, owner, rows.get(name))
+                for name, owner in zip(names, owners, strict=True)]  # fmt: skip
 
 
 def _one_shot(run: Run, method: CompressionMethod, targets: dict[str, nn.Module]) -> list:
     stats = _statistics(run, method, targets)
-    with run.timed("selection"):
-        plan = method.select(run, targets, stats)
+    plan = _select(run, method, targets, stats)
     return _fit_all(run, method, targets, stats, plan, run.progress)
 
 
@@ -152,22 +179,21 @@ def _sequential(run: Run, method: CompressionMethod, targets: dict[str, nn.Modul
     whole_model_plan = None
     if method.whole_model_selection():
         stats = _statistics(run, method, targets)
-        with run.timed("selection"):
-            whole_model_plan = method.ranks_only(method.select(run, targets, stats))
+        whole_model_plan = method.ranks_only(_select(run, method, targets, stats))
         del stats
         run.clear_caches()
 
     def compress_decoder_layer(layer_targets: dict[str, nn.Module], layer_stats: dict) -> list:
+        run.world.all_reduce_statistics(layer_stats)
         plan = whole_model_plan
         if plan is None:
-            with run.timed("selection"):
-                plan = method.select(run, layer_targets, layer_stats)
+            plan = _select(run, method, layer_targets, layer_stats)
         rows = _fit_all(run, method, layer_targets, layer_stats, plan, progress=False)
         run.clear_caches()  # this layer's statistics are dropped now: nothing may hold on to them
         return rows
 
     need = method.statistics()
     with run.timed("sequential"):
-        return compress_sequentially(run.model, targets, run.windows, gram=need is not None and need.gram,
+        return compress_sequentially(run.model, targets, run.local_windows, gram=need is not None and need.gram,
                                      batch_size=run.config.batch_size, device=run.device,
                                      compress_layer=compress_decoder_layer, progress=run.progress)  # fmt: skip

@@ -149,11 +149,6 @@ class BasisSelectionMethod(CompressionMethod):
     fit_label = "selection"
     config: BasisConfig
 
-    def __init__(self, config: BasisConfig):
-        super().__init__(config)
-        self.kept_modules: dict[str, LowRankLinear] = {}  # factored layers, coefficients not folded until `finish`
-        self.new_counts: dict[str, int] = {}
-
     @property
     def calibration_purpose(self) -> str:
         return "BasisConfig (bases are scored on target data)"
@@ -205,9 +200,7 @@ class BasisSelectionMethod(CompressionMethod):
             W_kept = new.to_linear().weight.detach().to(run.device, torch.float32)
             extra = new_bases(W, W_kept, stats, k)
             new.append_bases(extra.U, extra.V)
-            self.new_counts[name] = k
-        run.replace(name, new)
-        self.kept_modules[name] = new
+        run.replace(name, new)  # coefficients stay unfolded until `finish`
         if name in plan.kept:
             return selection_result(plan, name, new_bases=k)
         dropped = float(discarded_energy(factors.singular_values, rank, relative=True))
@@ -215,11 +208,16 @@ class BasisSelectionMethod(CompressionMethod):
                                 spectrum_kept=1.0 - dropped)  # fmt: skip
 
     def finish(self, run, report: BasisReport) -> None:
+        """Re-learn s (train_steps > 0), then fold it into U. The factored layers and their new-basis counts are
+        read from the model and the report (a layer may have been fitted in another process)."""
         config = self.config
-        if config.train_steps > 0 and self.kept_modules:
+        kept: dict[str, LowRankLinear] = {row.name: run.model.get_submodule(row.name) for row in report.layers
+                                          if row.rank is not None}  # fmt: skip
+        new_counts = {row.name: row.new_bases for row in report.layers if row.rank is not None and row.new_bases}
+        if config.train_steps > 0 and kept:
             with run.timed("training"):
-                report.training = relearn_coefficients(run.model, self.kept_modules, self.new_counts,
-                                                       run.inputs["train"], run.inputs["heldout"], config,
-                                                       run.model_device, run.progress)  # fmt: skip
-        for module in self.kept_modules.values():
+                report.training = relearn_coefficients(run.model, kept, new_counts, run.inputs["train"],
+                                                       run.inputs["heldout"], config, run.model_device,
+                                                       run.progress)  # fmt: skip
+        for module in kept.values():
             module.fold_coefficients()
