@@ -29,7 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lowrank_ops.benchmarking import environment_header, load_previous_rows, write_results  # noqa: E402
+from harness import bench_header, load_previous_rows  # noqa: E402
+
+from lowrank_ops.benchmarking import write_results  # noqa: E402
 from lowrank_ops.compress import compress_, resolve_device  # noqa: E402
 from lowrank_ops.configs import BasisConfig, LowRankConfig  # noqa: E402
 from lowrank_ops.evaluate import perplexity  # noqa: E402
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", action="store_true", help="keep the rows of an existing results file (this device)")
     args = parser.parse_args(argv)
 
-    header = environment_header()
+    header = bench_header()
     header["plot"] = {"x": "param_ratio", "y": "code_ppl", "line": "variant", "panel_cols": "model",
                       "shape_keys": [], "log_y": True}  # fmt: skip
     device = resolve_device(args.device)

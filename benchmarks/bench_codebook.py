@@ -31,31 +31,30 @@ Results: `<out>/codebook-<device>.json` (+ .png), rewritten atomically after eve
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness.py, plot.py
 
-import lowrank_ops  # noqa: F401  (registers torch.ops.lowrank_ops.*)
-from lowrank_ops.benchmarking import (
-    OpCost,
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from harness import (  # noqa: E402
     add_common_bench_args,
+    bench_header,
     cpu_threads,
-    dense_linear_cost,
-    environment_header,
     fill_grid,
     finish_bench,
-    int_list,
     kernel_bench_header,
     load_previous_rows,
     measure_row,
     resolve_common_args,
-    sets_to_exceed_l2,
     shape_list,
-    write_results,
 )
-from lowrank_ops.ops.reference import codebook_matmul_ref
+
+import lowrank_ops  # noqa: E402, F401  (registers torch.ops.lowrank_ops.*)
+from lowrank_ops.benchmarking import OpCost, dense_linear_cost, int_list, sets_to_exceed_l2, write_results  # noqa: E402
+from lowrank_ops.ops.reference import codebook_matmul_ref  # noqa: E402
 
 BENCH = "codebook"
 OP = "codebook_matmul"
@@ -256,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    header = environment_header()
+    header = bench_header()
     args = resolve_grid(args, header["is_gpu"])
     kernel_bench_header(
         header,

@@ -8,8 +8,14 @@ Writes e2e-<model>-<device>.json (rows + header), .md (tables) and .png (speedup
 """
 
 import sys
+from pathlib import Path
 
-from lowrank_ops.e2e import main
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness.py
+
+from harness import export_git_revision  # noqa: E402
+
+from lowrank_ops.e2e import main  # noqa: E402
 
 if __name__ == "__main__":
+    export_git_revision()  # the library reads the checkout's sha from the environment; it never runs git itself
     sys.exit(main())

@@ -26,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import bench_header  # noqa: E402
 from quality_common import compress_and_evaluate, finish_results, resumed_rows  # noqa: E402
 
-from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
+from lowrank_ops.benchmarking import write_results  # noqa: E402
 from lowrank_ops.compress import REPORT_VALUE_BITS, resolve_device  # noqa: E402
 from lowrank_ops.configs import BaseResidualConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         grid += [(base, res, r, BaseResidualConfig(base=base, rank=r, residual=res, **calib))
                  for res in args.residuals for r in args.ranks]  # fmt: skip
 
-    header = environment_header()
+    header = bench_header()
     header["plot"] = {"x": "rank", "y": "perplexity", "line": "residual", "panel_cols": "base", "shape_keys": [],
                       "log_y": True}  # fmt: skip
     protocol = dict(calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,

@@ -30,34 +30,39 @@ Results: `<out>/lowrank_matmul-<device>.json` (+ .png), rewritten atomically aft
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness.py, plot.py
 
-import lowrank_ops  # noqa: F401  (registers torch.ops.lowrank_ops.*)
-from lowrank_ops.benchmarking import (
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from harness import (  # noqa: E402
     add_common_bench_args,
+    bench_header,
     cpu_threads,
-    dense_linear_cost,
     drop_unavailable_cuda_provider,
-    environment_header,
     fill_grid,
     finish_bench,
     float_list,
-    int_list,
     kernel_bench_header,
     load_previous_rows,
-    lowrank_matmul_cost,
     measure_row,
     resolve_common_args,
-    sets_to_exceed_l2,
     shape_list,
+)
+
+import lowrank_ops  # noqa: E402, F401  (registers torch.ops.lowrank_ops.*)
+from lowrank_ops.benchmarking import (  # noqa: E402
+    dense_linear_cost,
+    int_list,
+    lowrank_matmul_cost,
+    sets_to_exceed_l2,
     write_results,
 )
-from lowrank_ops.ops.reference import lowrank_matmul_ref
-from lowrank_ops.rank import param_ratio, rank_for_param_ratio
+from lowrank_ops.ops.reference import lowrank_matmul_ref  # noqa: E402
+from lowrank_ops.rank import param_ratio, rank_for_param_ratio  # noqa: E402
 
 BENCH = "lowrank_matmul"
 OP = "lowrank_matmul"
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    header = environment_header()
+    header = bench_header()
     args = resolve_grid(args, header["is_gpu"])
     kernel_bench_header(
         header,

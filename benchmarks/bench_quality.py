@@ -16,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import bench_header  # noqa: E402
 from quality_common import compress_and_evaluate, finish_results, resumed_rows  # noqa: E402
 
-from lowrank_ops.benchmarking import environment_header, write_results  # noqa: E402
+from lowrank_ops.benchmarking import write_results  # noqa: E402
 from lowrank_ops.compress import resolve_device  # noqa: E402
 from lowrank_ops.configs import LowRankConfig  # noqa: E402
 from lowrank_ops.pipeline import DEFAULT_MODEL, evaluate_perplexity, load_model, text_windows  # noqa: E402
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
                         help="keep the rows of an existing results file (this device); measure only missing entries")
     args = parser.parse_args(argv)
 
-    header = environment_header()
+    header = bench_header()
     rows = resumed_rows(args.out, "quality", header, args.merge, dict(eval_tokens=args.eval_tokens,
                                                                      seq_len=args.seq_len))  # fmt: skip
     done = {(row["method"], row["allocator"], row["target_ratio"]) for row in rows}

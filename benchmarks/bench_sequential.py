@@ -21,7 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lowrank_ops.benchmarking import environment_header, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness.py
+
+from harness import bench_header  # noqa: E402
+
+from lowrank_ops.benchmarking import write_results  # noqa: E402
 
 CASES = {
     "whiten-fisher-0.9": ["--method", "whiten", "--allocator", "fisher", "--param-ratio", "0.9"],
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more compress arguments for every run")
     args = parser.parse_args(argv)
-    header = environment_header()
+    header = bench_header()
     rows: list[dict] = []
     for case in args.cases:
         for mode in ("one-shot", "sequential"):

@@ -34,19 +34,16 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness.py, plot.py
 
-from lowrank_ops.benchmarking import (
-    environment_header,
-    int_list,
-    load_plot_module,
-    shape_list,
-    time_op,
-    write_results,
-)
-from lowrank_ops.engine.svd import default_oversample, exact_svd, randomized_svd, randomized_svd_many
-from lowrank_ops.rank import rank_for_param_ratio
+import torch  # noqa: E402
+from harness import bench_header, plot_results, shape_list  # noqa: E402
+
+from lowrank_ops.benchmarking import int_list, time_op, write_results  # noqa: E402
+from lowrank_ops.engine.svd import default_oversample, exact_svd, randomized_svd, randomized_svd_many  # noqa: E402
+from lowrank_ops.rank import rank_for_param_ratio  # noqa: E402
 
 BENCH = "svd"
 
@@ -318,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args.exact = () if args.no_exact else (EXACT_GPU if args.is_gpu else EXACT_CPU)
     args.model_providers = MODEL_PROVIDERS
 
-    header = environment_header()
+    header = bench_header()
     header.update(
         bench=BENCH,
         dtype="float32",
@@ -349,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     print(path)
     if not args.no_plot:
         try:
-            print(load_plot_module().plot_results(path))
+            print(plot_results(path))
         except ImportError as exc:  # matplotlib is a dev extra
             print(f"no plot: {exc}", file=sys.stderr)
     return 0

@@ -7,7 +7,8 @@ import copy
 import time
 from pathlib import Path
 
-from lowrank_ops.benchmarking import load_previous_rows
+from harness import load_previous_rows, plot_results
+
 from lowrank_ops.compress import compress_
 from lowrank_ops.pipeline import evaluate_perplexity
 
@@ -27,8 +28,6 @@ def finish_results(path: Path, markdown: str) -> None:
     a plotting failure is reported, not raised) and print the table."""
     path.with_suffix(".md").write_text(markdown)
     try:
-        from plot import plot_results
-
         plot_results(path, path.with_suffix(".png"))
     except Exception as exc:
         print(f"plot skipped: {exc}")

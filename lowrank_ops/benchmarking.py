@@ -1,6 +1,11 @@
-"""Shared benchmark machinery for every `benchmarks/bench_*.py`: environment header, timing, floors, results.
+"""Measurement machinery shared by `lowrank-ops bench-e2e`, `lowrank-ops demo` and `benchmarks/bench_*.py`:
+environment header, timing, floors, results files.
 
-Timing (STYLE.md rules 17-19, /work/.library/device/METHOD.md):
+It works from an installed wheel: it finds no repository root, runs no file by path and never calls git (the git
+sha in the header is what the caller supplies, see `environment_header`). What only the bench scripts need (their
+common flags, --merge, row checking, the shared plot, the checkout's git revision) is `benchmarks/harness.py`.
+
+Timing (docs/FACTS.md, "How benchmarks time"):
 
 - CUDA: the caller builds `n_weight_sets` independent argument sets (weights and activations) whose total size
   exceeds twice the L2 (`sets_to_exceed_l2`; H100 and H200 have 50 MiB), so consecutive calls never find their
@@ -8,30 +13,25 @@ Timing (STYLE.md rules 17-19, /work/.library/device/METHOD.md):
   CUDA graph that calls `fn` over every set (repeated until a replay holds at least `min_calls_per_replay`
   calls), then times back-to-back replays with CUDA events. A sample is one replay's time divided by its number
   of calls; the result is the median and the 20th / 80th percentiles of those per-call times. Inside a graph
-  one launch costs ~1 us (DESIGN.md), so small-M numbers measure the kernels, not Python and the launch path.
+  one launch costs ~1 us (docs/FACTS.md), so small-M numbers measure the kernels, not Python and the launch path.
   `use_graph=False` times the same rotation as a plain Python loop between CUDA events (fine for large,
   compute-bound M, where each call runs far longer than its launch).
 - CPU: a `time.perf_counter` loop over the same rotated sets after a warm-up, one call per sample. CPU
   numbers carry a CPU device name and slug everywhere; they are never GPU numbers.
 
 Floors: `byte_floor_us` (fewest bytes over the device's bandwidth) and `compute_floor_us` (flops over the
-tensor-core rate). `device_peaks` prefers figures measured on this workplace's machines (DESIGN.md) over the
+tensor-core rate). `device_peaks` prefers figures measured on this workplace's machines (docs/FACTS.md) over the
 datasheet and says which it used.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime as _dt
-import importlib.util
 import json
 import math
 import os
 import platform
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowrank_ops._version import __version__
+
 L2_BYTES_HOPPER = 50 * 2**20  # H100 / H200 L2: 50 MiB (torch reports L2_cache_size = 52428800 on H100)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -145,31 +146,6 @@ def l2_cache_bytes(device: torch.device | str | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------- header
 
 
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def git_revision() -> tuple[str | None, bool | None]:
-    """(short sha, dirty) of the repository this file lives in; (None, None) without git or a repository.
-
-    $LOWRANK_OPS_GIT_SHA overrides the sha (for machines that get a copy of the tree without .git).
-    Dirty means tracked changes or untracked, non-ignored files, not counting benchmarks/results/.
-    """
-    if sha := os.environ.get("LOWRANK_OPS_GIT_SHA"):
-        return sha, None
-    sha = _git("rev-parse", "--short=10", "HEAD")
-    if sha is None:
-        return None, None
-    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
-    return sha, (None if status is None else bool(status))
-
-
 def _module_version(name: str) -> str | None:
     try:
         return getattr(__import__(name), "__version__", "unknown")
@@ -177,10 +153,20 @@ def _module_version(name: str) -> str | None:
         return None
 
 
-def environment_header() -> dict[str, Any]:
+def _env_dirty() -> bool | None:
+    value = os.environ.get("LOWRANK_OPS_GIT_DIRTY", "").strip().lower()
+    return {"1": True, "true": True, "0": False, "false": False}.get(value)
+
+
+def environment_header(git_sha: str | None = None, git_dirty: bool | None = None) -> dict[str, Any]:
     """What a results file needs to be read later: device (GPU name, or 'CPU only (<model>)'), is_gpu,
-    device_slug, versions (torch, triton, CUDA, Python), git sha and dirty flag, UTC date, and the peak
-    figures used for floors. No host name."""
+    device_slug, versions (torch, triton, CUDA, Python, lowrank_ops), git sha and dirty flag, UTC date, and the
+    peak figures used for floors. No host name.
+
+    The library never asks git (an installed wheel has no repository): the sha and dirty flag are what the caller
+    passes (benchmarks/harness.py reads them from its checkout), else $LOWRANK_OPS_GIT_SHA and
+    $LOWRANK_OPS_GIT_DIRTY (1 / 0), else None; `lowrank_ops` (the package version) identifies the code either way.
+    """
     is_gpu = torch.cuda.is_available()
     gpu = None
     if is_gpu:
@@ -197,7 +183,10 @@ def environment_header() -> dict[str, Any]:
         device = name
     else:
         device = f"CPU only ({cpu_model()})"
-    sha, dirty = git_revision()
+    if git_sha is None:
+        git_sha = os.environ.get("LOWRANK_OPS_GIT_SHA") or None
+        if git_dirty is None:
+            git_dirty = _env_dirty()
     return {
         "device": device,
         "device_slug": device_slug(device, is_gpu),
@@ -209,8 +198,9 @@ def environment_header() -> dict[str, Any]:
         "triton": _module_version("triton"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_sha": sha,
-        "git_dirty": dirty,
+        "lowrank_ops": __version__,
+        "git_sha": git_sha,
+        "git_dirty": git_dirty,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "peaks": device_peaks(device if is_gpu else "cpu"),
     }
@@ -390,7 +380,7 @@ def time_op(
 
 
 def measure_copy_bandwidth_GBps(device: torch.device | str = "cuda", nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Median device-to-device copy bandwidth, counting bytes read plus bytes written (METHOD.md)."""
+    """Median device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -458,242 +448,10 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-# ------------------------------------------------------------------------------------------ bench scaffolding
-# What every `benchmarks/bench_*.py` script shares: argument types, the common flags, the header fields of the
-# kernel benches, --merge, and the last write + table + plot.
-
-KERNEL_PLOT = {"x": "rank", "panel_cols": "M", "line": "provider", "shape_keys": ["m", "n"]}
+# ------------------------------------------------------------------------------------------- argument types
 
 
 def int_list(text: str) -> tuple[int, ...]:
     """argparse type: '1,16,64' -> (1, 16, 64)."""
     return tuple(int(t) for t in text.split(",") if t.strip())
 
-
-def float_list(text: str) -> tuple[float, ...]:
-    """argparse type: '0.9,0.5' -> (0.9, 0.5)."""
-    return tuple(float(t) for t in text.split(",") if t.strip())
-
-
-def shape_list(text: str) -> tuple[tuple[int, int], ...]:
-    """argparse type: '4096x11008,4096x4096' -> ((4096, 11008), (4096, 4096)) (M x N, out x in)."""
-    shapes = []
-    for item in text.split(","):
-        m, _, n = item.strip().lower().partition("x")
-        if not (m.isdigit() and n.isdigit()):
-            raise argparse.ArgumentTypeError(f"--shapes: {item!r} must be MxN (out x in), e.g. 4096x11008")
-        shapes.append((int(m), int(n)))
-    return tuple(shapes)
-
-
-def load_plot_module() -> Any:
-    """benchmarks/plot.py as a module (benchmarks/ is no package); its `plot_results` draws a results file."""
-    spec = importlib.util.spec_from_file_location("lowrank_ops_bench_plot", REPO_ROOT / "benchmarks" / "plot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def add_common_bench_args(parser: Any, bench: str, providers: Sequence[str]) -> None:
-    """The flags the kernel benches share: --out, --providers, --merge, --target-ms, --max-sets, --threads,
-    --no-graph, --no-plot (see `resolve_common_args`)."""
-    p = parser
-    p.add_argument("--out", required=True, help=f"directory for {bench}-<device>.json and .png")
-    p.add_argument("--providers", default=None, help=f"comma list from {','.join(providers)}")
-    p.add_argument("--merge", action="store_true", help="keep rows of an existing results file for this device")
-    p.add_argument("--target-ms", type=float, default=None, help="timing budget per row (default 60 GPU, 40 CPU)")
-    p.add_argument("--max-sets", type=int, default=512, help="cap on rotated argument sets (real shapes need <= 200)")
-    p.add_argument("--threads", type=int, default=1, help="CPU only: torch.set_num_threads (default 1)")
-    p.add_argument("--no-graph", action="store_true", help="time plain launches between CUDA events")
-    p.add_argument("--no-plot", action="store_true")
-
-
-def fill_grid(args: Any, is_gpu: bool, full: dict, quick_gpu: dict | None, cpu: dict) -> None:
-    """Grid options the user left unset (None) take the grid's values: `cpu` without a GPU (a CPU run is always
-    --quick), else `quick_gpu` for --quick (when the bench has one) or `full`. Values become tuples."""
-    quick = getattr(args, "quick", False)  # benches without a quick GPU grid have no --quick
-    if not is_gpu:
-        if hasattr(args, "quick"):
-            args.quick = True
-        grid = cpu
-    else:
-        grid = quick_gpu if quick and quick_gpu is not None else full
-    for key, values in grid.items():
-        if getattr(args, key) is None:
-            setattr(args, key, tuple(values))
-
-
-def resolve_common_args(args: Any, is_gpu: bool, providers: Sequence[str], cpu_providers: Sequence[str]) -> Any:
-    """Parse --providers (default: all, or `cpu_providers` without a GPU; Triton is refused on the CPU, whose
-    interpreter is no timing) and default --target-ms to 60 (GPU) / 40 (CPU). Returns `args`."""
-    if args.providers is None:
-        args.providers = tuple(providers) if is_gpu else tuple(cpu_providers)
-    else:
-        args.providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-        unknown = sorted(set(args.providers) - set(providers))
-        if unknown:
-            raise SystemExit(f"--providers: unknown {unknown}; choose from {list(providers)}")
-        if not is_gpu and "lowrank_ops_triton" in args.providers:
-            raise SystemExit("--providers: lowrank_ops_triton needs a GPU (the CPU Triton interpreter is no timing)")
-    if args.target_ms is None:
-        args.target_ms = 60.0 if is_gpu else 40.0
-    return args
-
-
-def drop_unavailable_cuda_provider(args: Any, op: str) -> Any:
-    """Remove the `lowrank_ops_cuda` provider from args.providers, printing why, where the CUDA backend cannot run
-    `op` (no GPU, or the extension lowrank_ops._C not built). Returns `args`."""
-    from lowrank_ops.backends import cuda_unavailable_reason
-
-    if "lowrank_ops_cuda" in args.providers:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if (reason := cuda_unavailable_reason(op, device)) is not None:
-            print(f"provider lowrank_ops_cuda skipped: {reason}", flush=True)
-            args.providers = tuple(p for p in args.providers if p != "lowrank_ops_cuda")
-    return args
-
-
-class cpu_threads:  # noqa: N801  (used as a context manager, like torch's no_grad)
-    """Without a GPU, run the block with torch.set_num_threads(n) (then restore it). One thread by default in
-    the benches: on the shared 2-core dev machines, torch's 2 OpenMP threads next to any other busy process
-    turned every call into multiples of an 8 ms scheduler slice (bf16 F.linear, M=1)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.saved = torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if not torch.cuda.is_available():
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_num_threads(self.saved)
-
-
-def kernel_bench_header(
-    header: dict[str, Any], args: Any, bench: str, *, rotation: str, definitions: dict, cpu_note: str, **fields: Any
-) -> dict[str, Any]:
-    """Add a kernel bench's fields to `environment_header()`'s `header` (in place, and returned): bench,
-    `fields` (dtype, providers, grid, ...), l2_bytes_for_rotation, timing (method, target, `rotation`, max_sets),
-    `definitions`, plot; then the device-to-device copy bandwidth measured now (GPU) or `cpu_note` (CPU)."""
-    is_gpu = header["is_gpu"]
-    header.update(
-        bench=bench,
-        **fields,
-        l2_bytes_for_rotation=header["gpu"]["l2_bytes"] if header["gpu"] else L2_BYTES_HOPPER,
-        timing={
-            "method": ("cuda_graph" if not args.no_graph else "cuda_events") if is_gpu else "perf_counter",
-            "target_ms_per_row": args.target_ms,
-            "rotation": rotation,
-            "max_sets": args.max_sets,
-        },
-        definitions=definitions,
-        plot=dict(KERNEL_PLOT),
-    )
-    if is_gpu:
-        header["copy_bandwidth_measured_now_GBps"] = round(measure_copy_bandwidth_GBps("cuda"), 1)
-    else:
-        header["note"] = cpu_note
-    return header
-
-
-def load_previous_rows(out_dir: str | os.PathLike, bench: str, header: dict[str, Any], merge: bool) -> list[dict]:
-    """With `merge` and an existing results file for this device: its rows, and its run (git sha, dirty, date,
-    grid) appended to `header["merged_runs"]`. Otherwise []."""
-    path = results_path(out_dir, bench, header)
-    if not (merge and path.exists()):
-        return []
-    old = read_results(path)
-    header["merged_runs"] = old["header"].get("merged_runs", []) + [
-        {k: old["header"].get(k) for k in ("git_sha", "git_dirty", "date_utc", "grid")}
-    ]
-    return old["rows"]
-
-
-def finish_bench(
-    out_dir: str | os.PathLike, bench: str, header: dict, rows: list[dict], table: str, t0: float, plot: bool = True
-) -> int:
-    """Write the results, print `table`, the path and (with `plot`) the PNG drawn next to it, and a summary
-    line; 1 if any row has an error, else 0."""
-    path = write_results(out_dir, bench, header, rows)
-    print(table)
-    print(f"results: {path}")
-    if plot:
-        print(f"plot:    {load_plot_module().plot_results(path, path.with_suffix('.png'))}")
-    errors = [r for r in rows if r.get("error")]
-    print(f"{len(rows)} rows, {len(errors)} errors, {time.perf_counter() - t0:.1f} s")
-    return 1 if errors else 0
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64 (`ref` is the float64 reference)."""
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def row_metrics(timing: dict, cost: OpCost, peaks: dict, compute_floor: bool = True) -> dict:
-    """`timing` plus bytes, flops, GB/s, TFLOP/s, byte floor and % of it, and the compute floor (None where
-    `compute_floor` is False: the tensor-core rate in `peaks` is for 16-bit operands)."""
-    median = timing["median_us"]
-    floor = byte_floor_us(cost.bytes, peaks["bandwidth_GBps"])
-    return {
-        **timing,
-        "bytes": cost.bytes,
-        "flops": cost.flops,
-        "GBps": cost.bytes / (median * 1e3),
-        "TFLOPs": cost.flops / (median * 1e6),
-        "byte_floor_us": floor,
-        "pct_of_byte_floor": None if floor is None else 100.0 * floor / median,
-        "compute_floor_us": compute_floor_us(cost.flops, peaks["bf16_tflops"]) if compute_floor else None,
-    }
-
-
-def measure_row(
-    row: dict,
-    fn: Callable[..., Any],
-    sets: list[tuple],
-    ref: torch.Tensor,
-    cost: OpCost,
-    peaks: dict,
-    args: Any,
-    *,
-    device: torch.device,
-    backend: str | None,
-    max_rel_err: float,
-    compute_floor: bool = True,
-) -> dict:
-    """Fill one kernel-bench `row` (op, provider, m, n, rank, M, backend, ... already set): under
-    `use_backend(backend)` (when given; the row's backend becomes the one selected for its op and M), check
-    `fn(*sets[0])` against the float64 `ref` (rel_err above `max_rel_err` is an error), then time `fn` over
-    the rotated `sets` (`time_op`, --no-graph / --target-ms from `args`) and add `row_metrics` and
-    working_set_bytes. An exception becomes the row's `error` (printed; one bad cell must not lose the others).
-    Returns `row`."""
-    from lowrank_ops.backends import select_backend, use_backend
-
-    ctx = use_backend(backend) if backend else contextlib.nullcontext()
-    try:
-        with ctx:
-            if backend:
-                row["backend"] = select_backend(row["op"], device, row["M"]).value
-            out = fn(*sets[0])
-            row["rel_err"] = err = rel_err(out, ref)
-            del out
-            if not err <= max_rel_err:
-                raise RuntimeError(f"rel_err {err:.3e} vs float64 exceeds {max_rel_err:.0e}")
-            timing = time_op(
-                fn,
-                make_args=lambda i: sets[i],
-                n_weight_sets=len(sets),
-                device=device,
-                use_graph=not args.no_graph,
-                target_ms=args.target_ms,
-            )
-        row.update(row_metrics(timing, cost, peaks, compute_floor))
-        row["working_set_bytes"] = len(sets) * cost.bytes  # < 2 x L2 only where --max-sets capped the rotation
-    except Exception as exc:
-        row.update(median_us=None, error=f"{type(exc).__name__}: {exc}")
-        print(
-            f"  ERROR {row['provider']} m={row['m']} n={row['n']} r={row['rank']} M={row['M']}: {row['error']}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return row

@@ -1,11 +1,16 @@
-"""The benchmark harness: environment header, floors and counts, rotation math, timing, atomic results,
-and benchmarks/bench_lowrank_matmul.py end to end on a tiny CPU grid (JSON + PNG)."""
+"""The benchmark machinery: environment header, floors and counts, rotation math, timing, atomic results,
+benchmarks/bench_lowrank_matmul.py end to end on a tiny CPU grid (JSON + PNG), and the library part
+(`lowrank_ops.benchmarking`, what `lowrank-ops bench-e2e` runs) from a wheel installed outside the repository."""
 
 import importlib.util
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -51,9 +56,33 @@ def test_environment_header_says_cpu():
     assert header["peaks"]["bandwidth_GBps"] is None  # no floor is claimed for a CPU
 
 
-def test_git_revision_override(monkeypatch):
+def test_git_revision_is_the_callers(monkeypatch):
+    monkeypatch.delenv("LOWRANK_OPS_GIT_SHA", raising=False)
+    monkeypatch.delenv("LOWRANK_OPS_GIT_DIRTY", raising=False)
+    header = bm.environment_header()
+    assert header["git_sha"] is None and header["git_dirty"] is None  # the library never asks git
+    from lowrank_ops import __version__
+
+    assert header["lowrank_ops"] == __version__
+    assert bm.environment_header(git_sha="feed123", git_dirty=True)["git_sha"] == "feed123"
     monkeypatch.setenv("LOWRANK_OPS_GIT_SHA", "abc1234")
-    assert bm.git_revision() == ("abc1234", None)
+    monkeypatch.setenv("LOWRANK_OPS_GIT_DIRTY", "0")
+    header = bm.environment_header()
+    assert (header["git_sha"], header["git_dirty"]) == ("abc1234", False)
+    assert bm.environment_header(git_sha="feed123")["git_sha"] == "feed123"  # the argument wins
+
+
+def test_harness_reads_the_checkouts_revision(monkeypatch):
+    harness = _load("harness", REPO / "benchmarks" / "harness.py")
+    monkeypatch.setenv("LOWRANK_OPS_GIT_SHA", "abc1234")
+    assert harness.git_revision() == ("abc1234", None)  # for copies of the tree without .git
+    monkeypatch.delenv("LOWRANK_OPS_GIT_SHA")
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("no git checkout to read")
+    sha, dirty = harness.git_revision()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert sha and head.startswith(sha) and isinstance(dirty, bool)
+    assert harness.bench_header()["git_sha"] == sha
 
 
 @pytest.mark.parametrize(
@@ -265,3 +294,91 @@ def test_plot_cli_with_param_ratio_axis_and_error_rows(tmp_path):
     path = bm.write_results(tmp_path, "fake", header, rows)
     assert plot.main([str(path), "--out", str(tmp_path / "out.png")]) == 0
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------ from a wheel
+
+# Run in a child process from a wheel unpacked outside the repository: the checkout's paths and the editable
+# install's finder are removed first, so every lowrank_ops module must come from the wheel.
+WHEEL_CHILD = r"""
+import json, sys
+from pathlib import Path
+
+repo, site = Path(sys.argv[1]), Path(sys.argv[2])
+sources = [repo / d for d in ("lowrank_ops", "kernels", "benchmarks", "tests")]
+
+
+def from_checkout(path):
+    path = Path(path).resolve()
+    return path == repo or any(path.is_relative_to(s) for s in sources)
+
+
+sys.path[:] = [p for p in sys.path if not from_checkout(p or ".")]
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lowrank_ops
+from lowrank_ops import demo  # noqa: F401  (lowrank-ops demo imports the same names)
+from lowrank_ops.benchmarking import environment_header, sets_to_exceed_l2
+from lowrank_ops.cli import main
+
+assert Path(lowrank_ops.__file__).resolve().is_relative_to(site), lowrank_ops.__file__
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+LlamaForCausalLM(config).save_pretrained("tiny")
+rc = main(["bench-e2e", "--model", "tiny", "--out", "results", "--variants", "dense", "--no-layer-share",
+           "--prompt-lens", "8", "--decode-batches", "1", "--decode-prompt", "6", "--new-tokens", "3",
+           "--target-ms", "1"])
+assert sets_to_exceed_l2(1 << 20) >= 2
+checkout = sorted(m.__name__ for m in list(sys.modules.values()) if from_checkout(getattr(m, "__file__", None) or "/"))
+print("CHILD", json.dumps({"rc": rc, "checkout_modules": checkout, "header_sha": environment_header()["git_sha"]}))
+"""
+
+
+def test_library_part_works_from_a_wheel_outside_the_repo(tmp_path):
+    """`lowrank-ops bench-e2e` (environment header, timing, results, plot) from a wheel built here and unpacked in a
+    temporary directory: no repository on sys.path, a working directory outside it, and a `git` that records any
+    call (the library must not shell out to git or look for benchmarks/plot.py)."""
+    src = tmp_path / "src"  # only what the wheel is built from (setup.py writes build/ next to itself)
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy2(REPO / name, src / name)
+    junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
+    for name in ("lowrank_ops", "kernels"):
+        shutil.copytree(REPO / name, src / name, ignore=junk)
+    env = {**os.environ, "LOWRANK_OPS_BUILD_CUDA": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+    proc = subprocess.run([*pip_wheel, "-w", tmp_path / "wheelhouse", src], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    (wheel,) = (tmp_path / "wheelhouse").glob("*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+
+    fake_bin, git_log = tmp_path / "bin", tmp_path / "git-called"
+    fake_bin.mkdir()
+    (fake_bin / "git").write_text(f'#!/bin/sh\necho "$@" >> "{git_log}"\nexit 1\n')
+    (fake_bin / "git").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "child.py").write_text(WHEEL_CHILD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOWRANK_OPS_GIT_", "PYTHON"))}
+    env.update(PYTHONPATH=str(site), PATH=f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, tmp_path / "child.py", REPO.resolve(), site.resolve()], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(proc.stdout.rsplit("CHILD ", 1)[1])
+    assert result["rc"] == 0 and result["checkout_modules"] == [], result
+    assert result["header_sha"] is None  # no sha supplied: none invented, and git was never asked
+    assert not git_log.exists(), f"git was called: {git_log.read_text()}"
+
+    path = work / "results" / "e2e-tiny-cpu.json"
+    header = bm.read_results(path)["header"]
+    assert header["bench"] == "e2e" and header["device_slug"] == "cpu" and header["git_sha"] is None
+    assert header["lowrank_ops"] == __import__("lowrank_ops").__version__
+    assert "| dense |" in path.with_suffix(".md").read_text()
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot skipped" not in proc.stdout
