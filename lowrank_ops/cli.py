@@ -107,7 +107,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = run_compression(args.model, config, args.out, evaluate=not args.no_eval, eval_tokens=args.eval_tokens,
                              evaluate_dense=not args.no_dense_eval, target_data=args.target_data,
-                             dtype=args.dtype, overwrite=args.overwrite)  # fmt: skip
+                             dtype=args.dtype, overwrite=args.overwrite,
+                             layer_by_layer=args.layer_by_layer)  # fmt: skip
     print(_summary(result))
     if args.out is not None:
         print(f"saved to {args.out}")
@@ -268,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="one decoder layer at a time, each calibrated on the compressed layers before it (every method that "
              "calibrates; a GPTQ base is then sequential GPTQ)",
     )
+    comp.add_argument("--layer-by-layer", action="store_true",
+                      help="for models larger than memory: read each decoder layer from the checkpoint (a safetensors "
+                           "directory) when it is compressed and write it out at once (implies --sequential; needs "
+                           "--out; per-layer allocators only)")  # fmt: skip
     comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     comp.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     comp.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")

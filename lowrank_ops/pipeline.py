@@ -9,8 +9,10 @@ BOS token; perplexity = exp(mean next-token NLL over every predicted token), at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -224,8 +226,13 @@ def run_compression(
     heldout_tokens: int = 2048,
     dtype: str = "auto",
     overwrite: bool = False,
+    layer_by_layer: bool = False,
 ) -> dict:
     """Load, (evaluate dense), compress, evaluate, save. Returns the result dict also written to out_dir.
+
+    layer_by_layer: read the checkpoint's decoder layers from disk one at a time and write each as soon as it is
+    compressed (`lowrank_ops.streaming`; sequential mode; the dense model is not evaluated, the compressed one is
+    evaluated by loading the output, which must then fit in memory).
 
     dtype: the model's weights and activations while compressing, evaluating and in the saved model ("auto":
     float32 on a CPU, bfloat16 on a GPU; see `model_dtype`). The decompositions run in float32 / float64 regardless.
@@ -242,10 +249,46 @@ def run_compression(
         if out_dir is not None:
             stack.enter_context(reserve_output(out_dir, overwrite=overwrite, protect=(model_name,), where="compress"))
         check_seq_len(config.seq_len, saved_model_context(model_name), model_name)
+        if layer_by_layer:
+            return _run_layer_by_layer(model_name, config, out_dir, evaluate=evaluate, eval_tokens=eval_tokens,
+                                       progress=progress, dtype=dtype, overwrite=overwrite)  # fmt: skip
         return _run_compression(model_name, config, out_dir, evaluate=evaluate, eval_tokens=eval_tokens,
                                 evaluate_dense=evaluate_dense, progress=progress, target_data=target_data,
                                 train_tokens=train_tokens, heldout_tokens=heldout_tokens, dtype=dtype,
                                 overwrite=overwrite)  # fmt: skip
+
+
+def _run_layer_by_layer(model_name, config, out_dir, *, evaluate, eval_tokens, progress, dtype, overwrite) -> dict:
+    from transformers import AutoTokenizer
+
+    from lowrank_ops.streaming import check_streamable, compress_from_disk
+
+    if out_dir is None:
+        raise ValueError("compress: --layer-by-layer writes each layer as soon as it is compressed: give --out")
+    if model_name == DEFAULT_MODEL or not Path(model_name).is_dir():
+        raise ValueError(f"compress: --layer-by-layer reads a safetensors checkpoint directory, not {model_name!r} "
+                         "(the default model is a GGUF file: save it with save_pretrained first)")  # fmt: skip
+    config = dataclasses.replace(config, sequential=True)  # what runs, and what the record says
+    check_streamable(config)
+    device = resolve_device(config.device)
+    torch_dtype = model_dtype(dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    calibration = text_windows(tokenizer, "calibration", config.seq_len, config.calib_tokens)
+    result: dict = {"model": model_name, "config": config.to_dict(), "variant": config.describe() + ", layer by layer",
+                    "device": str(device), "dtype": str(torch_dtype).removeprefix("torch.")}  # fmt: skip
+    report = compress_from_disk(model_name, config, calibration, out_dir, tokenizer=tokenizer, dtype=torch_dtype,
+                                progress=progress, overwrite=overwrite)  # fmt: skip
+    result["compression"] = report.to_dict()
+    result["layer_table"] = report.format_table()
+    if evaluate:
+        model, _ = load_compressed(out_dir, device=device)
+        result["compressed"] = evaluate_perplexity(model, tokenizer, config.seq_len, eval_tokens, config.batch_size,
+                                                   progress)  # fmt: skip
+    results = Path(out_dir) / RESULTS_FILE  # the output is committed: the record goes in by an atomic rename
+    partial = results.with_name(f".{RESULTS_FILE}.{os.getpid()}")
+    partial.write_text(json.dumps(result, indent=2, allow_nan=False))
+    os.replace(partial, results)
+    return result
 
 
 def _run_compression(model_name, config, out_dir, *, evaluate, eval_tokens, evaluate_dense, progress, target_data,

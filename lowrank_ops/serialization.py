@@ -32,6 +32,7 @@ from lowrank_ops.surgery import replace_module
 
 MANIFEST = "lowrank_ops.json"
 WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"  # the tensors in shards (lowrank_ops.streaming writes one per layer)
 FORMAT_VERSION = 1
 
 
@@ -53,26 +54,29 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None
     second process saving to the same `out_dir` meanwhile gets ValueError at once."""
     from safetensors.torch import save_model
 
-    layers = manifest_entries(model)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "config": None if config is None else config.to_dict(),
-        "layers": layers,
-        "versions": _versions(),
-        "source": source,
-    }
     with output_directory(out_dir, overwrite=overwrite, protect=(source,)) as tmp:
-        model.config.save_pretrained(tmp)
-        hf_config = json.loads((tmp / "config.json").read_text())
-        hf_config["quantization_config"] = quantization_config_dict(layers, manifest["config"])
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         save_model(model, str(tmp / WEIGHTS))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_description(tmp, model.config, manifest_entries(model), config, source, tokenizer, extra_files)
     return Path(out_dir)
+
+
+def write_description(directory: Path, hf_config, layers: dict[str, dict], config=None, source=None, tokenizer=None,
+                      extra_files: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Everything of a saved model but its tensors, into `directory`: config.json with the quantization_config that
+    transformers' from_pretrained reads, the lowrank_ops.json manifest (`layers`: the compressed modules' entries),
+    the tokenizer and `extra_files` (name -> text)."""
+    config_dict = None if config is None else config.to_dict()
+    hf_config.save_pretrained(directory)
+    config_json = json.loads((directory / "config.json").read_text())
+    config_json["quantization_config"] = quantization_config_dict(layers, config_dict)
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    manifest = {"format_version": FORMAT_VERSION, "config": config_dict, "layers": layers, "versions": _versions(),
+                "source": source}  # fmt: skip
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -86,8 +90,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"load_compressed: {manifest_path} has format_version={manifest.get('format_version')}, "
                          f"this lowrank_ops reads {FORMAT_VERSION}")  # fmt: skip
-    if not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"load_compressed: {path} has no weights file {WEIGHTS}")
+    if not (path / WEIGHTS).is_file() and not (path / SHARD_INDEX).is_file():
+        raise FileNotFoundError(f"load_compressed: {path} has no weights file {WEIGHTS} (nor {SHARD_INDEX})")
     return manifest
 
 
@@ -102,6 +106,9 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     path = Path(path)
     manifest = read_manifest(path)
+    if not (path / WEIGHTS).is_file():  # sharded: transformers reads the shards, through lowrank_ops' quantizer
+        model = AutoModelForCausalLM.from_pretrained(path, device_map=None).to(device)
+        return (model if dtype is None else model.to(dtype)).eval(), manifest
     hf_config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)

@@ -38,7 +38,7 @@ from lowrank_ops.calibration import calibration_windows, collect_input_statistic
 from lowrank_ops.compress.distributed import World
 from lowrank_ops.compress.method import CompressionMethod, method_for
 from lowrank_ops.compress.report import CompressionReport
-from lowrank_ops.compress.sequential import compress_sequentially
+from lowrank_ops.compress.sequential import LayerIO, compress_sequentially
 from lowrank_ops.configs import CompressionConfig
 from lowrank_ops.integrations.transformers import attach_quantization_config
 from lowrank_ops.surgery import embedding_parameter_count, find_targets, replace_module
@@ -109,6 +109,7 @@ def compress_(
     cache_dir: str | os.PathLike | None = None,
     train: torch.Tensor | None = None,
     heldout: torch.Tensor | None = None,
+    layer_io: LayerIO | None = None,
 ) -> CompressionReport:
     """Compress the targeted Linear layers of `model` in place as `config` says; returns the per-layer report.
 
@@ -116,10 +117,14 @@ def compress_(
         config.calib_tokens tokens are used (for BasisConfig: the TARGET application's text).
     cache_dir: where the "sensitivity" allocator caches its table (default ~/.cache/lowrank_ops).
     train / heldout: BasisConfig only: target token ids for re-learning the coefficients (train_steps > 0).
+    layer_io: sequential mode only: how a decoder layer is brought to the device and put away (default: moved);
+        `lowrank_ops.streaming` passes one that reads it from disk and writes it out.
     """
     method = method_for(config)
     config.validate()
     method.check_inputs(train=train, heldout=heldout)
+    if layer_io is not None and not config.sequential:
+        raise ValueError("compress_: layer_io is used by sequential mode only (config.sequential=True)")
     start = time.perf_counter()
     targets = find_targets(model, config.targets, config.ignore)
     method.check_layers(targets)
@@ -129,7 +134,7 @@ def compress_(
     world = World.current()
     run = Run(model, config, resolve_device(config.device), windows, progress and world.is_main, cache_dir,
               inputs=dict(train=train, heldout=heldout), world=world)  # fmt: skip
-    layers = _sequential(run, method, targets) if config.sequential else _one_shot(run, method, targets)
+    layers = _sequential(run, method, targets, layer_io) if config.sequential else _one_shot(run, method, targets)
     report = method.report_type(config.to_dict(), layers, embedding_parameter_count(model), run.seconds)
     if world.is_main:  # the other processes' models are discarded (only process 0 evaluates and saves)
         with run.timed("finish"):
@@ -175,7 +180,7 @@ def _one_shot(run: Run, method: CompressionMethod, targets: dict[str, nn.Module]
     return _fit_all(run, method, targets, stats, plan, run.progress)
 
 
-def _sequential(run: Run, method: CompressionMethod, targets: dict[str, nn.Module]) -> list:
+def _sequential(run: Run, method: CompressionMethod, targets: dict[str, nn.Module], layer_io: LayerIO | None) -> list:
     whole_model_plan = None
     if method.whole_model_selection():
         stats = _statistics(run, method, targets)
@@ -196,4 +201,5 @@ def _sequential(run: Run, method: CompressionMethod, targets: dict[str, nn.Modul
     with run.timed("sequential"):
         return compress_sequentially(run.model, targets, run.local_windows, gram=need is not None and need.gram,
                                      batch_size=run.config.batch_size, device=run.device,
-                                     compress_layer=compress_decoder_layer, progress=run.progress)  # fmt: skip
+                                     compress_layer=compress_decoder_layer, progress=run.progress,
+                                     layer_io=layer_io)  # fmt: skip

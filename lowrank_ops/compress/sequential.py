@@ -23,6 +23,18 @@ from lowrank_ops.calibration import StatisticsHooks
 from lowrank_ops.surgery import is_linear_like
 
 
+class LayerIO:
+    """How the sequential driver brings decoder layer `index` to the compute device and puts it away once it is
+    compressed and its outputs are computed. This default moves it there and back; `lowrank_ops.streaming` reads it
+    from the checkpoint's files and writes it out instead, so only one decoder layer is ever in memory."""
+
+    def load(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        layer.to(device)
+
+    def release(self, index: int, layer: nn.Module, home: torch.device) -> None:
+        layer.to(home)
+
+
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward at the first decoder layer."""
 
@@ -89,9 +101,13 @@ def compress_sequentially(
     device: torch.device,
     compress_layer: Callable[[dict[str, nn.Module], dict], list],
     progress: bool = True,
+    layer_io: LayerIO | None = None,
 ) -> list:
     """Calibrate and compress decoder layer by layer; `compress_layer(layer_targets, layer_stats)` factors and
-    swaps one layer's targets and returns its report rows. Returns all rows in model order."""
+    swaps one layer's targets and returns its report rows. Returns all rows in model order. `layer_io` brings each
+    layer in and puts it away (default: moves it to `device` and back). `targets` is consumed: a layer's entries are
+    removed once it is compressed, so the replaced modules (and their weights) are freed as the driver goes."""
+    layer_io = layer_io or LayerIO()
     layers_name, layers = decoder_layers(model)
     home = next(layers[0].parameters()).device
     outside = [name for name in targets if not name.startswith(layers_name + ".")]
@@ -103,8 +119,8 @@ def compress_sequentially(
         inputs = _capture_first_layer_inputs(model, layers[0], calibration, batch_size, device)
         for index, layer in enumerate(tqdm(layers, desc="sequential", unit="layer", disable=not progress)):
             prefix = f"{layers_name}.{index}."
-            layer_targets = {name: module for name, module in targets.items() if name.startswith(prefix)}
-            layer.to(device)
+            layer_targets = {name: targets.pop(name) for name in list(targets) if name.startswith(prefix)}
+            layer_io.load(index, layer, device)
             hooks = StatisticsHooks(model, list(layer_targets), gram, None)
             try:
                 for args, kwargs in inputs:
@@ -116,7 +132,7 @@ def compress_sequentially(
             for args, kwargs in inputs:  # the next layer sees what the compressed layer produces
                 out = layer(*args, **kwargs)
                 _set_hidden_states(args, kwargs, out[0] if isinstance(out, tuple) else out)
-            layer.to(home)
+            layer_io.release(index, layer, home)
     finally:
         _move_all_but_layers(model, layers_name, layers, home)
     return rows
