@@ -109,6 +109,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                              evaluate_dense=not args.no_dense_eval, target_data=args.target_data,
                              dtype=args.dtype, overwrite=args.overwrite,
                              layer_by_layer=args.layer_by_layer)  # fmt: skip
+    if result is None:  # a process of a torchrun job other than the first: the first one reports and saves
+        return 0
     print(_summary(result))
     if args.out is not None:
         print(f"saved to {args.out}")

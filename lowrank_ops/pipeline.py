@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lowrank_ops.compress import CompressionReport, compress_, resolve_device
+from lowrank_ops.compress.distributed import init_from_environment
 from lowrank_ops.configs import CompressionConfig
 from lowrank_ops.outputs import reserve_output
 from lowrank_ops.serialization import MANIFEST, load_compressed, save_compressed
@@ -241,21 +242,30 @@ def run_compression(
     `target_windows`): calib_tokens / train_tokens / heldout_tokens / eval_tokens tokens of its four splits; the result
     then holds "dense_target" / "compressed_target" perplexities next to the Wikipedia ones.
 
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process joins the job (`lowrank_ops.compress.distributed`:
+    calibration sharded, statistics summed, layer fits spread); only process 0 evaluates, saves and returns the result
+    (with "world_size"), the others return None. Layer-by-layer mode runs in one process.
+
     Checked before any work: out_dir (`lowrank_ops.outputs`: never the model's own directory, never a directory
     lowrank-ops did not write unless overwrite=True; locked for the whole job, so a second run writing it fails at
     once) and seq_len against the model's context (from its config.json; for "default", right after loading). A model
     with NaN / Inf weights and a non-finite perplexity are errors (ValueError)."""
+    world = init_from_environment(config.device)
+    if world.size > 1 and layer_by_layer:
+        raise ValueError("compress: --layer-by-layer runs in one process, not under torchrun")
     with contextlib.ExitStack() as stack:
-        if out_dir is not None:
+        if out_dir is not None and world.is_main:
             stack.enter_context(reserve_output(out_dir, overwrite=overwrite, protect=(model_name,), where="compress"))
         check_seq_len(config.seq_len, saved_model_context(model_name), model_name)
         if layer_by_layer:
             return _run_layer_by_layer(model_name, config, out_dir, evaluate=evaluate, eval_tokens=eval_tokens,
                                        progress=progress, dtype=dtype, overwrite=overwrite)  # fmt: skip
-        return _run_compression(model_name, config, out_dir, evaluate=evaluate, eval_tokens=eval_tokens,
-                                evaluate_dense=evaluate_dense, progress=progress, target_data=target_data,
-                                train_tokens=train_tokens, heldout_tokens=heldout_tokens, dtype=dtype,
-                                overwrite=overwrite)  # fmt: skip
+        result = _run_compression(model_name, config, out_dir if world.is_main else None,
+                                  evaluate=evaluate and world.is_main, eval_tokens=eval_tokens,
+                                  evaluate_dense=evaluate_dense, progress=progress and world.is_main,
+                                  target_data=target_data, train_tokens=train_tokens, heldout_tokens=heldout_tokens,
+                                  dtype=dtype, overwrite=overwrite, world_size=world.size)  # fmt: skip
+        return result if world.is_main else None
 
 
 def _run_layer_by_layer(model_name, config, out_dir, *, evaluate, eval_tokens, progress, dtype, overwrite) -> dict:
@@ -292,14 +302,14 @@ def _run_layer_by_layer(model_name, config, out_dir, *, evaluate, eval_tokens, p
 
 
 def _run_compression(model_name, config, out_dir, *, evaluate, eval_tokens, evaluate_dense, progress, target_data,
-                     train_tokens, heldout_tokens, dtype, overwrite) -> dict:  # fmt: skip
+                     train_tokens, heldout_tokens, dtype, overwrite, world_size: int = 1) -> dict:  # fmt: skip
     device = resolve_device(config.device)
     torch_dtype = model_dtype(dtype, device)
     model, tokenizer, source = load_model(model_name, device, torch_dtype)
     check_seq_len(config.seq_len, model_context(model.config), source)
     check_finite_weights(model, source)
     result: dict = {"model": source, "config": config.to_dict(), "variant": config.describe(), "device": str(device),
-                    "dtype": str(torch_dtype).removeprefix("torch.")}  # fmt: skip
+                    "dtype": str(torch_dtype).removeprefix("torch."), "world_size": world_size}  # fmt: skip
     if evaluate and evaluate_dense:
         result["dense"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress
