@@ -140,6 +140,6 @@ def test_cuda_graph_capture_of_module():
 def test_from_linear_rejects_a_param_ratio_outside_0_1(ratio):
     # issue 21: param_ratio=1.5 was accepted (and clamped to full rank); the configs reject ratios above 1
     linear = nn.Linear(40, 24)
-    with pytest.raises(ValueError, match=r"param_ratio=.* must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"param_ratio=.* must be > 0 and <= 1"):
         LowRankLinear.from_linear(linear, param_ratio=ratio)
     assert LowRankLinear.from_linear(linear, param_ratio=1.0, align=1).rank == 15  # 1.0 = break-even, floor of 15

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_ops.modules.compressed import CompressedLinear
+from lowrank_ops.modules.compressed import CompressedLinear, entry_choice, entry_int
 from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
 from lowrank_ops.rank import DEFAULT_ALIGN, param_ratio, rank_for_param_ratio, validate_rank
 
@@ -153,8 +153,8 @@ class LowRankLinear(CompressedLinear):
             )
         if param_ratio is not None and (isinstance(param_ratio, bool) or not isinstance(param_ratio, (int, float))
                                         or not 0 < param_ratio <= 1):  # fmt: skip
-            raise ValueError(f"LowRankLinear.from_linear: param_ratio={param_ratio!r} must be in (0, 1] (the fraction "
-                             "of parameters kept)")  # fmt: skip
+            raise ValueError(f"LowRankLinear.from_linear: param_ratio={param_ratio!r} must be > 0 and <= 1 (the "
+                             "fraction of parameters kept)")  # fmt: skip
         weight = linear.weight.detach()
         m, n = weight.shape
         if rank is None:
@@ -176,6 +176,12 @@ class LowRankLinear(CompressedLinear):
 
     def _manifest_fields(self) -> dict:
         return {"coefficients": True} if self.has_coefficients else {}  # y = U (s * V x) kept unfolded
+
+    @classmethod
+    def check_manifest_entry(cls, name: str, entry: dict, where: str = "load_compressed") -> None:
+        super().check_manifest_entry(name, entry, where)
+        entry_int(entry, "rank", name, where, 1, min(entry["in_features"], entry["out_features"]))
+        entry_choice(entry, "coefficients", name, where, (True, False), optional=True)
 
     @classmethod
     def _empty(cls, name: str, entry: dict) -> LowRankLinear:

@@ -28,10 +28,11 @@ from lowrank_ops.modules._base_residual import (
     copy_residual_parts,
     dense_linear,
 )
-from lowrank_ops.modules.compressed import CompressedLinear
+from lowrank_ops.modules.compressed import CompressedLinear, entry_choice, entry_int
 from lowrank_ops.ops.quant_lowrank_matmul import quant_lowrank_matmul
 from lowrank_ops.quant_format import (
     LAYOUT_VERSION,
+    SUPPORTED_BITS,
     PackedQuantWeight,
     check_format_args,
     check_packed,
@@ -39,6 +40,7 @@ from lowrank_ops.quant_format import (
     num_groups,
     packed_width,
     qweight_dtype,
+    unpack_qweight,
 )
 
 
@@ -164,10 +166,38 @@ class QuantLowRankLinear(CompressedLinear):
                 "dtype": str(self.scales.dtype).removeprefix("torch.")}  # fmt: skip
 
     @classmethod
-    def _empty(cls, name: str, entry: dict) -> QuantLowRankLinear:
+    def check_manifest_entry(cls, name: str, entry: dict, where: str = "load_compressed") -> None:
+        super().check_manifest_entry(name, entry, where)
         if entry.get("layout_version") != LAYOUT_VERSION:
-            raise ValueError(f"load_compressed: layer {name} was packed with layout_version="
-                             f"{entry.get('layout_version')}, this lowrank_ops reads {LAYOUT_VERSION}")  # fmt: skip
+            raise ValueError(f"{where}: layer {name} was packed with layout_version="
+                             f"{entry.get('layout_version')!r}, this lowrank_ops reads {LAYOUT_VERSION}")  # fmt: skip
+        entry_choice(entry, "bits", name, where, SUPPORTED_BITS)
+        entry_int(entry, "group_size", name, where, 1)
+        entry_choice(entry, "dtype", name, where, ("float16", "bfloat16", "float32", "float64"), optional=True)
+        try:
+            check_format_args(f"{where}: layer {name}", entry["bits"], entry["group_size"])
+            check_residual_rank(entry["rank"], entry["in_features"], entry["out_features"], f"{where}: layer {name}")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+
+    def _check_values(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Finite floats, and codes / zeros inside [0, 2^bits - 1] (a 3-bit code lives in a 4-bit slot, so a corrupt
+        file can hold 8..15 there; zeros are integers of the code range)."""
+        super()._check_values(tensors, where)
+        top = 2**self.bits - 1
+        qweight, zeros = tensors.get("qweight"), tensors.get("zeros")
+        if qweight is not None and qweight.device.type != "meta":
+            high = int(unpack_qweight(qweight, self.bits, self.in_features).max()) if qweight.numel() else 0
+            if high > top:
+                raise ValueError(f"{where}: tensor qweight holds code {high}, outside [0, {top}] for bits={self.bits}")
+        if zeros is not None and zeros.device.type != "meta" and zeros.numel():
+            z = zeros.to(torch.float32)
+            if bool((z < 0).any() or (z > top).any() or (z != z.round()).any()):
+                raise ValueError(f"{where}: tensor zeros holds values outside the integers [0, {top}] for "
+                                 f"bits={self.bits} (range found [{float(z.min())}, {float(z.max())}])")  # fmt: skip
+
+    @classmethod
+    def _empty(cls, name: str, entry: dict) -> QuantLowRankLinear:
         # built in the default dtype like the rest of the model: the saved fp16 / bf16 scales load into it exactly,
         # so W_hat is unchanged ("dtype" in the entry records what was saved)
         return cls(entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"], entry["rank"],

@@ -23,7 +23,7 @@ from torch import nn
 
 from lowrank_ops.formats import bits_per_weight, check_clusters, check_shared, shared_weight
 from lowrank_ops.modules._base_residual import check_residual_parts, copy_residual_parts, dense_linear
-from lowrank_ops.modules.compressed import CompressedLinear
+from lowrank_ops.modules.compressed import CompressedLinear, entry_choice, entry_int
 from lowrank_ops.ops.codebook_matmul import codebook_matmul
 from lowrank_ops.rank import validate_rank
 
@@ -147,7 +147,17 @@ class SharedChannelLinear(CompressedLinear):
         return module
 
     def check_loaded(self, where: str) -> None:
+        super().check_loaded(where)
         self.check_index(where)
+
+    @classmethod
+    def check_manifest_entry(cls, name: str, entry: dict, where: str = "load_compressed") -> None:
+        super().check_manifest_entry(name, entry, where)
+        m, n = entry["out_features"], entry["in_features"]
+        shared = entry_choice(entry, "shared", name, where, ("rows", "columns"))
+        entry_int(entry, "clusters", name, where, 1, m if shared == "rows" else n)
+        if entry["rank"]:
+            entry_int(entry, "rank", name, where, 0, min(m, n))
 
     def _manifest_fields(self) -> dict:
         return {"shared": str(self.shared), "clusters": self.clusters}

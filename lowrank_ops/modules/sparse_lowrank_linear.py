@@ -38,7 +38,7 @@ from lowrank_ops.modules._base_residual import (
     copy_residual_parts,
     dense_linear,
 )
-from lowrank_ops.modules.compressed import CompressedLinear
+from lowrank_ops.modules.compressed import CompressedLinear, entry_choice
 from lowrank_ops.ops.lowrank_matmul import lowrank_matmul
 
 PATTERN = "2:4"
@@ -176,16 +176,27 @@ class SparseLowRankLinear(CompressedLinear):
     lora_residual = True
 
     def check_loaded(self, where: str) -> None:
+        super().check_loaded(where)
         self.check_pattern(where)
 
     def _manifest_fields(self) -> dict:
         return {"pattern": "2:4", "storage": "dense", "dtype": str(self.weight.dtype).removeprefix("torch.")}
 
     @classmethod
-    def _empty(cls, name: str, entry: dict) -> SparseLowRankLinear:
+    def check_manifest_entry(cls, name: str, entry: dict, where: str = "load_compressed") -> None:
+        super().check_manifest_entry(name, entry, where)
         if entry.get("pattern") != "2:4":  # the pattern itself is checked when the state dict is loaded
-            raise ValueError(f"load_compressed: layer {name} has pattern={entry.get('pattern')!r}; "
+            raise ValueError(f"{where}: layer {name} has pattern={entry.get('pattern')!r}; "
                              "SparseLowRankLinear reads '2:4'")  # fmt: skip
+        entry_choice(entry, "storage", name, where, ("dense",), optional=True)
+        entry_choice(entry, "dtype", name, where, ("float16", "bfloat16", "float32", "float64"), optional=True)
+        try:
+            check_residual_rank(entry["rank"], entry["in_features"], entry["out_features"], f"{where}: layer {name}")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @classmethod
+    def _empty(cls, name: str, entry: dict) -> SparseLowRankLinear:
         return cls(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"])
 
     def to_linear(self, residual: bool = True) -> nn.Linear:
