@@ -125,6 +125,14 @@ def parse_variant(name: str) -> Variant:
     return variant
 
 
+def _code_version(header: dict) -> str:
+    """The code a result came from: the git revision when the caller knew it (a checkout), else the package version
+    (an installed wheel)."""
+    if header.get("git_sha"):
+        return f"git {header['git_sha']}{' (dirty)' if header.get('git_dirty') else ''}"
+    return f"lowrank_ops {header.get('lowrank_ops', '?')}"
+
+
 def _random_factors(m: int, n: int, rank: int, like: torch.Tensor, generator: torch.Generator):
     """U (m, r), V (r, n) with U V of about nn.Linear's init scale (values only need to stay finite)."""
     if rank == 0:
@@ -526,8 +534,8 @@ def markdown_table(rows: list[dict], header: dict) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["variant"], r["setting"]): r for r in rows}
     first_decode = next((r for r in rows if r["phase"] == "decode"), None)
-    lines = [f"Model {header['model']} ({header['dtype']}); {header['device']}; "
-             f"git {header['git_sha']}{' (dirty)' if header.get('git_dirty') else ''}; {header['date_utc']}.",
+    lines = [f"Model {header['model']} ({header['dtype']}); {header['device']}; {_code_version(header)}; "
+             f"{header['date_utc']}.",
              ("The `saved` layers are the saved model's own; the other compressed variants hold random values of "
               "the right shapes (latency does not depend on them)." if "saved" in variants else
               "Weights of compressed layers are random values of the right shapes (latency does not depend on them)."),
@@ -604,7 +612,7 @@ def plot_e2e(json_path: Path, png_path: Path) -> Path:
         ax.legend(fontsize=8, title="batch / prompt", title_fontsize=8)
     gpu_note = "" if header.get("is_gpu") else "  (CPU ONLY: not GPU numbers)"
     fig.suptitle(f"{header.get('model_source', header['model'])} {header['dtype']} on {header['device']}{gpu_note}\n"
-                 f"git {header['git_sha']}, {header['date_utc']}", fontsize=9)  # fmt: skip
+                 f"{_code_version(header)}, {header['date_utc']}", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
