@@ -85,6 +85,27 @@ def check_seq_len(seq_len: int, context: int | None, model: str) -> None:
                          f"max_position_embeddings): give --seq-len {context} or less")  # fmt: skip
 
 
+def check_targets_before_loading(model: str, config: CompressionConfig) -> None:
+    """find_targets on the model built from a local directory's config.json on the meta device (no weights read):
+    `--targets` / `--ignore` that match nothing fail before the model loads. Skipped for "default", hub ids, saved
+    compressed models and configs transformers cannot build (the load reports those); the real targets are found
+    again on the loaded model."""
+    from lowrank_ops.surgery import find_targets
+
+    path = Path(model)
+    if model == DEFAULT_MODEL or not (path / "config.json").is_file() or (path / MANIFEST).is_file():
+        return
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    find_targets(skeleton, config.targets, config.ignore)
+
+
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:
     """ValueError naming the first parameter or buffer holding NaN / Inf: compressing or evaluating it would only
     produce NaN (and a perplexity of nan)."""
@@ -248,8 +269,9 @@ def run_compression(
 
     Checked before any work: out_dir (`lowrank_ops.outputs`: never the model's own directory, never a directory
     lowrank-ops did not write unless overwrite=True; locked for the whole job, so a second run writing it fails at
-    once) and seq_len against the model's context (from its config.json; for "default", right after loading). A model
-    with NaN / Inf weights and a non-finite perplexity are errors (ValueError)."""
+    once), seq_len against the model's context (from its config.json; for "default", right after loading) and the
+    targets (`check_targets_before_loading`). A model with NaN / Inf weights and a non-finite perplexity are errors
+    (ValueError)."""
     world = init_from_environment(config.device)
     if world.size > 1 and layer_by_layer:
         raise ValueError("compress: --layer-by-layer runs in one process, not under torchrun")
@@ -257,6 +279,7 @@ def run_compression(
         if out_dir is not None and world.is_main:
             stack.enter_context(reserve_output(out_dir, overwrite=overwrite, protect=(model_name,), where="compress"))
         check_seq_len(config.seq_len, saved_model_context(model_name), model_name)
+        check_targets_before_loading(model_name, config)
         if layer_by_layer:
             return _run_layer_by_layer(model_name, config, out_dir, evaluate=evaluate, eval_tokens=eval_tokens,
                                        progress=progress, dtype=dtype, overwrite=overwrite)  # fmt: skip

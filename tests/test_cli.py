@@ -231,3 +231,12 @@ def test_a_non_finite_perplexity_is_an_error_and_never_written(tmp_path, monkeyp
         main(["compress", "--model", str(source), "--method", "svd", "--seq-len", "32", "--device", "cpu",
               "--eval-tokens", "64", "--no-dense-eval", "--out", str(tmp_path / "out")])  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_targets_that_match_nothing_fail_before_loading(tmp_path, monkeypatch):
+    import lowrank_ops.pipeline as pipeline
+
+    source = _saved_tiny(tmp_path)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before the --targets check"))
+    with pytest.raises(ValueError, match=r"targets=\['re:.*nothing_here'\] .* match no Linear/Conv1D layer"):
+        main(["compress", "--model", str(source), "--targets", "re:.*nothing_here", "--seq-len", "32", "--no-eval"])
