@@ -26,6 +26,9 @@ Commit. Every file and directory of the temporary directory is fsynced, then it 
 Interruption. Any exception inside `output_directory` (KeyboardInterrupt included) removes the temporary directory;
     signals are blocked while it is created, so an interrupt cannot land between its creation and the clean-up's
     reach. The CLI turns SIGTERM into the same path.
+Portability. Written for Linux. Elsewhere on POSIX the commit takes the fallback; without fcntl (Windows) there is no
+    lock and without pthread_sigmask signals are not blocked; a filesystem that refuses to fsync a directory (EINVAL,
+    ENOTSUP) is accepted as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
 import json
 import os
@@ -44,6 +46,11 @@ import signal
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory lock (module docstring, "Portability")
+    fcntl = None
 
 MANIFEST_FILE = "lowrank_ops.json"  # = lowrank_ops.serialization.MANIFEST (a level above; tests check they agree)
 BASE_MARKER = "lowrank_ops_base.json"  # written into the base of `export-lora --base-out`
@@ -172,11 +179,12 @@ def _recover_and_clean(target: Path) -> None:
 
 
 def _block_signals():
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if hasattr(signal, "pthread_sigmask") else None
 
 
 def _restore_signals(mask) -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @functools.lru_cache(maxsize=1)
@@ -211,11 +219,22 @@ def _fsync_path(path, flags=os.O_RDONLY) -> None:
         os.close(fd)
 
 
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def _fsync_directory(path) -> None:
+    try:
+        _fsync_path(path, os.O_RDONLY | _DIRECTORY)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EISDIR):
+            raise
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath, os.O_RDONLY | os.O_DIRECTORY)
+        _fsync_directory(dirpath)
 
 
 def _commit(tmp: Path, target: Path) -> None:
@@ -232,7 +251,7 @@ def _commit(tmp: Path, target: Path) -> None:
                 os.rename(tmp, target)
         elif not _renameat2(tmp, target, _RENAME_NOREPLACE):
             os.rename(tmp, target)
-        _fsync_path(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        _fsync_directory(target.parent)
     finally:
         _restore_signals(mask)
     if old is not None:
@@ -251,12 +270,13 @@ class OutputReservation:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
             except OSError as exc:
                 raise ValueError(f"{self.where}: cannot write next to the output {self.path}: {exc.strerror} "
                                  f"({exc.filename})") from None  # fmt: skip
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
@@ -270,8 +290,9 @@ class OutputReservation:
             if same:
                 break
             os.close(fd)  # locked a file its previous holder had just unlinked: take the new one
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if fcntl is not None:  # the holder's pid, for the message a second writer gets
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         try:
             _recover_and_clean(self.path)
@@ -284,7 +305,8 @@ class OutputReservation:
         if self._fd is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.lock_path)  # still locked: nobody can hold this inode now
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
