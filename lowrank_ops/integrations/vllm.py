@@ -66,7 +66,6 @@ from lowrank_ops.quant_format import CODES_PER_INT32, LAYOUT_VERSION, container_
 QUANT_METHOD = "lowrank_ops"
 FORMAT_VERSION = 1
 KINDS = ("LowRankLinear", "QuantLowRankLinear", "SparseLowRankLinear", "SharedChannelLinear")
-_FLOAT_NAMES = ("weight", "u", "v", "codebook")  # tensors stored in the model's dtype
 _QKV_SHARDS = ("q", "k", "v")
 
 
@@ -191,10 +190,10 @@ def shard_ranges(layer: nn.Module, local_out_sizes: list[int], local_in: int) ->
     vLLM's own weight loaders (column-parallel: rows split, KV rows replicated beyond the KV heads; row-parallel:
     columns split; anything else: replicated)."""
     tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
-    ranges = []
     if isinstance(layer, RowParallelLinear):
         (m,) = local_out_sizes
         return [((0, m), (tp_rank * local_in, local_in), m, local_in * tp_size)]
+    ranges = []
     for i, local_m in enumerate(local_out_sizes):
         if isinstance(layer, ColumnParallelLinear):
             replicas = getattr(layer, "num_kv_head_replicas", 1) if isinstance(layer, QKVParallelLinear) and i else 1
