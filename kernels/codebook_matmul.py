@@ -38,10 +38,12 @@ weight bytes (PARTIAL_READ_RATIO) and, on the tl.dot path, the S partial tiles t
 memory per K-step stay within PARTIAL_STAGE_BYTES (see `_shrink_config` for the sm_90 numbers). The cap is the
 rule of kernels/launch.py, shared with lowrank_matmul and quant_lowrank_matmul.
 
-PDL ordering (as in kernels/lowrank_matmul.py): each kernel first loads what the previous kernel does not write
-(its first weight chunk: C / V / idx rows, or idx / U / C rows), then `gdc_launch_dependents` (the next kernel
-may launch and prefetch its weights), then `gdc_wait` before reading x or the partials. Every kernel executes
-gdc_wait, so "kernel done" implies "its predecessor done".
+PDL ordering (as in kernels/lowrank_matmul.py): the shrink, the op's first launch, waits (`gdc_wait`) before
+it loads anything, since the kernel before it may write x or the weights (an optimizer step before a forward;
+the op has autograd), and triggers the expand (`gdc_launch_dependents`) only after that wait. The expand, whose
+only unfinished predecessor is then the shrink, loads what the shrink never writes (its first idx / U / C rows)
+before its `gdc_wait`, and triggers the next kernel first. Every kernel executes gdc_wait, so "kernel done"
+implies "its predecessor done". tests/test_hopper_plans.py runs both with PDL hazards poisoned (issue 20).
 
 Inner products (`_rows_product`, shared by both kernels; blocks from lowrank_matmul's `_launch_config`):
 - M = 1 (GEMV): a (BLOCK_N, BLOCK_K) fp32 accumulator in the weight tile's layout, reduced once after the loop;
@@ -217,12 +219,18 @@ def _codebook_shrink_kernel(
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, N_IN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_PDL:
+        # The op's first launch: the previous kernel may write x, C, idx or V (an optimizer step before a forward),
+        # so nothing is read before the wait, and the expand may start only after it: then every kernel before
+        # this one has finished, and the expand's prefetch of idx / C / U (which this kernel never writes) is safe.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if pid_n < BLOCKS_A:
         offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         j_mask = offs_j < K
         acc = _rows_product(
             acc, x_ptr, 0, stride_xm, stride_xk, a_ptr, stride_an, stride_ak, m0, M, offs_j, j_mask,
-            k_start, k_end, 1, ONEHOT, USE_DOT, DOT_FP32, DOT_PRECISION, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K,
+            k_start, k_end, 1, ONEHOT, USE_DOT, DOT_FP32, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         out_j = offs_j
     else:
@@ -230,7 +238,7 @@ def _codebook_shrink_kernel(
         j_mask = offs_j < R
         acc = _rows_product(
             acc, x_ptr, 0, stride_xm, stride_xk, v_ptr, stride_vn, stride_vk, m0, M, offs_j, j_mask,
-            k_start, k_end, 1, False, USE_DOT, DOT_FP32, DOT_PRECISION, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K,
+            k_start, k_end, 1, False, USE_DOT, DOT_FP32, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         out_j = K + offs_j
     p_ptrs = p_ptr + pid_s * stride_ps + out_j[None, :] * stride_pj + offs_m[:, None].to(tl.int64) * stride_pm
@@ -311,13 +319,13 @@ def _codebook_expand_kernel(
 MIN_BLOCK_N = 16  # the FMA expand halves BLOCK_N down to this until its grid reaches the target program count
 
 
-def _expand_config(m_rows: int, m_out: int, k_red: int, target_programs: int) -> dict:
+def _expand_config(m_rows: int, m_out: int, k_red: int, target_programs: int, decode_max_m: int) -> dict:
     """Blocks of the expand: lowrank_matmul's choice for a (M, m) = (M, k_red) . (m, k_red)^T product. On the FMA
     path (M <= 4) BLOCK_N is halved while the grid is short of the target program count: the rows-shared expand
     has little or no reduction (k_red = r or 0) and would otherwise get BLOCK_N = 4096 / BLOCK_K rows per program.
     The tl.dot tiles keep their BLOCK_N: each program re-reads its BLOCK_M rows of partials, so narrower programs
     would multiply that L2 traffic."""
-    cfg = _launch_config(m_rows, m_out, max(k_red, MIN_BLOCK_N), target_programs, allow_split=False)
+    cfg = _launch_config(m_rows, m_out, max(k_red, MIN_BLOCK_N), target_programs, False, decode_max_m)
     m_blocks = triton.cdiv(m_rows, cfg["BLOCK_M"])
     while (
         not cfg["USE_DOT"]
@@ -329,7 +337,16 @@ def _expand_config(m_rows: int, m_out: int, k_red: int, target_programs: int) ->
 
 
 def _shrink_config(
-    m_rows: int, m_out: int, n_in: int, entries: int, rank: int, rows: bool, itemsize: int, ec: dict, target: int
+    m_rows: int,
+    m_out: int,
+    n_in: int,
+    entries: int,
+    rank: int,
+    rows: bool,
+    itemsize: int,
+    ec: dict,
+    target: int,
+    decode_max_m: int,
 ) -> dict:
     """Blocks and split-K count of the shrink (K + r outputs over n), the split capped so that the expand's
     re-reads of the S partials stay within PARTIAL_READ_RATIO x the op's weight bytes. Every expand program reads
@@ -339,7 +356,7 @@ def _shrink_config(
     tiles of every K-step in shared memory: S x BLOCK_M x BLOCK_K x 4 bytes is kept <= PARTIAL_STAGE_BYTES (sm_90
     compile of rows-shared 4096 x 11008, K = 1024, r = 128, M = 64: 462 KB at S = 14, 279 KB at S = 8, over the
     227 KB an H100 block may use; 57 KB at M = 16, S = 3)."""
-    cfg = _launch_config(m_rows, entries + rank, n_in, target, allow_split=True)
+    cfg = _launch_config(m_rows, entries + rank, n_in, target, True, decode_max_m)
     weight_bytes = ((entries * n_in if rows else m_out * entries) + rank * (m_out + n_in)) * itemsize
     m_pad = triton.cdiv(m_rows, ec["BLOCK_M"]) * ec["BLOCK_M"]
     k_red = rank if rows else entries + rank
@@ -355,8 +372,10 @@ def codebook_matmul_triton(
     u: torch.Tensor | None,
     bias: torch.Tensor | None,
     shared: str,
+    decode_max_m: int,
 ) -> torch.Tensor:
-    """Shrink then expand for a 2-D x (M, n), M >= 1. Inputs are validated by the op (lowrank_ops.ops)."""
+    """Shrink then expand for a 2-D x (M, n), M >= 1. Inputs are validated by the op (lowrank_ops.ops), which also
+    passes its decode bound `decode_max_m` (the largest M on decode tiles, see lowrank_matmul's `_launch_config`)."""
     m_rows, n_in = x2d.shape
     rows = shared == "rows"
     entries = codebook.shape[0] if rows else codebook.shape[1]
@@ -367,8 +386,8 @@ def codebook_matmul_triton(
     dot_fp32, precision = dot_flags(x2d.dtype)
     extra = {"launch_pdl": True} if use_pdl else {}
 
-    ec = _expand_config(m_rows, m_out, rank if rows else entries + rank, target)
-    sc = _shrink_config(m_rows, m_out, n_in, entries, rank, rows, x2d.element_size(), ec, target)
+    ec = _expand_config(m_rows, m_out, rank if rows else entries + rank, target, decode_max_m)
+    sc = _shrink_config(m_rows, m_out, n_in, entries, rank, rows, x2d.element_size(), ec, target, decode_max_m)
     split = sc["split"]
     p = torch.empty((split, m_rows, entries + rank), device=x2d.device, dtype=torch.float32)
     a_src, a_strides = (codebook, codebook.stride()) if rows else (index, (0, index.stride(0)))

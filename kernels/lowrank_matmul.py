@@ -36,7 +36,11 @@ slice) cost more than the re-reads saved is for benchmarks/bench_lowrank_matmul.
 Why two chained launches instead of one persistent kernel: with programmatic dependent launch (PDL, sm_90+)
 the expand grid is launched while the shrink still runs; every expand program loads its first chunk of U
 (which does not depend on z) before `gdc_wait`, so the launch gap and the first U fetch overlap the shrink.
-The shrink does the same with V against whatever kernel produced x. A grid-wide handoff inside one kernel
+The shrink does NOT prefetch V: the kernel before it may write V (an optimizer step before a forward; the op
+has autograd) or x, so it waits before its first load and triggers the expand only after that wait. This is
+also what makes the expand's U prefetch safe: once the expand starts, every kernel before the shrink has
+finished, and the shrink never writes U (issue 20; tests/test_hopper_plans.py runs both kernels with PDL
+hazards poisoned). The CUDA decode kernels (csrc/) follow the same rule. A grid-wide handoff inside one kernel
 would need a device-wide barrier and a co-resident grid; PDL gives the overlap without either. This choice
 is to be confirmed by the H100 benchmark (GPU figures pending at the time of writing).
 
@@ -60,7 +64,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_ops.backends import DECODE_MAX_M  # one decode bound for dispatch and kernel configs
 from lowrank_ops.kernels.launch import (
     MAX_SPLIT,
     cap_split,
@@ -94,6 +97,7 @@ def _lowrank_matmul_kernel(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH_W: tl.constexpr,  # fetch w's first chunk before gdc_wait: only when the previous kernel cannot write w
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -110,11 +114,18 @@ def _lowrank_matmul_kernel(
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     offs_k = k_start + tl.arange(0, BLOCK_K)
 
-    # The weight does not depend on the previous kernel: fetch its first chunk before waiting on it.
+    if USE_PDL and not PREFETCH_W:
+        # The op's first launch: the previous kernel may be anything, including one that writes w (an optimizer
+        # step before a forward), so nothing is read before the wait. Triggering only after it means that once the
+        # dependent (the expand) starts, every kernel before this one has finished: it may prefetch its own weight.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k[None, :] < k_end), other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch and prefetch its own weight
+    if USE_PDL and PREFETCH_W:
+        # The expand: its only unfinished predecessor is the shrink, which writes `a` and never w, so the first
+        # chunk of w is fetched before waiting.
+        tl.extra.cuda.gdc_launch_dependents()  # the next op's first launch waits before it reads anything
         tl.extra.cuda.gdc_wait()  # `a` is written by the previous kernel
 
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
@@ -147,15 +158,19 @@ EXPAND_BLOCK_K = 64  # expand K-step at 1 < M <= 16; 128 with BLOCK_N = 64 reach
 # spilled (fp32, 3xTF32) in the sm_90a compile
 
 
-def _launch_config(m_rows: int, n_out: int, k_in: int, target_programs: int, allow_split: bool) -> dict:
-    """Blocks and split count for one factor product out (M, N) = a (M, K) . w (N, K)^T."""
+def _launch_config(
+    m_rows: int, n_out: int, k_in: int, target_programs: int, allow_split: bool, decode_max_m: int
+) -> dict:
+    """Blocks and split count for one factor product out (M, N) = a (M, K) . w (N, K)^T. `decode_max_m`: the
+    largest M given decode tiles (16 x 16 tl.dot); the caller's dispatch bound (lowrank_ops.backends.DECODE_MAX_M),
+    passed down so that dispatch and tiles agree without the kernels importing the dispatch layer."""
     k_pow2 = triton.next_power_of_2(k_in)
     if m_rows <= FMA_MAX_M:
         block_m = triton.next_power_of_2(m_rows)
         block_k = min(256, k_pow2)
         block_n = max(1, min(FMA_PRODUCT_ELEMS // (block_m * block_k), triton.next_power_of_2(n_out)))
         use_dot = False
-    elif m_rows <= DECODE_MAX_M:
+    elif m_rows <= decode_max_m:
         block_m, block_n, block_k, use_dot = 16, 16, max(16, min(128, k_pow2)), True
     else:
         block_m, block_n, block_k, use_dot = 64, 64, max(16, min(64, k_pow2)), True
@@ -169,11 +184,11 @@ def _launch_config(m_rows: int, n_out: int, k_in: int, target_programs: int, all
     )
 
 
-def _expand_config(m_rows: int, m_out: int, rank: int, target: int) -> dict:
-    """Blocks of the expand: `_launch_config`'s, with a wider N-tile at 1 < M <= DECODE_MAX_M so that fewer
+def _expand_config(m_rows: int, m_out: int, rank: int, target: int, decode_max_m: int) -> dict:
+    """Blocks of the expand: `_launch_config`'s, with a wider N-tile at 1 < M <= decode_max_m so that fewer
     programs re-read the partials and the split cap allows more slices (module docstring)."""
-    cfg = _launch_config(m_rows, m_out, rank, target, allow_split=False)
-    if cfg["USE_DOT"] and m_rows <= DECODE_MAX_M:
+    cfg = _launch_config(m_rows, m_out, rank, target, False, decode_max_m)
+    if cfg["USE_DOT"] and m_rows <= decode_max_m:
         cfg["BLOCK_N"], cfg["BLOCK_K"] = EXPAND_DOT_BLOCK_N, min(cfg["BLOCK_K"], EXPAND_BLOCK_K)
     elif not cfg["USE_DOT"] and m_rows > 1:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], EXPAND_BLOCK_K)
@@ -181,12 +196,14 @@ def _expand_config(m_rows: int, m_out: int, rank: int, target: int) -> dict:
     return cfg
 
 
-def _lowrank_configs(m_rows: int, n_in: int, rank: int, m_out: int, itemsize: int, target: int) -> tuple[dict, dict]:
+def _lowrank_configs(
+    m_rows: int, n_in: int, rank: int, m_out: int, itemsize: int, target: int, decode_max_m: int
+) -> tuple[dict, dict]:
     """(shrink, expand) launch configurations. The shrink's split count is capped by the shared rule of
     kernels/launch.py: the expand's programs, cdiv(m, BLOCK_N) along its N, each re-read the S partials of their
     M rows over r, cdiv(m, BLOCK_N) x M x r x 4 bytes per split, against the weight bytes r (m + n) x itemsize."""
-    shrink = _launch_config(m_rows, rank, n_in, target, allow_split=True)
-    expand = _expand_config(m_rows, m_out, rank, target)
+    shrink = _launch_config(m_rows, rank, n_in, target, True, decode_max_m)
+    expand = _expand_config(m_rows, m_out, rank, target, decode_max_m)
     reads_per_split = triton.cdiv(m_out, expand["BLOCK_N"]) * m_rows * rank * 4
     weight_bytes = rank * (m_out + n_in) * itemsize
     cap = partial_split_cap(weight_bytes, reads_per_split, expand["BLOCK_M"], expand["BLOCK_K"], expand["USE_DOT"])
@@ -201,8 +218,10 @@ def _launch(
     cfg: dict,
     precision: str,
     use_pdl: bool,
+    prefetch_w: bool,
 ):
-    """out (S_out, M, N) = sum_t a[t] (S_in, M, K) . w (N, K)^T (+ bias) with the blocks in `cfg`."""
+    """out (S_out, M, N) = sum_t a[t] (S_in, M, K) . w (N, K)^T (+ bias) with the blocks in `cfg`; `prefetch_w`:
+    the previous kernel in the stream cannot write w (see the kernel)."""
     split_in, m_rows, k_in = a.shape
     n_out = w.shape[0]
     grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m_rows, cfg["BLOCK_M"]), out.shape[0])
@@ -218,6 +237,7 @@ def _launch(
         USE_DOT=cfg["USE_DOT"],
         DOT_PRECISION=precision,
         USE_PDL=use_pdl,
+        PREFETCH_W=prefetch_w,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=4,
         **extra,
@@ -225,17 +245,19 @@ def _launch(
 
 
 def lowrank_matmul_triton(
-    x2d: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
+    x2d: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, decode_max_m: int
 ) -> torch.Tensor:
-    """Launch shrink then expand for a 2-D x (M, n). Inputs are validated by the op (lowrank_ops.ops)."""
+    """Launch shrink then expand for a 2-D x (M, n). Inputs are validated by the op (lowrank_ops.ops), which also
+    passes its decode bound `decode_max_m` (the largest M on decode tiles)."""
     m_rows, n_in = x2d.shape
     rank, m_out = v.shape[0], u.shape[0]
     device_index, use_pdl = device_info(x2d)
     _, precision = dot_flags(x2d.dtype)  # operands are fp32 in this kernel: TF32 (exact for 16-bit x), 3xTF32 for fp32
-    shrink, expand = _lowrank_configs(m_rows, n_in, rank, m_out, x2d.element_size(), target_programs(device_index))
+    target = target_programs(device_index)
+    shrink, expand = _lowrank_configs(m_rows, n_in, rank, m_out, x2d.element_size(), target, decode_max_m)
 
     z = torch.empty((shrink["split"], m_rows, rank), device=x2d.device, dtype=torch.float32)
-    _launch(x2d.unsqueeze(0), v, None, z, shrink, precision, use_pdl)
+    _launch(x2d.unsqueeze(0), v, None, z, shrink, precision, use_pdl, prefetch_w=False)
     y = torch.empty((1, m_rows, m_out), device=x2d.device, dtype=x2d.dtype)
-    _launch(z, u, bias, y, expand, precision, use_pdl)
+    _launch(z, u, bias, y, expand, precision, use_pdl, prefetch_w=True)
     return y[0]

@@ -30,11 +30,12 @@ persistent kernel would need a device-wide barrier and a co-resident grid; PDL g
 The shrink does not ride the base kernel's own K loop: that would give each W_hat program a slice of V rows
 whose z the other programs need before their epilogue -- the same grid-wide dependency.
 
-PDL ordering (this differs from kernels/lowrank_matmul.py on purpose): the base kernel reads x BEFORE its
-gdc_wait, so it must not launch until x is complete. The shrink therefore calls gdc_wait (x written by the
-previous kernel) BEFORE gdc_launch_dependents: once every shrink program has passed its wait, x is final and
-the base kernel may start. This is also why `_lowrank_matmul_kernel` (trigger first, then wait) is not
-reused for the shrink. Without a residual the base kernel is the only launch and waits before reading x.
+PDL ordering (as in kernels/lowrank_matmul.py): the base kernel reads x and W_hat BEFORE its gdc_wait, so it
+must not launch until every kernel before the op is complete. The shrink therefore calls gdc_wait before it
+reads anything (the previous kernel may write x or V: an optimizer step before a forward) and only then
+gdc_launch_dependents: once every shrink program has passed its wait, x and the weights are final and the
+base kernel may start. Without a residual the base kernel is the op's first launch and waits before reading
+anything. tests/test_hopper_plans.py runs both kernels with PDL hazards poisoned (issue 20).
 Every kernel here executes gdc_wait before it finishes, so "kernel done" implies "its predecessor done".
 
 Inner product, per M (`_main_config`, `_shrink_config`). At decode the bottleneck is instruction issue, not
@@ -157,12 +158,12 @@ def _quant_lowrank_shrink_kernel(
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     offs_k = k_start + tl.arange(0, BLOCK_K)
 
-    # V does not depend on the previous kernel: fetch its first chunk before waiting.
+    if USE_PDL:
+        # Nothing is read before the wait: the previous kernel may write x or V (an optimizer step before a forward).
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # only now: the base kernel reads x before its own wait
     v_ptrs = v_ptr + offs_r[:, None].to(tl.int64) * stride_vr + offs_k[None, :] * stride_vk
     v = tl.load(v_ptrs, mask=r_mask[:, None] & (offs_k[None, :] < k_end), other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # x is written by the previous kernel
-        tl.extra.cuda.gdc_launch_dependents()  # only now: the base kernel reads x before its own wait
 
     z_base = z_ptr + pid_s * stride_zs
     if USE_DOT:
@@ -285,11 +286,12 @@ def _quant_lowrank_matmul_kernel(
                 else:
                     acc += tl.dot(xk, tl.trans(w.to(x_ptr.dtype.element_ty)), input_precision=DOT_PRECISION)
     else:
-        # The packed weight does not depend on the previous kernel: fetch its first tile before any wait.
+        if USE_PDL and not HAS_RESIDUAL:
+            tl.extra.cuda.gdc_wait()  # the op's first launch: the previous kernel may write x or the weights
+        # With a residual the shrink waited for every earlier kernel before letting this one start, and never
+        # writes the packed weight: its first tile is fetched before the wait for z.
         q = tl.load(q_rows + offs_j[None, :] * stride_qk, mask=n_mask[:, None] & (offs_j[None, :] < KW), other=0)
         if USE_PDL:
-            if not HAS_RESIDUAL:
-                tl.extra.cuda.gdc_wait()  # x is the previous kernel's (with a residual, the shrink waited for it)
             tl.extra.cuda.gdc_launch_dependents()  # every consumer of y waits for this grid before reading it
         for kw0 in range(0, KW, BLOCK_KW):
             offs_w = kw0 + offs_j

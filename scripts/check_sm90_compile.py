@@ -90,11 +90,12 @@ def _empty(*shape, dtype):
 def _lowrank_variants() -> list[Variant]:
     import torch
 
+    from lowrank_ops.backends import DECODE_MAX_M
     from lowrank_ops.kernels.lowrank_matmul import lowrank_matmul_triton
 
     def run(m_rows, n, m, r, dtype, bias):
         x, v, u = _empty(m_rows, n, dtype=dtype), _empty(r, n, dtype=dtype), _empty(m, r, dtype=dtype)
-        return lowrank_matmul_triton(x, v, u, _empty(m, dtype=dtype) if bias else None)
+        return lowrank_matmul_triton(x, v, u, _empty(m, dtype=dtype) if bias else None, DECODE_MAX_M)
 
     out = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -148,6 +149,7 @@ def _quant_variants() -> list[Variant]:
 def _codebook_variants() -> list[Variant]:
     import torch
 
+    from lowrank_ops.backends import DECODE_MAX_M
     from lowrank_ops.kernels.codebook_matmul import codebook_matmul_triton
 
     def run(shared, dtype, m_rows, m, n, k, r):
@@ -155,7 +157,7 @@ def _codebook_variants() -> list[Variant]:
         codebook = _empty(k, n, dtype=dtype) if shared == "rows" else _empty(m, k, dtype=dtype)
         index = torch.zeros(m if shared == "rows" else n, dtype=torch.int32)
         v, u = (_empty(r, n, dtype=dtype), _empty(m, r, dtype=dtype)) if r else (None, None)
-        return codebook_matmul_triton(x, codebook, index, v, u, None, shared)
+        return codebook_matmul_triton(x, codebook, index, v, u, None, shared, DECODE_MAX_M)
 
     cases = [  # (shared, dtype, M, m, n, K, r, quick)
         ("rows", torch.bfloat16, 1, 4096, 4096, 1024, 128, True),

@@ -5,7 +5,7 @@ import torch
 from helpers import KERNEL_DEVICE, assert_close_to_reference, requires_gpu
 
 import lowrank_ops  # noqa: F401  (registers the op)
-from lowrank_ops.backends import use_backend
+from lowrank_ops.backends import DECODE_MAX_M, use_backend
 from lowrank_ops.kernels import launch
 from lowrank_ops.kernels.lowrank_matmul import _lowrank_configs
 from lowrank_ops.ops import lowrank_matmul
@@ -138,14 +138,14 @@ def test_split_count_keeps_partial_rereads_and_staging_within_the_caps():
     for m_rows in (1, 2, 3, 4, 5, 16, 17, 64):
         for n, m, r in ((4096, 4096, 128), (4096, 4096, 256), (4096, 11008, 1024), (11008, 4096, 1024), (576, 192, 24)):
             for itemsize in (2, 4):
-                shrink, expand = _lowrank_configs(m_rows, n, r, m, itemsize, 264)
+                shrink, expand = _lowrank_configs(m_rows, n, r, m, itemsize, 264, DECODE_MAX_M)
                 split = shrink["split"]
                 reads_per_split = -(-m // expand["BLOCK_N"]) * m_rows * r * 4
                 assert split == 1 or split * reads_per_split <= launch.PARTIAL_READ_RATIO * r * (m + n) * itemsize
                 if expand["USE_DOT"]:
                     assert split * expand["BLOCK_M"] * expand["BLOCK_K"] * 4 <= launch.PARTIAL_STAGE_BYTES
                 assert (split - 1) * shrink["k_per_split"] < n <= split * shrink["k_per_split"]
-    assert _lowrank_configs(1, 4096, 128, 4096, 2, 264)[0]["split"] == 16
+    assert _lowrank_configs(1, 4096, 128, 4096, 2, 264, DECODE_MAX_M)[0]["split"] == 16
 
 
 @requires_gpu

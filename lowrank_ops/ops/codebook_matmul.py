@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowrank_ops.backends import Backend, select_backend
+from lowrank_ops.backends import DECODE_MAX_M, Backend, select_backend
 from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 
@@ -170,7 +170,7 @@ def _codebook_matmul_op(
     if backend is Backend.TRITON and m_rows > 0:
         from lowrank_ops.kernels.codebook_matmul import codebook_matmul_triton
 
-        y2d = codebook_matmul_triton(x2d, codebook, index, v, u, bias, shared)
+        y2d = codebook_matmul_triton(x2d, codebook, index, v, u, bias, shared, DECODE_MAX_M)
     elif backend is Backend.CUDA:  # pragma: no cover - select_backend raises until csrc/ registers a kernel
         raise NotImplementedError(f"{OP}: the CUDA backend has no kernel yet")
     else:

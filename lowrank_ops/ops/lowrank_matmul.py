@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowrank_ops.backends import Backend, BackendUnavailableError, cuda_dtype_unavailable_reason, select_backend
+from lowrank_ops.backends import (
+    DECODE_MAX_M,
+    Backend,
+    BackendUnavailableError,
+    cuda_dtype_unavailable_reason,
+    select_backend,
+)
 from lowrank_ops.ops._checks import shape_of
 
 OP = "lowrank_matmul"
@@ -114,7 +120,7 @@ def _lowrank_matmul_op(
     if backend is Backend.TRITON and x2d.shape[0] > 0:
         from lowrank_ops.kernels.lowrank_matmul import lowrank_matmul_triton
 
-        y2d = lowrank_matmul_triton(x2d, v, u, bias)
+        y2d = lowrank_matmul_triton(x2d, v, u, bias, DECODE_MAX_M)
     elif backend is Backend.CUDA:  # pragma: no cover - needs the extension and a GPU (tests/test_cuda_kernels.py)
         y2d = _lowrank_matmul_cuda(x2d, v, u, bias)
     else:
