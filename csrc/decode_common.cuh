@@ -305,18 +305,20 @@ inline LowrankOpsStatus check_x_stride(const char* op, int rows, int n, int64_t 
 
 // Programmatic dependent launch (PDL) exists from sm_90 on. The device side compiles to nothing for older
 // architectures (the sm_80 image), where the host never asks for it (`launch_dependent` with programmatic = false),
-// so the consumer simply starts after the producer has finished, as any stream-ordered launch.
+// so the consumer simply starts after the producer has finished, as any stream-ordered launch. The CPU emulator
+// (tests/cuda_emu, LOWRANK_OPS_CUDA_EMU) models PDL: a dependent's reads of its producer's writes before the wait
+// see poison.
 //
 // Producer: the next kernel in the stream may launch now (it must still wait before reading our writes).
 __device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(LOWRANK_OPS_CUDA_EMU)
   cudaTriggerProgrammaticLaunchCompletion();
 #endif
 }
 
 // Consumer: wait until the previous grid has finished and its writes are visible.
 __device__ __forceinline__ void wait_for_producer() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(LOWRANK_OPS_CUDA_EMU)
   cudaGridDependencySynchronize();
 #endif
 }

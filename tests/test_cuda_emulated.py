@@ -341,3 +341,38 @@ def test_quant_decode_bad_arguments_name_the_rule(emu):
     args[0] = torch.randn(17, 256).half()
     with pytest.raises(KernelError, match=r"rows=17 must be in 1 \.\. 16"):
         emu.quant(*args)
+
+
+# ---------------------------------------------------------------------------------------------- PDL, seeded bugs
+
+# The consumer's wait for the shrink moved after its first read of the partials: on an H100 the expand / quant kernel
+# may then read partials the shrink has not written (PDL lets it start as soon as the shrink triggers).
+MISPLACED_WAITS = (
+    ("lowrank_decode.cu", "  wait_for_producer();\n  load_z(zs, partial, splits, rows * rank);\n",
+     "  load_z(zs, partial, splits, rows * rank);\n  wait_for_producer();\n"),
+    ("quant_lowrank_decode.cu",
+     "        wait_for_producer();  // the shrink's partial sums are complete and visible\n"
+     "        load_z(zs, partial, splits, rows * rank);\n",
+     "        load_z(zs, partial, splits, rows * rank);\n        wait_for_producer();\n"),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def emu_misplaced_wait(tmp_path_factory):
+    if emu_build.compiler() is None:
+        pytest.skip("no C++ compiler (g++ / c++) on PATH: cannot build the CUDA emulator")
+    return Emulator(emu_build.build(tmp_path_factory.mktemp("cuda_emu_mutant"), MISPLACED_WAITS))
+
+
+def test_pdl_seeded_misplaced_wait_reads_poison(emu, emu_misplaced_wait):
+    """The emulator starts a PDL launch while its triggering predecessor's writes are poison (NaN) until the wait:
+    the kernels as shipped are exact, the same kernels reading the partials before their wait return NaN."""
+    x, v, u, b = _lowrank_inputs(3, 1000, 300, 24, torch.float16, bias=True, seed=5)
+    _check_lowrank(emu.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)
+    assert emu_misplaced_wait.lowrank(*map(_guarded, (x, v, u, b))).isnan().all()
+    args = _quant_inputs(2, 1000, 77, 24, 40, 4, torch.bfloat16, bias=True, seed=6)
+    guarded = [_guarded(t) if isinstance(t, torch.Tensor) else t for t in args]
+    _check_quant(emu.quant(*guarded), args)
+    assert emu_misplaced_wait.quant(*guarded).isnan().all()
+    with emu_misplaced_wait.device(**A100):  # no PDL on an A100: stream order, the misplaced wait is harmless there
+        _check_lowrank(emu_misplaced_wait.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)

@@ -38,14 +38,16 @@ def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++")
 
 
-def build(out_dir: Path) -> Path:
-    """Compile (once per source content) and return the path of the shared library."""
+def build(out_dir: Path, mutations: tuple[tuple[str, str, str], ...] = ()) -> Path:
+    """Compile (once per source content) and return the path of the shared library. `mutations`: (kernel source
+    name, old, new) text replacements, each of which must match exactly once -- seeded bugs for the tests."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ / c++) on PATH")
     inputs = [CSRC / s for s in KERNEL_SOURCES] + [HERE / s for s in RUNTIME_SOURCES]
     headers = sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")) + [HERE / "emu.h"]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs + headers)).hexdigest()[:16]
+    content = b"".join(p.read_bytes() for p in inputs + headers) + repr(mutations).encode()
+    digest = hashlib.sha256(content).hexdigest()[:16]
     library = out_dir / f"libcuda_emu-{digest}.so"
     if library.exists():
         return library
@@ -53,10 +55,17 @@ def build(out_dir: Path) -> Path:
     sources = []
     for name in KERNEL_SOURCES:
         target = out_dir / (Path(name).stem + ".cpp")
-        target.write_text(host_source((CSRC / name).read_text(), name))
+        text = (CSRC / name).read_text()
+        for source, old, new in mutations:
+            if source == name:
+                if text.count(old) != 1:
+                    raise ValueError(f"mutation of {name}: {old!r} occurs {text.count(old)} times, not once")
+                text = text.replace(old, new)
+        target.write_text(host_source(text, name))
         sources.append(target)
     sources += [HERE / s for s in RUNTIME_SOURCES]
     cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+           "-DLOWRANK_OPS_CUDA_EMU",  # csrc/decode_common.cuh: PDL wait / trigger call the emulator's model
            f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}", *map(str, sources), "-o", str(library)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -21,6 +21,18 @@ struct Thread {
   ucontext_t context;
   uint3 index;
   bool done = false;
+  bool parked = false;  // waiting in cudaGridDependencySynchronize for the predecessor's writes
+};
+
+// Bytes a launch changed in tracked memory: their address and the value after the launch.
+struct Run {
+  unsigned char* begin;
+  std::vector<unsigned char> values;
+};
+
+struct Region {
+  unsigned char* begin;
+  size_t bytes;
 };
 
 struct Barrier {
@@ -68,6 +80,12 @@ struct State {
   cudaError_t last_error = cudaSuccess;
   std::vector<std::vector<char>> stacks;
   std::vector<Buffer> buffers;
+  // PDL (see emu.h)
+  std::vector<Region> tracked;
+  std::vector<Run> previous_writes;  // what the previous launch wrote
+  bool previous_triggered = false;   // whether it let its dependent start early
+  bool current_triggered = false;
+  bool pdl_poisoned = false;         // this block reads poison where the previous launch wrote
 };
 
 State& state() {
@@ -141,6 +159,49 @@ void trampoline() {
   // returning resumes uc_link: the scheduler
 }
 
+void poison(const std::vector<Run>& runs) {
+  for (const Run& r : runs) {
+    memset(r.begin, 0xFF, r.values.size());
+  }
+}
+
+void restore(const std::vector<Run>& runs) {
+  for (const Run& r : runs) {
+    memcpy(r.begin, r.values.data(), r.values.size());
+  }
+}
+
+std::vector<std::vector<unsigned char>> snapshot() {
+  std::vector<std::vector<unsigned char>> copies;
+  for (const Region& r : state().tracked) {
+    copies.emplace_back(r.begin, r.begin + r.bytes);
+  }
+  return copies;
+}
+
+// The byte runs of tracked memory that differ from `before`, with their new values.
+std::vector<Run> changed_since(const std::vector<std::vector<unsigned char>>& before) {
+  std::vector<Run> runs;
+  const std::vector<Region>& tracked = state().tracked;
+  for (size_t t = 0; t < tracked.size() && t < before.size(); ++t) {
+    const Region& r = tracked[t];
+    size_t i = 0;
+    while (i < r.bytes) {
+      if (r.begin[i] == before[t][i]) {
+        ++i;
+        continue;
+      }
+      size_t j = i;
+      while (j < r.bytes && r.begin[j] != before[t][j]) {
+        ++j;
+      }
+      runs.push_back(Run{r.begin + i, std::vector<unsigned char>(r.begin + i, r.begin + j)});
+      i = j;
+    }
+  }
+  return runs;
+}
+
 cudaError_t run_block(size_t threads) {
   State& s = state();
   s.threads.assign(threads, Thread{});
@@ -183,6 +244,14 @@ cudaError_t run_block(size_t threads) {
         return cudaErrorLaunchFailure;
       }
       live += t.done ? 0 : 1;
+    }
+    if (live > 0 && s.progress == before && s.pdl_poisoned &&
+        std::any_of(s.threads.begin(), s.threads.end(), [](const Thread& t) { return t.parked && !t.done; })) {
+      // Every live thread waits for the predecessor or at a barrier: the predecessor is done, its writes visible.
+      restore(s.previous_writes);
+      s.pdl_poisoned = false;
+      ++s.progress;
+      continue;
     }
     if (live > 0 && s.progress == before) {
       s.failure = "deadlock: every live thread waits at a barrier the others never reach (divergent "
@@ -236,19 +305,34 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic
   blockDim = block;
   s.body = &body;
   s.failure.clear();
+  // PDL: this launch may start as soon as a triggering predecessor triggered, before its writes are visible.
+  const bool overlaps = programmatic && s.previous_triggered && !s.previous_writes.empty();
+  const std::vector<std::vector<unsigned char>> before = snapshot();
+  s.current_triggered = false;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = uint3{x, y, z};
         s.shared.assign(smem_bytes + kSharedGuardBytes, 0xFF);  // every float reads NaN until written
+        if (overlaps) {
+          poison(s.previous_writes);
+          s.pdl_poisoned = true;
+        }
         const cudaError_t status = run_block(threads);
+        if (s.pdl_poisoned) {  // no thread of the block waited
+          restore(s.previous_writes);
+          s.pdl_poisoned = false;
+        }
         if (status != cudaSuccess) {
           fprintf(stderr, "cuda_emu: block (%u, %u, %u): %s\n", x, y, z, s.failure.c_str());
+          s.previous_writes.clear();
           return status;
         }
       }
     }
   }
+  s.previous_writes = changed_since(before);
+  s.previous_triggered = s.current_triggered;
   return cudaSuccess;
 }
 
@@ -285,12 +369,33 @@ float shuffle_xor(unsigned int mask, float value, int lane_mask) {
   return result;
 }
 
+void track_memory(const void* base, size_t bytes) {
+  state().tracked.push_back(Region{static_cast<unsigned char*>(const_cast<void*>(base)), bytes});
+}
+
+void pdl_trigger() { state().current_triggered = true; }
+
+void pdl_wait() {
+  State& s = state();
+  Thread* self = s.current;
+  while (s.pdl_poisoned) {
+    self->parked = true;
+    yield();
+  }
+  self->parked = false;
+}
+
 void register_buffer(const char* name, const void* base, size_t bytes) {
   const uintptr_t begin = reinterpret_cast<uintptr_t>(base);
   state().buffers.push_back(Buffer{name, begin, begin + bytes, 0});
 }
 
-void clear_buffers() { state().buffers.clear(); }
+void clear_buffers() {
+  state().buffers.clear();
+  state().tracked.clear();
+  state().previous_writes.clear();
+  state().previous_triggered = false;
+}
 
 long long loaded_bytes(const char* name) {
   for (const Buffer& b : state().buffers) {

@@ -7,9 +7,18 @@
 // cooperative fibers (ucontext) that run until they reach a barrier: __syncthreads() (all live threads of the block)
 // or a warp shuffle (all 32 lanes of the warp; two barriers per shuffle: publish, then read). So every interleaving
 // the kernels rely on is forced through their own synchronisation, and code that reads shared memory another
-// thread has not written yet reads the NaN poison it starts with. What it does NOT model: concurrent blocks, the
-// memory model beyond program order, PDL overlap (a dependent launch runs after its predecessor has finished),
-// timing. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
+// thread has not written yet reads the NaN poison it starts with.
+//
+// Programmatic dependent launch (PDL). csrc/ is compiled with LOWRANK_OPS_CUDA_EMU, so its wait / trigger call
+// cudaGridDependencySynchronize / cudaTriggerProgrammaticLaunchCompletion here. A PDL launch whose predecessor
+// triggered (at any point: PDL lets the dependent start then, and only the wait makes the predecessor's writes
+// visible) runs each block with every byte the predecessor wrote (found by diffing the memory a test tracks before
+// and after each launch) set to 0xFF -- NaN in fp32, fp16 and bf16 -- until the block's threads wait: a waiting
+// thread parks until every live thread of the block has parked or is blocked at a barrier, then the predecessor's
+// values are restored. So a read of the predecessor's output before the wait reads poison, while a correct wait
+// sees the real values; a predecessor that never triggers runs to completion first, as without PDL.
+// What it does NOT model: concurrent blocks, the memory model beyond program order, timing; a thread that reads the
+// predecessor's output without ever waiting, after another thread of its block waited, sees the restored values. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
 // exited or non-converged lanes, block size > 1024, an empty grid, dynamic shared memory above the kernel's opt-in,
 // and an __ldg / __ldcs outside the buffers a test registered (which also counts the bytes each buffer streams).
 #pragma once
@@ -143,6 +152,11 @@ Launcher<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, siz
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 
+// Memory whose writes the emulator finds by diffing it around every launch (for PDL, see the top of this file).
+void track_memory(const void* base, size_t bytes);
+void pdl_trigger();
+void pdl_wait();
+
 // Global buffers a test hands to a kernel. While any is registered, every __ldg / __ldcs must fall inside one of
 // them (else the launch faults, naming the address) and adds its bytes to that buffer's count.
 void register_buffer(const char* name, const void* base, size_t bytes);
@@ -189,6 +203,9 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
 
 // ---------------------------------------------------------------------------------------------- device builtins
 inline void __syncthreads() { ::cuda_emu::sync_block(); }
+
+inline void cudaTriggerProgrammaticLaunchCompletion() { ::cuda_emu::pdl_trigger(); }
+inline void cudaGridDependencySynchronize() { ::cuda_emu::pdl_wait(); }
 
 inline float __shfl_xor_sync(unsigned int mask, float value, int lane_mask) {
   return ::cuda_emu::shuffle_xor(mask, value, lane_mask);

@@ -83,6 +83,9 @@ int with_workspace(Args* a, Query workspace_bytes, Run run, char* err, size_t er
   std::vector<float> workspace = poisoned_workspace(bytes);
   a->workspace = bytes > 0 ? workspace.data() : nullptr;
   a->workspace_bytes = bytes;
+  if (bytes > 0) {
+    cuda_emu::track_memory(workspace.data(), bytes);  // the shrink's output: poison to the expand until its wait
+  }
   return run(a, nullptr, err, err_len);
 }
 
@@ -170,6 +173,7 @@ int emu_lowrank_decode(int dtype, int rows, int n, int m, int rank, const void* 
   a.y = y;
   cuda_emu::clear_buffers();
   register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
+  cuda_emu::track_memory(y, static_cast<size_t>(rows) * m * kItem);
   return with_workspace(&a, lowrank_decode_workspace_bytes, lowrank_decode, err, err_len);
 }
 
@@ -195,6 +199,7 @@ int emu_quant_lowrank_decode(int dtype, int rows, int n, int m, int group_size, 
   cuda_emu::clear_buffers();
   register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
   cuda_emu::register_buffer("qweight", qweight, static_cast<size_t>(m) * ((n + 7) / 8) * sizeof(int32_t));
+  cuda_emu::track_memory(y, static_cast<size_t>(rows) * m * kItem);
   return with_workspace(&a, quant_lowrank_decode_workspace_bytes, quant_lowrank_decode, err, err_len);
 }
 
