@@ -16,7 +16,8 @@ partials of its BLOCK_M rows over its reduction, so S is paid for twice:
 
 Device facts come from the tensor's CUDA device. `emulated_device` makes the launchers act as on a given GPU for
 CPU tensors (PDL, program counts, dot precision): scripts/check_sm90_compile.py uses it to compile every kernel
-variant for sm_90a on a machine without a GPU.
+variant for sm_90a on a machine without a GPU, and tests/triton_hopper.py to execute the H100 plans in the CPU
+interpreter (it supplies the 16-bit tl.dot and the PDL hooks the interpreter lacks).
 """
 
 from __future__ import annotations

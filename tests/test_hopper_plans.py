@@ -166,3 +166,21 @@ def test_seeded_quant_shrink_trigger_before_wait_is_caught(tmp_path):
         h.previous_kernel(x)
         y = mutant.quant_lowrank_matmul_triton(x, q, s, z, v, u, b, bits, group_size)
     assert [hazard.kernel for hazard in h.hazards][:1] == ["_quant_lowrank_matmul_kernel"] and y.isnan().any()
+
+
+def test_chained_ops_under_pdl():
+    """Three ops back to back as in a decoder layer, each PDL-launched behind the previous op's last kernel and
+    reading its output: the expand of one triggers the next op's shrink early, which must wait before reading x."""
+    x, v, u, b = lr._inputs((3, 257, 130, 24), torch.bfloat16, "cpu", seed=7)
+    qargs = ql._inputs((3, 130, 97, 24, 32), 4, torch.bfloat16, "cpu", seed=8)
+    cargs = cb._inputs((3, 97, 61, 9, 16), "rows", torch.bfloat16, "cpu", seed=9)
+    with use_backend("triton"), hopper() as h:
+        h.previous_kernel(x, v, u, b, *_tensors(qargs), *_tensors(cargs))
+        y1 = lr.op(x, v, u, b)
+        y2 = ql.op(y1, *qargs[1:])
+        y3 = cb.op(y2, *cargs[1:], "rows")
+    assert not h.hazards, h.hazards
+    assert len(h.kernel_names()) == 6 and all(launch_.pdl for launch_ in h.launches)
+    lr._check(y1, x, v, u, b)
+    ql._check(y2, (y1, *qargs[1:]))
+    cb._check(y3, (y2, *cargs[1:]), "rows")
