@@ -28,7 +28,7 @@ from lowrank_ops.integrations.transformers import attach_quantization_config, qu
 from lowrank_ops.modules import CompressedLinear
 from lowrank_ops.modules.compressed import manifest_entries
 from lowrank_ops.outputs import output_directory
-from lowrank_ops.surgery import replace_module
+from lowrank_ops.surgery import is_linear_like, replace_module
 
 MANIFEST = "lowrank_ops.json"
 WEIGHTS = "model.safetensors"
@@ -86,7 +86,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"load_compressed: {path} has no {MANIFEST}; not a directory written by save_compressed"
         )
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"load_compressed: {manifest_path} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
+        raise ValueError(f"load_compressed: {manifest_path} must be a JSON object with a 'layers' object (one entry "
+                         "per compressed layer)")  # fmt: skip
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"load_compressed: {manifest_path} has format_version={manifest.get('format_version')}, "
                          f"this lowrank_ops reads {FORMAT_VERSION}")  # fmt: skip
@@ -112,11 +118,20 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     hf_config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    with safe_open(str(path / WEIGHTS), "pt") as weights:
-        saved_dtypes = {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
+    try:
+        with safe_open(str(path / WEIGHTS), "pt") as weights:
+            saved_dtypes = {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (truncated or corrupt header)
+        raise ValueError(f"load_compressed: {path / WEIGHTS} is not a readable safetensors file "
+                         f"({str(exc).splitlines()[0]})") from None  # fmt: skip
+    where = f"load_compressed: {path / MANIFEST}"
+    linear_layers = {name for name, module in model.named_modules() if is_linear_like(module)}
     with torch.device("meta"):
         for name, entry in manifest["layers"].items():
-            replace_module(model, name, CompressedLinear.from_manifest(name, entry))
+            if name not in linear_layers:
+                raise ValueError(f"{where}: layer {name} is not a Linear / Conv1D layer of "
+                                 f"{type(model).__name__}")  # fmt: skip
+            replace_module(model, name, CompressedLinear.from_manifest(name, entry, where=where))
     model.to_empty(device=device)
     # to_empty gives every parameter its own storage (torch 2.13), untying lm_head from the input embedding; the
     # file holds a tied tensor once (safetensors drops the duplicate name), so tie again before loading.
@@ -127,7 +142,15 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
         saved = _SAFETENSORS_FLOATS.get(saved_dtypes.get(key))
         if saved is not None and tensor.is_floating_point() and tensor.dtype != saved:
             tensor.data = torch.empty_like(tensor.data, dtype=saved)
-    load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
+    except Exception as exc:  # noqa: BLE001 - a SafetensorError while reading tensor data (a truncated file)
+        if isinstance(exc, ValueError):
+            raise
+        raise ValueError(f"load_compressed: {path / WEIGHTS} cannot be read ({str(exc).splitlines()[0]})") from None
+    if missing or unexpected:
+        raise ValueError(f"{where}: {WEIGHTS} and the manifest disagree: missing tensors {sorted(missing)[:3]}, "
+                         f"unexpected tensors {sorted(unexpected)[:3]} (a layer missing from the manifest?)")
     _recompute_non_persistent_buffers(model, hf_config, device)
     if dtype is not None:
         model.to(dtype)
