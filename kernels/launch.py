@@ -12,7 +12,9 @@ partials of its BLOCK_M rows over its reduction, so S is paid for twice:
   BLOCK_K x 4 is kept <= PARTIAL_STAGE_BYTES: 2 x 32 KB of partials leave room for the weight's stages under
   the 227 KB a block may use on an H100. Without the cap the lowrank_matmul expand asked for 270 KB (M = 16,
   S = 16, 16 x 128 tiles) and 540 KB (M = 64, S = 16, 64 x 64 tiles) in the sm_90 compile, and spilled.
-`partial_split_cap` computes the cap from those two rules, `cap_split` re-slices a launch configuration to it.
+`partial_split_cap` computes the cap from those two rules, `cap_split` re-slices a launch configuration to it
+(quant_lowrank_matmul, codebook_matmul). lowrank_matmul does not need it: its shrink reduces the partials once
+(the split-K handoff in kernels/lowrank_matmul.py) and its expand reads z alone.
 
 Device facts come from the tensor's CUDA device. `emulated_device` makes the launchers act as on a given GPU for
 CPU tensors (PDL, program counts, dot precision): scripts/check_sm90_compile.py uses it to compile every kernel

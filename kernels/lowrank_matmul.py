@@ -4,38 +4,43 @@ Shapes: x (M, n) (the op flattens leading dims), V (r, n), U (m, r), b (m,), y (
 row-major, so each factor product is a "rows of W times x" product and one kernel serves both:
 
     _lowrank_matmul_kernel:  out[s] = (sum_t a[t]) . w^T   (+ bias, cast to out dtype)
-        a   (SPLIT_IN, M, K)   partial sums of the input, summed while loading (SPLIT_IN = 1 for x)
+        a   (SPLIT_IN, M, K)   partial sums of the input, summed while loading (SPLIT_IN = 1 for x and for z)
         w   (N, K)             one factor, row-major
         out (SPLIT_OUT, M, N)  program (pid_n, pid_m, pid_s) owns BLOCK_N rows of w and K-slice pid_s
 
-    shrink: a = x (1, M, n),  w = V (r, n) -> z (S, M, r) fp32 partials, split-K over n into S slices
-    expand: a = z (S, M, r),  w = U (m, r) -> y (1, M, m) in x's dtype, bias in the epilogue
+    shrink: a = x (1, M, n),  w = V (r, n) -> partials (S, M, r) fp32, split-K over n into S slices, and
+            z = sum_s partials[s] (M, r) in slot S of the same buffer (REDUCE: the split-K handoff below)
+    expand: a = z (1, M, r),  w = U (m, r) -> y (1, M, m) in x's dtype, bias in the epilogue
 
-Why split-K without atomics: at decode the shrink has only r output columns (r = 256 -> 256 rows of V),
-too few rows of work to put ~2 programs on each of an H100's 132 SMs, yet V is 2 MB that must stream at full
-bandwidth. Splitting n into S slices multiplies the programs by S; the S fp32 partials (S * M * r * 4 bytes,
-<= 256 KB) are summed by the expand as it loads z, so no memset, no atomics, and the result is
-deterministic.
+Why split-K: at decode the shrink has only r output columns (r = 256 -> 256 rows of V), too few rows of work to
+put ~2 programs on each of an H100's 132 SMs, yet V is 2 MB that must stream at full bandwidth. Splitting n into
+S slices (up to MAX_SPLIT = 16, `_launch_config`) multiplies the programs by S.
 
-Split count and expand tiles (`_lowrank_configs`; the cap is kernels/launch.py's, shared with the other ops).
-Every expand program re-reads all S partials of its M rows, so S costs L2 bytes and, on the tl.dot path, shared
-memory (Triton's pipeliner stages the S partial tiles of each K-step). S is capped so that the re-reads,
-cdiv(m, BLOCK_N) x M x r x 4 bytes per split, stay within the weight bytes r (m + n) x itemsize, and the
-staged tiles, S x BLOCK_M x BLOCK_K x 4 bytes, within 32 KB per stage. The expand's N-tile is widened where
-that cap binds, because the re-reads per split scale with the number of expand programs along m: the tl.dot
-decode expand (4 < M <= 16) uses 16 x 64 x 64 tiles instead of `_launch_config`'s 16 x 16 x 128, the FMA
-expand at 1 < M <= 4 takes BLOCK_K = 64 and the wider BLOCK_N that its register budget then allows. M = 1 is
-unchanged (S = 16: its re-reads are 64 KB per split). sm_90a compile (scripts/check_sm90_compile.py), 4096^2,
-r = 128, bf16, M = 16: before, S = 16 and 256 expand programs re-read 32 MB of partials for 2 MB of weights
-and asked for 270336 B of shared memory (an H100 block may use 232448) with 255 registers and a 56 B stack
-(spills); after, S = 4 (32 shrink programs), 64 expand programs re-read 2 MB, 49152 B, 134 registers, no
-spills. M = 64 went from 540672 B (S = 16) to 49152 B (S = 1). Not timed on a GPU: whether the lost shrink
-programs (128 -> 32 at M = 16; 32 -> 2 at M = 64, where the shrink's 64-row tiles leave r / 64 programs per
-slice) cost more than the re-reads saved is for benchmarks/bench_lowrank_matmul.py on an H100.
+Split-K handoff (issue 19, part 4): the S partials are reduced once, by the shrink, not by every expand program.
+Each program stores its partial tile, then (one thread, after a block barrier so that every thread's store comes
+first) adds 1 to its tile's arrival counter with acq_rel semantics at GPU scope. The program that draws S - 1
+arrives last: every other slice's partial is visible to it, and it sums the S partials in the fixed order
+s = 0 .. S - 1 (its own term from registers: the value it stored), writes z and sets the counter back to 0. The
+sum is the same bits whichever program arrives last (tests/test_hopper_plans.py runs the slices in both orders),
+so results stay deterministic; no memset and no launch is added: the counters live in one zeroed int32 buffer
+per (device, stream) (`_arrival_counters`) that every shrink leaves zero, also across CUDA graph replays. Before,
+every expand program re-read all S partials of its rows: cdiv(m, BLOCK_N) x S x M x r x 4 bytes of L2 traffic
+(4 MB at 4096^2, r = 256, M = 1, S = 16) and S staged partial tiles per K-step in shared memory on the tl.dot
+path, which capped S (at 4 for M = 16, r = 128); now the reduction reads S x M x r x 4 bytes once (16 KB there),
+each expand program reads z (M x r x 4 bytes), and S is no longer capped. The cost is a serial tail on the
+shrink's last program per tile (one atomic round trip, then S loads from L2); whether that tail or the re-reads
+cost more is for an H100 to tell (benchmarks/bench_lowrank_matmul.py).
+
+Expand tiles (`_expand_config`). At M = 1 a K-step is min(256, r) columns; at 1 < M <= 16 it covers the whole
+rank wherever a row of U fits EXPAND_PREFETCH_ROW_BYTES (r <= 256 in fp16 / bf16), else EXPAND_BLOCK_K = 64.
+Where one K-step covers the rank (ONE_STEP) the kernel has no K loop and no second weight buffer, which is what
+lets a 64 x 256 tl.dot tile compile without spills (sm_90a numbers at the constant). The tl.dot decode expand
+(4 < M <= 16) uses 16 x 64 tiles (64 programs at m = 4096).
 
 Why two chained launches instead of one persistent kernel: with programmatic dependent launch (PDL, sm_90+)
 the expand grid is launched while the shrink still runs; every expand program loads its first chunk of U
-(which does not depend on z) before `gdc_wait`, so the launch gap and the first U fetch overlap the shrink.
+(which does not depend on z) before `gdc_wait` -- all of its U wherever one K-step covers the rank (r <= 256 at
+16 bits) -- so the launch gap and the U fetch overlap the shrink.
 The shrink does NOT prefetch V: the kernel before it may write V (an optimizer step before a forward; the op
 has autograd) or x, so it waits before its first load and triggers the expand only after that wait. This is
 also what makes the expand's U prefetch safe: once the expand starts, every kernel before the shrink has
@@ -66,12 +71,31 @@ import triton.language as tl
 
 from lowrank_ops.kernels.launch import (
     MAX_SPLIT,
-    cap_split,
     device_info,
     dot_flags,
-    partial_split_cap,
     target_programs,
 )
+
+
+@triton.jit
+def _load_a(a_rows, stride_as, stride_ak, m_mask, offs_k, k_end, SPLIT_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr):  # fmt: skip
+    """sum_t a[t] over the (BLOCK_M, BLOCK_K) tile at columns offs_k (masked to k_end), in fp32."""
+    a_mask = m_mask[:, None] & (offs_k[None, :] < k_end)
+    a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for t in tl.static_range(SPLIT_IN):
+        a += tl.load(a_rows + t * stride_as + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _product(acc, a, w, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a . w^T: a (BLOCK_M, BLOCK_K) fp32, w (BLOCK_N, BLOCK_K)."""
+    if USE_DOT:
+        acc += tl.dot(a, tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
 
 
 @triton.jit
@@ -79,7 +103,8 @@ def _lowrank_matmul_kernel(
     a_ptr,  # (SPLIT_IN, M, K)  fp16 / bf16 / fp32
     w_ptr,  # (N, K)
     bias_ptr,  # (N,) or dummy when HAS_BIAS is False
-    out_ptr,  # (SPLIT_OUT, M, N)
+    out_ptr,  # (SPLIT_OUT, M, N), or (SPLIT_OUT + 1, M, N) fp32 with REDUCE: the partials, then their sum
+    count_ptr,  # REDUCE: (cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N),) int32 arrival counters, zero before and after
     M,
     N,
     K,
@@ -98,6 +123,8 @@ def _lowrank_matmul_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH_W: tl.constexpr,  # fetch w's first chunk before gdc_wait: only when the previous kernel cannot write w
+    REDUCE: tl.constexpr,  # the last of the SPLIT_OUT programs of a tile sums the partials into slot SPLIT_OUT
+    ONE_STEP: tl.constexpr,  # K <= BLOCK_K and no split: one chunk of w, no K loop
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -130,32 +157,51 @@ def _lowrank_matmul_kernel(
 
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a_mask = m_mask[:, None] & (offs_k[None, :] < k_end)
-        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for t in tl.static_range(SPLIT_IN):
-            a += tl.load(a_rows + t * stride_as + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-        # Register double buffer: issue the next weight chunk before consuming this one.
-        w_ptrs += BLOCK_K * stride_wk
-        w_next = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k[None, :] + BLOCK_K < k_end), other=0.0)
-        if USE_DOT:
-            acc += tl.dot(a, tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        w = w_next
+    if ONE_STEP:
+        # The whole K range is the one chunk of w already loaded: no loop, no second weight buffer.
+        acc = _product(acc, _load_a(a_rows, stride_as, stride_ak, m_mask, offs_k, k_end, SPLIT_IN, BLOCK_M, BLOCK_K),
+                       w, USE_DOT, DOT_PRECISION)  # fmt: skip
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = _load_a(a_rows, stride_as, stride_ak, m_mask, offs_k, k_end, SPLIT_IN, BLOCK_M, BLOCK_K)
+            # Register double buffer: issue the next weight chunk before consuming this one.
+            w_ptrs += BLOCK_K * stride_wk
+            w_next = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k[None, :] + BLOCK_K < k_end), other=0.0)
+            acc = _product(acc, a, w, USE_DOT, DOT_PRECISION)
+            w = w_next
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tile_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(tile_ptrs + pid_s * stride_os, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if REDUCE:
+        # Split-K handoff (module docstring): the program that arrives last at its tile's counter sums the S
+        # partials in the fixed order s = 0 .. S - 1 (its own from registers: the value it stored), so the sum is
+        # the same whichever program arrives last. The barrier puts every thread's store before thread 0's
+        # release; the acquire orders the loads after the other programs' releases.
+        splits = tl.num_programs(2)
+        count = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        tl.debug_barrier()
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, splits):
+                part = tl.load(tile_ptrs + s * stride_os, mask=out_mask & (s != pid_s), other=0.0)
+                z += tl.where(s == pid_s, acc, part)
+            tl.store(tile_ptrs + splits * stride_os, z, mask=out_mask)
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # zero again for the next launch / graph replay
 
 
 FMA_MAX_M = 4  # above this, tl.dot tiles (BLOCK_M = 16) beat the broadcast product's register footprint
 FMA_PRODUCT_ELEMS = 4096  # BLOCK_M * BLOCK_N * BLOCK_K of the broadcast product: 32 fp32 regs/thread, 4 warps
-EXPAND_DOT_BLOCK_N = 64  # tl.dot decode expand: 4x fewer programs than 16 re-read the partials (module docstring)
-EXPAND_BLOCK_K = 64  # expand K-step at 1 < M <= 16; 128 with BLOCK_N = 64 reached 255 registers (bf16) and
-# spilled (fp32, 3xTF32) in the sm_90a compile
+EXPAND_DOT_BLOCK_N = 64  # tl.dot decode expand: 64 programs at m = 4096, each reading z (M, r) once
+EXPAND_BLOCK_K = 64  # expand K-step at 1 < M <= 16 when U's rows do not fit one step; 128 with BLOCK_N = 64
+# reached 255 registers (bf16) and spilled (fp32, 3xTF32) in the sm_90a compile
+EXPAND_PREFETCH_ROW_BYTES = 512  # a row of U (r x itemsize bytes, r rounded up to a power of 2) up to this size
+# is one expand K-step, fetched whole before gdc_wait: r <= 256 in fp16 / bf16, r <= 128 in fp32. sm_90a compile,
+# M = 16, 64-row tiles: bf16 r = 256 / 200 take 115 / 164 registers; fp32 r = 256 (3xTF32) spills (448 B at 64 x 256,
+# 56 B at 32 x 256, 3096 B at 16 x 256)
 
 
 def _launch_config(
@@ -184,14 +230,20 @@ def _launch_config(
     )
 
 
-def _expand_config(m_rows: int, m_out: int, rank: int, target: int, decode_max_m: int) -> dict:
-    """Blocks of the expand: `_launch_config`'s, with a wider N-tile at 1 < M <= decode_max_m so that fewer
-    programs re-read the partials and the split cap allows more slices (module docstring)."""
+def _expand_config(m_rows: int, m_out: int, rank: int, itemsize: int, target: int, decode_max_m: int) -> dict:
+    """Blocks of the expand: `_launch_config`'s, except at 1 < M <= decode_max_m: a K-step covering the whole rank
+    where a row of U fits EXPAND_PREFETCH_ROW_BYTES (all of the program's U is fetched before the wait), else
+    EXPAND_BLOCK_K; tl.dot tiles EXPAND_DOT_BLOCK_N wide (module docstring). M = 1 already has BLOCK_K =
+    min(256, r) from `_launch_config`."""
     cfg = _launch_config(m_rows, m_out, rank, target, False, decode_max_m)
-    if cfg["USE_DOT"] and m_rows <= decode_max_m:
-        cfg["BLOCK_N"], cfg["BLOCK_K"] = EXPAND_DOT_BLOCK_N, min(cfg["BLOCK_K"], EXPAND_BLOCK_K)
-    elif not cfg["USE_DOT"] and m_rows > 1:
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], EXPAND_BLOCK_K)
+    if m_rows == 1 or m_rows > decode_max_m:
+        return cfg
+    r_pow2 = max(16, triton.next_power_of_2(rank))
+    whole = r_pow2 * itemsize <= EXPAND_PREFETCH_ROW_BYTES
+    cfg["BLOCK_K"] = r_pow2 if whole else min(cfg["BLOCK_K"], EXPAND_BLOCK_K)
+    if cfg["USE_DOT"]:
+        cfg["BLOCK_N"] = EXPAND_DOT_BLOCK_N
+    else:
         cfg["BLOCK_N"] = min(FMA_PRODUCT_ELEMS // (cfg["BLOCK_M"] * cfg["BLOCK_K"]), triton.next_power_of_2(m_out))
     return cfg
 
@@ -199,15 +251,33 @@ def _expand_config(m_rows: int, m_out: int, rank: int, target: int, decode_max_m
 def _lowrank_configs(
     m_rows: int, n_in: int, rank: int, m_out: int, itemsize: int, target: int, decode_max_m: int
 ) -> tuple[dict, dict]:
-    """(shrink, expand) launch configurations. The shrink's split count is capped by the shared rule of
-    kernels/launch.py: the expand's programs, cdiv(m, BLOCK_N) along its N, each re-read the S partials of their
-    M rows over r, cdiv(m, BLOCK_N) x M x r x 4 bytes per split, against the weight bytes r (m + n) x itemsize."""
-    shrink = _launch_config(m_rows, rank, n_in, target, True, decode_max_m)
-    expand = _expand_config(m_rows, m_out, rank, target, decode_max_m)
-    reads_per_split = triton.cdiv(m_out, expand["BLOCK_N"]) * m_rows * rank * 4
-    weight_bytes = rank * (m_out + n_in) * itemsize
-    cap = partial_split_cap(weight_bytes, reads_per_split, expand["BLOCK_M"], expand["BLOCK_K"], expand["USE_DOT"])
-    return cap_split(shrink, n_in, cap), expand
+    """(shrink, expand) launch configurations. The shrink splits n as `_launch_config` plans (up to MAX_SPLIT
+    slices for ~PROGRAMS_PER_SM programs per SM): its last-arriving programs reduce the partials once, so no
+    expand program reads more than z, and the split count no longer costs the expand bytes or shared memory."""
+    return _launch_config(m_rows, rank, n_in, target, True, decode_max_m), _expand_config(
+        m_rows, m_out, rank, itemsize, target, decode_max_m
+    )
+
+
+_counters: dict[tuple[torch.device, int | None], torch.Tensor] = {}
+_grown_out_of: list[torch.Tensor] = []
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` int32 arrival counters of the split-K handoff, all zero. One buffer per (device, stream),
+    zeroed when it is allocated and left zero by every shrink (the last program of each tile resets its counter),
+    so a call costs no memset launch and a CUDA graph replays with the buffer it captured. Per stream because
+    two shrinks running at once must not share counters; a buffer that grows stays referenced, since a captured
+    graph may still use it. Allocate outside graph capture (a warm-up call), or the zeroing is captured too."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    buffer = _counters.get((device, stream))
+    if buffer is None or buffer.numel() < count:
+        if buffer is not None:
+            _grown_out_of.append(buffer)
+        buffer = torch.zeros(max(count, 2 * (0 if buffer is None else buffer.numel())), dtype=torch.int32,
+                             device=device)  # fmt: skip
+        _counters[(device, stream)] = buffer
+    return buffer
 
 
 def _launch(
@@ -219,15 +289,17 @@ def _launch(
     precision: str,
     use_pdl: bool,
     prefetch_w: bool,
+    counters: torch.Tensor | None = None,
 ):
     """out (S_out, M, N) = sum_t a[t] (S_in, M, K) . w (N, K)^T (+ bias) with the blocks in `cfg`; `prefetch_w`:
-    the previous kernel in the stream cannot write w (see the kernel)."""
+    the previous kernel in the stream cannot write w (see the kernel). With `counters` (the shrink), `out` is
+    (S + 1, M, N) fp32 and the grid's S slices write out[:S], their sum out[S]."""
     split_in, m_rows, k_in = a.shape
     n_out = w.shape[0]
-    grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m_rows, cfg["BLOCK_M"]), out.shape[0])
+    grid = (triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(m_rows, cfg["BLOCK_M"]), cfg["split"])
     extra = {"launch_pdl": True} if use_pdl else {}
     _lowrank_matmul_kernel[grid](
-        a, w, bias if bias is not None else w, out,
+        a, w, bias if bias is not None else w, out, counters if counters is not None else out,
         m_rows, n_out, k_in, cfg["k_per_split"],
         a.stride(0), a.stride(1), a.stride(2),
         w.stride(0), w.stride(1),
@@ -238,8 +310,10 @@ def _launch(
         DOT_PRECISION=precision,
         USE_PDL=use_pdl,
         PREFETCH_W=prefetch_w,
+        REDUCE=counters is not None,
+        ONE_STEP=cfg["split"] == 1 and k_in <= cfg["BLOCK_K"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=4,
+        num_warps=cfg.get("num_warps", 4),
         **extra,
     )  # fmt: skip
 
@@ -256,8 +330,11 @@ def lowrank_matmul_triton(
     target = target_programs(device_index)
     shrink, expand = _lowrank_configs(m_rows, n_in, rank, m_out, x2d.element_size(), target, decode_max_m)
 
-    z = torch.empty((shrink["split"], m_rows, rank), device=x2d.device, dtype=torch.float32)
-    _launch(x2d.unsqueeze(0), v, None, z, shrink, precision, use_pdl, prefetch_w=False)
+    split = shrink["split"]
+    partials = torch.empty((split + 1, m_rows, rank), device=x2d.device, dtype=torch.float32)  # slot `split`: z
+    tiles = triton.cdiv(rank, shrink["BLOCK_N"]) * triton.cdiv(m_rows, shrink["BLOCK_M"])
+    counters = _arrival_counters(x2d.device, tiles)
+    _launch(x2d.unsqueeze(0), v, None, partials, shrink, precision, use_pdl, prefetch_w=False, counters=counters)
     y = torch.empty((1, m_rows, m_out), device=x2d.device, dtype=x2d.dtype)
-    _launch(z, u, bias, y, expand, precision, use_pdl, prefetch_w=True)
+    _launch(partials[split:], u, bias, y, expand, precision, use_pdl, prefetch_w=True)
     return y[0]

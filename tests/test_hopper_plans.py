@@ -6,7 +6,8 @@ dependents start at once (an optimizer step writing the weights, a layer writing
 before the op's first gdc_wait reads NaN.
 
 Seeded bugs, each caught here: the shrink prefetching V before its wait (the code before issue 20), an expand
-reading the partials without its wait, a shrink triggering its dependent before waiting (codebook, quant)."""
+reading the partials without its wait, a shrink triggering its dependent before waiting (codebook, quant), a
+split-K handoff that leaves its arrival counter set (the next call reduces too early or never)."""
 
 import importlib.util
 import inspect
@@ -78,8 +79,8 @@ def test_seeded_prefetch_before_wait_is_caught(monkeypatch):
     (its trigger let the expand start while the previous kernel ran)."""
     launch_fn = lowrank_kernels._launch
 
-    def old_launch(*args, prefetch_w):
-        return launch_fn(*args, prefetch_w=True)
+    def old_launch(*args, prefetch_w, **kwargs):
+        return launch_fn(*args, prefetch_w=True, **kwargs)
 
     monkeypatch.setattr(lowrank_kernels, "_launch", old_launch)
     x, v, u, b = lr._inputs((5, 576, 192, 24), torch.bfloat16, "cpu", seed=1)
@@ -109,6 +110,36 @@ def test_seeded_missing_wait_in_the_expand_is_caught(tmp_path):
     x, v, u, b = lr._inputs((3, 257, 130, 1), torch.float16, "cpu", seed=2)
     y, h = _run_on_hopper(lambda *a: mutant.lowrank_matmul_triton(*a, DECODE_MAX_M), (x, v, u, b))
     assert {hazard.launch for hazard in h.hazards} == {2} and y.isnan().any()  # the expand reads unwritten partials
+
+
+@pytest.mark.parametrize("shape", [(1, 4095, 33, 24), (16, 576, 192, 48), (17, 300, 211, 200)], ids=str)
+def test_split_reduction_is_the_same_whichever_program_arrives_last(shape):
+    """The last program of a tile to arrive sums the S partials in the fixed order 0 .. S - 1: slices run first to
+    last and last to first give bitwise the same y, and every arrival counter is zero again afterwards."""
+    x, v, u, b = lr._inputs(shape, torch.bfloat16, "cpu", seed=11)
+    outputs = []
+    for reverse in (False, True):
+        with use_backend("triton"), hopper(reverse_splits=reverse) as h:
+            h.previous_kernel(x, v, u, b)
+            outputs.append(lr.op(x, v, u, b))
+        assert not h.hazards and h.launches[1].grid[2] > 1, "the shrink must be split for the test to mean anything"
+    assert torch.equal(*outputs)
+    lr._check(outputs[0], x, v, u, b)
+    assert all(not t.any() for t in lowrank_kernels._counters.values())
+
+
+def test_seeded_counter_not_reset_is_caught(tmp_path):
+    """Without the reset, the counters keep S arrivals per tile: in the next call no program sees S - 1, z is never
+    written, and the expand multiplies whatever the workspace held."""
+    reset = 'tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")'
+    mutant = _mutant(lowrank_kernels, tmp_path, reset, "pass")
+    run = lambda *a: mutant.lowrank_matmul_triton(*a, DECODE_MAX_M)  # noqa: E731
+    x, v, u, b = lr._inputs((3, 1000, 130, 24), torch.bfloat16, "cpu", seed=12)
+    lr._check(_run_on_hopper(run, (x, v, u, b))[0], x, v, u, b)  # the first call finds zeroed counters
+    assert any(t.any() for t in mutant._counters.values())
+    x2 = lr._inputs((3, 1000, 130, 24), torch.bfloat16, "cpu", seed=13)[0]
+    with pytest.raises(AssertionError):
+        lr._check(_run_on_hopper(run, (x2, v, u, b))[0], x2, v, u, b)
 
 
 # ---------------------------------------------------------------------------------------------- codebook_matmul

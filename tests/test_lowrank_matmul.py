@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+import triton
 from helpers import KERNEL_DEVICE, assert_close_to_reference, requires_gpu
 
 import lowrank_ops  # noqa: F401  (registers the op)
 from lowrank_ops.backends import DECODE_MAX_M, use_backend
-from lowrank_ops.kernels import launch
-from lowrank_ops.kernels.lowrank_matmul import _lowrank_configs
+from lowrank_ops.kernels.lowrank_matmul import EXPAND_PREFETCH_ROW_BYTES, _launch_config, _lowrank_configs
 from lowrank_ops.ops import lowrank_matmul
 from lowrank_ops.ops.reference import lowrank_matmul_ref
 
@@ -131,21 +131,24 @@ def test_bad_input_raises_with_op_value_and_rule(case):
         assert message in str(info.value)
 
 
-def test_split_count_keeps_partial_rereads_and_staging_within_the_caps():
-    """On an H100's 264 target programs the shrink's split count S obeys the rule of kernels/launch.py: the expand's
-    re-reads of the S partials within the weight bytes (unless S = 1), its staged partial tiles (tl.dot path)
-    within PARTIAL_STAGE_BYTES, and the slices cover n. M = 1 keeps its 16 slices (the rule does not bind there)."""
+def test_launch_plan_reduces_once_and_prefetches_all_of_u():
+    """On an H100's 264 target programs: the shrink splits n as `_launch_config` plans (no cap from the expand any
+    more: its last-arriving programs reduce the S partials once, and every expand program reads z (M, r) alone), the
+    slices cover n, and wherever a row of U fits EXPAND_PREFETCH_ROW_BYTES (r <= 256 in 16 bits) an expand
+    program's K-step covers the whole rank, so all of its U is fetched before gdc_wait."""
     for m_rows in (1, 2, 3, 4, 5, 16, 17, 64):
         for n, m, r in ((4096, 4096, 128), (4096, 4096, 256), (4096, 11008, 1024), (11008, 4096, 1024), (576, 192, 24)):
             for itemsize in (2, 4):
                 shrink, expand = _lowrank_configs(m_rows, n, r, m, itemsize, 264, DECODE_MAX_M)
                 split = shrink["split"]
-                reads_per_split = -(-m // expand["BLOCK_N"]) * m_rows * r * 4
-                assert split == 1 or split * reads_per_split <= launch.PARTIAL_READ_RATIO * r * (m + n) * itemsize
-                if expand["USE_DOT"]:
-                    assert split * expand["BLOCK_M"] * expand["BLOCK_K"] * 4 <= launch.PARTIAL_STAGE_BYTES
+                assert shrink == _launch_config(m_rows, r, n, 264, True, DECODE_MAX_M)
                 assert (split - 1) * shrink["k_per_split"] < n <= split * shrink["k_per_split"]
-    assert _lowrank_configs(1, 4096, 128, 4096, 2, 264, DECODE_MAX_M)[0]["split"] == 16
+                assert expand["split"] == 1
+                if m_rows <= DECODE_MAX_M and triton.next_power_of_2(r) * itemsize <= EXPAND_PREFETCH_ROW_BYTES:
+                    assert expand["BLOCK_K"] >= r, (m_rows, n, m, r, itemsize)
+    for m_rows in (1, 16):  # 4096^2, r = 256 in bf16: 16 slices, and one K-step of U per expand program
+        shrink, expand = _lowrank_configs(m_rows, 4096, 256, 4096, 2, 264, DECODE_MAX_M)
+        assert shrink["split"] == 16 and expand["BLOCK_K"] == 256
 
 
 @requires_gpu

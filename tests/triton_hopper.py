@@ -23,6 +23,8 @@
    forward, or a preceding layer writing x).
 
 Programs still run one after another, so a hazard shows whatever the pattern of loads, not by chance of timing.
+`hopper(reverse_splits=True)` runs the programs along grid axis 2 (the split-K slices) in reverse order, so the
+last program to arrive at a split-K handoff is slice 0 instead of slice S - 1.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def _as_f32(handle) -> np.ndarray:
 class Hopper:
     """State of one `hopper()` context: the launches so far and the hazards found."""
 
-    def __init__(self):
+    def __init__(self, reverse_splits: bool = False):
+        self.reverse_splits = reverse_splits
         self.launches: list[Launch] = []
         self.hazards: list[Hazard] = []
         self.dot_precisions: set[str] = set()
@@ -224,6 +227,8 @@ def _patched_builder_methods(orig):
         return interp.TensorHandle((product + d.data).astype(d.data.dtype), d.dtype.scalar)
 
     def set_grid_idx(self, x, y, z):
+        if _state is not None and _state.reverse_splits:
+            z = self.grid_dim[2] - 1 - z
         orig["set_grid_idx"](self, x, y, z)
         if _state is not None and _state._current is not None:
             _state._begin_program((x, y, z))
@@ -246,9 +251,10 @@ def _patched_call(orig_call):
 
 
 @contextlib.contextmanager
-def hopper(sm_count: int = H100_SMS) -> Iterator[Hopper]:
+def hopper(sm_count: int = H100_SMS, reverse_splits: bool = False) -> Iterator[Hopper]:
     """Inside, Triton launches plan, multiply and synchronise as on a Hopper GPU with `sm_count` SMs (module
-    docstring). Needs TRITON_INTERPRET=1 (tests/conftest.py)."""
+    docstring); `reverse_splits` runs each grid's split-K slices last to first. Needs TRITON_INTERPRET=1
+    (tests/conftest.py)."""
     global _state
     if _state is not None:
         raise RuntimeError("hopper() contexts do not nest")
@@ -257,7 +263,7 @@ def hopper(sm_count: int = H100_SMS) -> Iterator[Hopper]:
     orig = {name: getattr(builder, name) for name in names}
     orig_call = interp.GridExecutor.__call__
     orig_gdc = (gdc.gdc_wait, gdc.gdc_launch_dependents)
-    _state = Hopper()
+    _state = Hopper(reverse_splits)
     try:
         for name, fn in _patched_builder_methods(orig).items():
             setattr(builder, name, fn)
