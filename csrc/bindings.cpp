@@ -19,16 +19,40 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "device_info.h"
 #include "lowrank_decode.h"
 #include "quant_lowrank_decode.h"
 
 namespace {
+
+// At least `count` split-K arrival counters for launches on `stream` of the current device, all zero: one buffer per
+// (device, stream), zeroed when allocated and left zero by every decode call (csrc/lowrank_decode.cu), so a call
+// needs no memset and a captured CUDA graph replays with the buffer it captured. A buffer that grows stays
+// referenced (a graph may still use it). Allocate outside graph capture (a warm-up call), or the zeroing is captured.
+unsigned int* arrival_counters(const at::Tensor& like, cudaStream_t stream, int64_t count) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> buffers;
+  static std::vector<at::Tensor> grown_out_of;
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = buffers[{like.get_device(), stream}];
+  if (!buffer.defined() || buffer.numel() < count) {
+    if (buffer.defined()) {
+      grown_out_of.push_back(buffer);
+    }
+    const int64_t size = std::max(count, buffer.defined() ? 2 * buffer.numel() : int64_t{0});
+    buffer = at::zeros({size}, like.options().dtype(at::kInt));
+  }
+  return reinterpret_cast<unsigned int*>(buffer.data_ptr<int32_t>());
+}
 
 // LOWRANK_OPS_BAD_ARGUMENT becomes ValueError, anything else RuntimeError; the message comes from device_info.cu.
 void raise_on_error(LowrankOpsStatus status, const char* err) {
@@ -149,8 +173,10 @@ at::Tensor lowrank_matmul_cuda(const at::Tensor& x, const at::Tensor& v, const a
   at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes / sizeof(float))},
                                    x.options().dtype(at::kFloat));
   args.workspace = workspace.data_ptr<float>();
-  check_status(lowrank_decode(&args, c10::cuda::getCurrentCUDAStream(x.get_device()).stream(), err, sizeof(err)),
-               err);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  args.counter_count = static_cast<size_t>(lowrank_shrink_counters(args.rank));
+  args.counters = arrival_counters(x, stream, static_cast<int64_t>(args.counter_count));
+  check_status(lowrank_decode(&args, stream, err, sizeof(err)), err);
   return y;
 }
 
@@ -218,8 +244,12 @@ at::Tensor quant_lowrank_matmul_cuda(const at::Tensor& x, const at::Tensor& qwei
   at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes / sizeof(float))},
                                    x.options().dtype(at::kFloat));
   args.workspace = args.workspace_bytes > 0 ? workspace.data_ptr<float>() : nullptr;
-  check_status(
-      quant_lowrank_decode(&args, c10::cuda::getCurrentCUDAStream(x.get_device()).stream(), err, sizeof(err)), err);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  if (args.rank > 0) {
+    args.counter_count = static_cast<size_t>(lowrank_shrink_counters(args.rank));
+    args.counters = arrival_counters(x, stream, static_cast<int64_t>(args.counter_count));
+  }
+  check_status(quant_lowrank_decode(&args, stream, err, sizeof(err)), err);
   return y;
 }
 

@@ -247,16 +247,11 @@ cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-// zs[i] = sum_s partial[s][i] for i < count = M r: the split-K partial sums of z = x V^T, reduced in a fixed order
-// (deterministic), read by the whole block.
-__device__ __forceinline__ void load_z(float* zs, const float* __restrict__ partial,  // (S, M, r)
-                                       int splits, int count) {
+// zs[i] = z[i] for i < count = M r: z = x V^T, reduced once from its split-K partial sums by the shrink
+// (lowrank_decode.cu), read by the whole block.
+__device__ __forceinline__ void load_z(float* zs, const float* __restrict__ z, int count) {
   for (int i = threadIdx.x; i < count; i += blockDim.x) {
-    float s = 0.0f;
-    for (int k = 0; k < splits; ++k) {
-      s += partial[static_cast<int64_t>(k) * count + i];
-    }
-    zs[i] = s;
+    zs[i] = z[i];
   }
 }
 

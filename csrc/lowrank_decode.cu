@@ -5,23 +5,28 @@
 // noise at M = 1. The kernels are built to keep ~all of those bytes in flight at once:
 //
 //   shrink  partial[s, i, j] = sum_{k in slice s} x[i, k] V[j, k]     (S, M, r) fp32, S slices of n
-//   expand  y[i, o] = sum_j U[o, j] (sum_s partial[s, i, j]) + b[o]    the S partials reduced while staging z
+//           z[i, j] = sum_s partial[s, i, j]                            (M, r), by the last-arriving warp of each j
+//   expand  y[i, o] = sum_j U[o, j] z[i, j] + b[o]                      z staged in shared memory
 //
 // Shrink: one warp owns kShrinkRows rows of V and one slice of n; each lane issues kShrinkVecs 16-byte loads per
 // row per 512-column chunk before any arithmetic (evict-first: V is read once), then multiplies them with the M
 // rows of x (normal loads: x is re-read by every warp and stays in L1 / L2). Split-K (S > 1) exists because r rows
 // of V are too few warps to stream V at full bandwidth: r = 256 gives 128 warps, one per SM; S = 8 gives 1024.
-// S is sized from the SM count (kShrinkWarpsPerSm) and capped so that the consumer's re-reads of the partials
-// (each consumer block reads all S M r floats) stay within the weight bytes -- at M = 16 that cap binds.
+// S is sized from the SM count (kShrinkWarpsPerSm). Split-K handoff (issue 19, part 4): the S warps of one group of
+// rows each store their partial sums and count their arrival on the group's counter (`last_arrival`: fence,
+// atomicAdd); the last to arrive sums the S partials in the fixed order s = 0 .. S - 1 (deterministic, whichever
+// warp is last), writes z and resets the counter. Counters are zero before and after every launch (one buffer per
+// stream, zeroed once by the caller: no memset per call, CUDA graph replays included). Before, every consumer
+// block re-read all S partials (S * M * r * 4 bytes per block), which capped S at 1 for M = 16 on 4096^2.
 //
 // Expand: one warp owns R rows of U (4 at M <= 4, 8 above: the z loads from shared memory are shared by R rows);
-// the block stages z (M, r) fp32 in shared memory, reducing the S partials in a fixed order (deterministic, no
-// atomics, no memset of the workspace).
+// the block stages z (M, r) fp32 in shared memory. At r <= kExpandChunk (256) a warp's first chunk of U is all of
+// its rows of U, fetched before wait_for_producer().
 //
 // Why two kernels chained with programmatic dependent launch (PDL, sm_90+; on sm_80 the same two kernels run in plain
 // stream order) and not one kernel with a grid-wide handoff:
 // the expand grid is launched while the shrink runs (the shrink triggers at its first instruction) and each warp
-// loads its first chunk of U -- half of the op's bytes at r = 256 -- before wait_for_producer(), so
+// loads its first chunk of U -- all of U, half of the op's bytes, at r = 256 -- before wait_for_producer(), so
 // the launch gap and the U fetch overlap the shrink. A single kernel would need every block co-resident (a
 // cooperative launch, or a grid capped at occupancy) plus a device-scope barrier (a counter in memory that must be
 // reset, spinning warps that hold SM slots the V stream needs), and would tie the shrink and expand grid sizes
@@ -68,11 +73,39 @@ constexpr int kExpandBlocksPerSm = 2;
 
 __host__ __device__ constexpr int expand_rows(int tile) { return tile <= 4 ? 4 : 8; }
 
+static_assert(kMaxRows * kShrinkRows <= kWarp, "the last-arrival reduction gives each lane one (row, column) of z");
+
+// Split-K handoff. Each of the `arrivals` warps that computed one slice of a group's partial sums calls this after
+// storing them; it returns true, in every lane, for the warp that arrives last, which then sees every other
+// slice's partial sums, and sets the counter back to 0 for the next launch (CUDA graph replays included): counters
+// are zero before and after every launch, so no memset is needed. The fence before the arrival publishes this
+// lane's stores device-wide (release); the fence after it orders the last warp's reads after the other arrivals
+// (acquire); __syncwarp orders the lanes' fences and reads around lane 0's atomic.
+__device__ __forceinline__ bool last_arrival(unsigned int* counter, int arrivals, int lane) {
+  __threadfence();
+  __syncwarp();
+  unsigned int ticket = 0u;
+  if (lane == 0) {
+    ticket = atomicAdd(counter, 1u);
+  }
+  ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  if (ticket != static_cast<unsigned int>(arrivals - 1)) {
+    return false;
+  }
+  if (lane == 0) {
+    *counter = 0u;
+  }
+  __threadfence();
+  __syncwarp();
+  return true;
+}
+
 template <typename T, int MT>
 __global__ void __launch_bounds__(kShrinkThreads)
-    lowrank_shrink_kernel(const T* __restrict__ x,        // (M, n), row stride ldx
-                          const T* __restrict__ v,        // (r, n)
-                          float* __restrict__ partial,    // (S, M, r)
+    lowrank_shrink_kernel(const T* __restrict__ x,             // (M, n), row stride ldx
+                          const T* __restrict__ v,             // (r, n)
+                          float* __restrict__ partial,         // (S, M, r) partial sums, then z (M, r)
+                          unsigned int* __restrict__ counters,  // (ceil(r / kShrinkRows),) zero before and after
                           int rows, int n, int rank, int64_t ldx, int splits, int chunks_per_slice, bool x_vec,
                           bool v_vec) {
   // The consumer (expand / quant kernel) may launch now: before its wait_for_producer() it only reads weights,
@@ -133,15 +166,30 @@ __global__ void __launch_bounds__(kShrinkThreads)
       partial[(static_cast<int64_t>(slice) * rows + mi) * rank + j] = sum;
     }
   });
+  if (!last_arrival(counters + group, splits, lane)) {
+    return;
+  }
+  // The last of the group's S warps: z[mi, j] = sum_s partial[s, mi, j] in the fixed order s = 0 .. S - 1, so the
+  // bits do not depend on which warp arrived last. rows x kShrinkRows <= 32 sums: one per lane.
+  float* z = partial + static_cast<int64_t>(splits) * rows * rank;
+  const int mi = lane / kShrinkRows;
+  const int j = j0 + lane % kShrinkRows;
+  if (mi < rows && j < rank) {
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      sum += partial[(static_cast<int64_t>(s) * rows + mi) * rank + j];
+    }
+    z[static_cast<int64_t>(mi) * rank + j] = sum;
+  }
 }
 
 template <typename T, int MT>
 __global__ void __launch_bounds__(kExpandThreads)
-    lowrank_expand_kernel(const float* __restrict__ partial,  // (S, M, r)
-                          const T* __restrict__ u,            // (m, r)
-                          const T* __restrict__ bias,         // (m,) or nullptr
-                          T* __restrict__ y,                  // (M, m)
-                          int rows, int m, int rank, int splits, bool u_vec) {
+    lowrank_expand_kernel(const float* __restrict__ z,  // (M, r), written by the shrink
+                          const T* __restrict__ u,      // (m, r)
+                          const T* __restrict__ bias,   // (m,) or nullptr
+                          T* __restrict__ y,            // (M, m)
+                          int rows, int m, int rank, bool u_vec) {
   constexpr int R = expand_rows(MT);
   extern __shared__ float zs[];  // (M, r): z = x V^T
   const int lane = threadIdx.x % kWarp;
@@ -152,7 +200,7 @@ __global__ void __launch_bounds__(kExpandThreads)
   uint4 w[R][kExpandVecs];
   load_u_chunk<T, R>(w, u, (blockIdx.x * kExpandWarps + warp) * R, m, rank, 0, lane, u_vec);
   wait_for_producer();
-  load_z(zs, partial, splits, rows * rank);
+  load_z(zs, z, rows * rank);
   __syncthreads();
 
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -214,7 +262,7 @@ LowrankOpsStatus make_plan(const LowrankDecodeArgs* a, Plan* plan, char* err, si
   }
   plan->tile = row_tile(a->rows);
   plan->expand_blocks = expand_blocks(a->m, plan->tile, plan->device.sm_count);
-  plan->shrink = lowrank_shrink_plan(a->rows, a->n, a->m, a->rank, plan->device.sm_count, plan->expand_blocks);
+  plan->shrink = lowrank_shrink_plan(a->rows, a->n, a->rank, plan->device.sm_count);
   plan->smem_bytes = sizeof(float) * static_cast<size_t>(a->rows) * a->rank;
   if (plan->smem_bytes > plan->device.smem_optin_bytes) {
     return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
@@ -232,9 +280,9 @@ LowrankOpsStatus launch_expand(const LowrankDecodeArgs* a, const Plan& plan, cud
   LOWRANK_OPS_CUDA_CHECK(allow_dynamic_smem(kernel, plan.smem_bytes));
   const bool u_vec = a->rank % kVec == 0 && aligned16(a->u);
   LOWRANK_OPS_CUDA_CHECK(launch_dependent(kernel, plan.device.pdl, plan.expand_blocks, kExpandThreads, plan.smem_bytes, stream,
-                                          static_cast<const float*>(a->workspace), static_cast<const T*>(a->u),
-                                          static_cast<const T*>(a->bias), static_cast<T*>(a->y), a->rows, a->m,
-                                          a->rank, plan.shrink.splits, u_vec));
+                                          lowrank_shrink_z(a->workspace, &plan.shrink, a->rows, a->rank),
+                                          static_cast<const T*>(a->u), static_cast<const T*>(a->bias),
+                                          static_cast<T*>(a->y), a->rows, a->m, a->rank, u_vec));
   LOWRANK_OPS_CUDA_CHECK(cudaGetLastError());
   return LOWRANK_OPS_OK;
 }
@@ -258,29 +306,29 @@ LowrankOpsStatus launch_expand_tile(const LowrankDecodeArgs* a, const Plan& plan
 
 template <typename T, int MT>
 cudaError_t launch_shrink(int rows, int n, int rank, const void* x, int64_t ldx, const void* v, float* partial,
-                          const LowrankShrinkPlan& plan, cudaStream_t stream) {
+                          unsigned int* counters, const LowrankShrinkPlan& plan, cudaStream_t stream) {
   const bool x_vec = n % kVec == 0 && ldx % kVec == 0 && aligned16(x);
   const bool v_vec = n % kVec == 0 && aligned16(v);
   lowrank_shrink_kernel<T, MT><<<plan.blocks, kShrinkThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(v), partial, rows, n, rank, ldx, plan.splits,
+      static_cast<const T*>(x), static_cast<const T*>(v), partial, counters, rows, n, rank, ldx, plan.splits,
       plan.chunks_per_slice, x_vec, v_vec);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_shrink_tile(int rows, int n, int rank, const void* x, int64_t ldx, const void* v, float* partial,
-                               const LowrankShrinkPlan& plan, cudaStream_t stream) {
+                               unsigned int* counters, const LowrankShrinkPlan& plan, cudaStream_t stream) {
   switch (row_tile(rows)) {
     case 1:
-      return launch_shrink<T, 1>(rows, n, rank, x, ldx, v, partial, plan, stream);
+      return launch_shrink<T, 1>(rows, n, rank, x, ldx, v, partial, counters, plan, stream);
     case 2:
-      return launch_shrink<T, 2>(rows, n, rank, x, ldx, v, partial, plan, stream);
+      return launch_shrink<T, 2>(rows, n, rank, x, ldx, v, partial, counters, plan, stream);
     case 4:
-      return launch_shrink<T, 4>(rows, n, rank, x, ldx, v, partial, plan, stream);
+      return launch_shrink<T, 4>(rows, n, rank, x, ldx, v, partial, counters, plan, stream);
     case 8:
-      return launch_shrink<T, 8>(rows, n, rank, x, ldx, v, partial, plan, stream);
+      return launch_shrink<T, 8>(rows, n, rank, x, ldx, v, partial, counters, plan, stream);
     default:
-      return launch_shrink<T, 16>(rows, n, rank, x, ldx, v, partial, plan, stream);
+      return launch_shrink<T, 16>(rows, n, rank, x, ldx, v, partial, counters, plan, stream);
   }
 }
 
@@ -303,35 +351,47 @@ extern "C" LowrankOpsStatus lowrank_decode_device(LowrankDecodeDevice* out, char
 
 // S = the number of slices of n:
 // - enough warp tasks for the SMs: groups * S >= kShrinkWarpsPerSm * sm_count (groups = ceil(r / 2));
-// - partial re-reads within the weight bytes: consumer_blocks * S * rows * r * 4 <= (m + n) * r * 2, i.e.
-//   S <= (m + n) / (2 * rows * consumer_blocks) -- 4096^2: S <= 16 at M = 1, 1 at M = 16 (one re-read of z per
-//   consumer block is unavoidable);
 // - at most one slice per 512-column chunk; then the chunks are spread evenly (S recomputed so no slice is empty).
-extern "C" LowrankShrinkPlan lowrank_shrink_plan(int rows, int n, int m, int rank, int sm_count,
-                                                 int consumer_blocks) {
+// Nothing else caps S: the last-arriving warp of each group reduces the S partial sums once (S * rows * r * 4 bytes
+// read from L2 in all), and each consumer block reads z alone. (Before, every consumer block re-read all S partials,
+// so S was capped at (m + n) / (2 rows consumer_blocks): 1 at M = 16 on 4096^2.)
+extern "C" LowrankShrinkPlan lowrank_shrink_plan(int rows, int n, int rank, int sm_count) {
   const int chunks = (n + kShrinkChunk - 1) / kShrinkChunk;
-  const int groups = (rank + kShrinkRows - 1) / kShrinkRows;
+  const int groups = lowrank_shrink_counters(rank);
   const int want = (kShrinkWarpsPerSm * sm_count + groups - 1) / groups;
-  const long long cap = (static_cast<long long>(m) + n) / (2LL * rows * (consumer_blocks > 0 ? consumer_blocks : 1));
-  int splits = static_cast<int>(min(static_cast<long long>(want), cap));
-  splits = max(1, min(splits, chunks));
+  const int splits = max(1, min(want, chunks));
   LowrankShrinkPlan plan;
   plan.chunks_per_slice = (chunks + splits - 1) / splits;
   plan.splits = (chunks + plan.chunks_per_slice - 1) / plan.chunks_per_slice;
   plan.blocks = (groups * plan.splits + kShrinkWarps - 1) / kShrinkWarps;
-  plan.workspace_bytes = sizeof(float) * static_cast<size_t>(plan.splits) * rows * rank;
+  plan.workspace_bytes = sizeof(float) * static_cast<size_t>(plan.splits + 1) * rows * rank;
   return plan;
+}
+
+extern "C" int lowrank_shrink_counters(int rank) { return (rank + kShrinkRows - 1) / kShrinkRows; }
+
+extern "C" LowrankOpsStatus lowrank_shrink_check_counters(const char* op, int rank, const unsigned int* counters,
+                                                          size_t counter_count, char* err, size_t err_len) {
+  const size_t needed = static_cast<size_t>(lowrank_shrink_counters(rank));
+  if (counters == nullptr || counter_count < needed) {
+    return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
+                            "%s: %zu arrival counters given, lowrank_shrink_counters(rank=%d) = %zu needed (zeroed "
+                            "once, left zero by every call)",
+                            op, counters == nullptr ? static_cast<size_t>(0) : counter_count, rank, needed);
+  }
+  return LOWRANK_OPS_OK;
 }
 
 extern "C" LowrankOpsStatus lowrank_shrink_launch(LowrankOpsDtype dtype, int rows, int n, int rank, const void* x,
                                                   int64_t x_row_stride, const void* v, float* partial,
-                                                  const LowrankShrinkPlan* plan, cudaStream_t stream, char* err,
-                                                  size_t err_len) {
+                                                  unsigned int* counters, const LowrankShrinkPlan* plan,
+                                                  cudaStream_t stream, char* err, size_t err_len) {
   if (dtype == LOWRANK_OPS_FLOAT16) {
-    LOWRANK_OPS_CUDA_CHECK(launch_shrink_tile<__half>(rows, n, rank, x, x_row_stride, v, partial, *plan, stream));
+    LOWRANK_OPS_CUDA_CHECK(
+        launch_shrink_tile<__half>(rows, n, rank, x, x_row_stride, v, partial, counters, *plan, stream));
   } else {
     LOWRANK_OPS_CUDA_CHECK(
-        launch_shrink_tile<__nv_bfloat16>(rows, n, rank, x, x_row_stride, v, partial, *plan, stream));
+        launch_shrink_tile<__nv_bfloat16>(rows, n, rank, x, x_row_stride, v, partial, counters, *plan, stream));
   }
   return LOWRANK_OPS_OK;
 }
@@ -361,9 +421,14 @@ extern "C" LowrankOpsStatus lowrank_decode(const LowrankDecodeArgs* args, cudaSt
                             args->workspace == nullptr ? static_cast<size_t>(0) : args->workspace_bytes,
                             plan.shrink.workspace_bytes);
   }
-  const LowrankOpsStatus shrink = lowrank_shrink_launch(args->dtype, args->rows, args->n, args->rank, args->x,
-                                                        args->x_row_stride, args->v, args->workspace, &plan.shrink,
-                                                        stream, err, err_len);
+  const LowrankOpsStatus counters =
+      lowrank_shrink_check_counters("lowrank_decode", args->rank, args->counters, args->counter_count, err, err_len);
+  if (counters != LOWRANK_OPS_OK) {
+    return counters;
+  }
+  const LowrankOpsStatus shrink =
+      lowrank_shrink_launch(args->dtype, args->rows, args->n, args->rank, args->x, args->x_row_stride, args->v,
+                            args->workspace, args->counters, &plan.shrink, stream, err, err_len);
   if (shrink != LOWRANK_OPS_OK) {
     return shrink;
   }

@@ -38,8 +38,11 @@ typedef struct LowrankDecodeArgs {
   const void* u;           // (m, r) contiguous
   const void* bias;        // (m,) contiguous, or NULL
   void* y;                 // (rows, m) contiguous, written entirely
-  float* workspace;        // split-K partial sums; contents need not be initialised
+  float* workspace;        // split-K partial sums, then z; contents need not be initialised
   size_t workspace_bytes;  // >= lowrank_decode_workspace_bytes(...)
+  unsigned int* counters;  // split-K arrival counters: zero before the first call, left zero by every call; one
+                           // buffer per stream (two launches running at once must not share counters)
+  size_t counter_count;    // >= lowrank_shrink_counters(rank)
 } LowrankDecodeArgs;
 
 // Bytes of fp32 workspace `lowrank_decode` needs for these shapes on the current device (> 0). Depends on the
@@ -63,20 +66,34 @@ typedef struct LowrankDecodeDevice {
 LowrankOpsStatus lowrank_decode_device(LowrankDecodeDevice* out, char* err, size_t err_len);
 
 typedef struct LowrankShrinkPlan {
-  int splits;             // S slices of n; partial sums (S, rows, r) fp32
+  int splits;             // S slices of n; partial sums (S, rows, r) fp32, then z (rows, r)
   int chunks_per_slice;   // 512-column chunks each slice covers
   int blocks;             // grid of the shrink kernel
-  size_t workspace_bytes;  // S * rows * r * 4
+  size_t workspace_bytes;  // (S + 1) * rows * r * 4
 } LowrankShrinkPlan;
 
-// Split count for a shrink whose partials are read back by `consumer_blocks` blocks of the next kernel, each block
-// reading all S * rows * r of them (see lowrank_decode.cu for the rule).
-LowrankShrinkPlan lowrank_shrink_plan(int rows, int n, int m, int rank, int sm_count, int consumer_blocks);
+// Split count of the shrink (see lowrank_decode.cu for the rule).
+LowrankShrinkPlan lowrank_shrink_plan(int rows, int n, int rank, int sm_count);
 
-// Enqueues the shrink (a plain launch: it is the first kernel of an op and may read x written just before it).
-// It lets the next kernel in the stream start early (PDL); that kernel must be launched with launch_dependent.
+// Arrival counters the shrink needs (one per group of rows of V).
+int lowrank_shrink_counters(int rank);
+
+// LOWRANK_OPS_BAD_ARGUMENT (naming `op`) unless `counters` holds at least lowrank_shrink_counters(rank) counters.
+LowrankOpsStatus lowrank_shrink_check_counters(const char* op, int rank, const unsigned int* counters,
+                                               size_t counter_count, char* err, size_t err_len);
+
+// z (rows, r) = x V^T in a workspace the shrink of `plan` wrote: after the S partial sums.
+static inline const float* lowrank_shrink_z(const float* workspace, const LowrankShrinkPlan* plan, int rows,
+                                            int rank) {
+  return workspace + (size_t)plan->splits * (size_t)rows * (size_t)rank;
+}
+
+// Enqueues the shrink (a plain launch: it is the first kernel of an op and may read x written just before it):
+// partial sums of x V^T over S slices of n, reduced into z by the last-arriving warp of each group (`counters`,
+// zero before and after). It lets the next kernel in the stream start early (PDL); that kernel must be launched
+// with launch_dependent and read z only after wait_for_producer().
 LowrankOpsStatus lowrank_shrink_launch(LowrankOpsDtype dtype, int rows, int n, int rank, const void* x,
-                                       int64_t x_row_stride, const void* v, float* partial,
+                                       int64_t x_row_stride, const void* v, float* partial, unsigned int* counters,
                                        const LowrankShrinkPlan* plan, cudaStream_t stream, char* err,
                                        size_t err_len);
 

@@ -4,11 +4,11 @@
 // Bytes (4096^2, 4-bit, g128, r = 128, M = 1): codes 8 MB + scales / zeros 0.5 MB + V, U 2 MB = 10.5 MB, 3.3 us at
 // 3.0 TB/s. Two kernels when there is a residual, one without:
 //
-//   shrink (lowrank_decode.cu)  partial[s] = x V_s^T                                  (S, M, r) fp32
+//   shrink (lowrank_decode.cu)  z = sum_s x V_s^T, reduced by its last-arriving warps   (M, r) fp32
 //   quant_lowrank_kernel        y = sum_g s_g (sum_{k in g} q_k x_k - z_g sum_{k in g} x_k) + U z + b
 //
 // The base GEMV does not depend on the shrink, so the fused kernel is PDL-launched behind it and streams its whole
-// first row tile of codes before wait_for_producer(); only the residual expand (z from the S partials,
+// first row tile of codes before wait_for_producer(); only the residual expand (z, written by the shrink,
 // staged in shared memory as in lowrank_decode.cu) waits. The shrink's V stream and the codes stream overlap.
 //
 // Base GEMV: one warp owns kQuantRows rows of W_hat; each lane loads 4 int32 words (32 codes, 16 bytes) per row
@@ -45,7 +45,7 @@ constexpr int kQuantRows = 4;
 // int32 words per 16-byte code load: 32 columns.
 constexpr int kWordsPerLoad = 4;
 constexpr int kCodesPerWord = 8;
-// Blocks per SM the grid is capped at (each block re-reads the residual's S partials); more rows loop.
+// Blocks per SM the grid is capped at (each block reads the residual's z); more rows loop.
 constexpr int kQuantBlocksPerSm = 2;
 // Register budget. sm_90a, left to itself, gives the M = 8 tile 128 registers (two resident blocks per SM) and the
 // M = 16 tile 196, without spills. ptxas for sm_80 also caps the M = 8 tile at 128 but spills 16 bytes there, so the
@@ -86,11 +86,11 @@ __global__ void LOWRANK_OPS_QUANT_LAUNCH_BOUNDS
                          const int32_t* __restrict__ qweight,  // (m, ceil(n / 8))
                          const T* __restrict__ scales,         // (m, G)
                          const T* __restrict__ zeros,          // (m, G)
-                         const float* __restrict__ partial,    // (S, M, r) or nullptr when r = 0
+                         const float* __restrict__ z,          // (M, r) or nullptr when r = 0
                          const T* __restrict__ u,              // (m, r) or nullptr when r = 0
                          const T* __restrict__ bias,           // (m,) or nullptr
                          T* __restrict__ y,                    // (M, m)
-                         int rows, int n, int m, int group_size, int rank, int splits, int64_t ldx, bool x_vec,
+                         int rows, int n, int m, int group_size, int rank, int64_t ldx, bool x_vec,
                          bool q_vec, bool u_vec) {
   constexpr int R = kQuantRows;
   extern __shared__ float zs[];  // (M, r): z = x V^T, only with a residual
@@ -155,8 +155,8 @@ __global__ void LOWRANK_OPS_QUANT_LAUNCH_BOUNDS
 
     if (rank > 0) {
       if (tile == static_cast<int>(blockIdx.x)) {
-        wait_for_producer();  // the shrink's partial sums are complete and visible
-        load_z(zs, partial, splits, rows * rank);
+        wait_for_producer();  // the shrink's z is complete and visible
+        load_z(zs, z, rows * rank);
         __syncthreads();
       }
       for (int c0 = 0; c0 < rank; c0 += kExpandChunk) {
@@ -223,7 +223,7 @@ LowrankOpsStatus make_plan(const QuantLowrankDecodeArgs* a, Plan* plan, char* er
   plan->shrink = LowrankShrinkPlan{};
   plan->smem_bytes = 0;
   if (a->rank > 0) {
-    plan->shrink = lowrank_shrink_plan(a->rows, a->n, a->m, a->rank, plan->device.sm_count, plan->blocks);
+    plan->shrink = lowrank_shrink_plan(a->rows, a->n, a->rank, plan->device.sm_count);
     plan->smem_bytes = sizeof(float) * static_cast<size_t>(a->rows) * a->rank;
   }
   if (plan->smem_bytes > plan->device.smem_optin_bytes) {
@@ -251,18 +251,25 @@ LowrankOpsStatus launch(const QuantLowrankDecodeArgs* a, const Plan& plan, cudaS
   const T* bias = static_cast<const T*>(a->bias);
   T* y = static_cast<T*>(a->y);
   if (a->rank > 0) {
+    const LowrankOpsStatus counters =
+        lowrank_shrink_check_counters("quant_lowrank_decode", a->rank, a->counters, a->counter_count, err, err_len);
+    if (counters != LOWRANK_OPS_OK) {
+      return counters;
+    }
     const LowrankOpsStatus shrink = lowrank_shrink_launch(a->dtype, a->rows, a->n, a->rank, a->x, a->x_row_stride,
-                                                          a->v, a->workspace, &plan.shrink, stream, err, err_len);
+                                                          a->v, a->workspace, a->counters, &plan.shrink, stream, err,
+                                                          err_len);
     if (shrink != LOWRANK_OPS_OK) {
       return shrink;
     }
     LOWRANK_OPS_CUDA_CHECK(launch_dependent(kernel, plan.device.pdl, plan.blocks, kQuantThreads, plan.smem_bytes, stream, x,
-                                            a->qweight, scales, zeros, static_cast<const float*>(a->workspace), u,
-                                            bias, y, a->rows, a->n, a->m, a->group_size, a->rank,
-                                            plan.shrink.splits, a->x_row_stride, x_vec, q_vec, u_vec));
+                                            a->qweight, scales, zeros,
+                                            lowrank_shrink_z(a->workspace, &plan.shrink, a->rows, a->rank), u, bias, y,
+                                            a->rows, a->n, a->m, a->group_size, a->rank, a->x_row_stride, x_vec,
+                                            q_vec, u_vec));
   } else {
     kernel<<<plan.blocks, kQuantThreads, 0, stream>>>(x, a->qweight, scales, zeros, nullptr, nullptr, bias, y,
-                                                      a->rows, a->n, a->m, a->group_size, 0, 0, a->x_row_stride,
+                                                      a->rows, a->n, a->m, a->group_size, 0, a->x_row_stride,
                                                       x_vec, q_vec, false);
   }
   LOWRANK_OPS_CUDA_CHECK(cudaGetLastError());

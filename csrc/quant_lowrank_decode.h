@@ -34,8 +34,10 @@ typedef struct QuantLowrankDecodeArgs {
   const void* u;           // (m, r) contiguous, or NULL when rank = 0
   const void* bias;        // (m,) contiguous, or NULL
   void* y;                 // (rows, m) contiguous, written entirely
-  float* workspace;        // split-K partial sums of x V^T (rank > 0); contents need not be initialised
+  float* workspace;        // split-K partial sums of x V^T, then z (rank > 0); contents need not be initialised
   size_t workspace_bytes;  // >= quant_lowrank_decode_workspace_bytes(...)
+  unsigned int* counters;  // rank > 0: split-K arrival counters, as in LowrankDecodeArgs
+  size_t counter_count;    // >= lowrank_shrink_counters(rank) when rank > 0
 } QuantLowrankDecodeArgs;
 
 // Bytes of fp32 workspace for these shapes on the current device (0 when rank = 0).

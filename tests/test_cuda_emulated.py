@@ -73,10 +73,14 @@ class Emulator:
         """Bytes the last decode call loaded from buffer `name` through __ldg / __ldcs."""
         return self.lib.emu_loaded_bytes(name.encode())
 
-    def shrink_plan(self, rows, n, m, rank, sm_count, consumer_blocks):
+    def shrink_plan(self, rows, n, rank, sm_count):
         out = (ctypes.c_longlong * 4)()
-        self.lib.emu_shrink_plan(rows, n, m, rank, sm_count, consumer_blocks, out)
+        self.lib.emu_shrink_plan(rows, n, rank, sm_count, out)
         return dict(zip(("splits", "chunks_per_slice", "blocks", "workspace_bytes"), out))
+
+    def counters_set(self):
+        """Split-K arrival counters left non-zero by the decode calls so far (each call must leave all at zero)."""
+        return self.lib.emu_counters_set()
 
     def _call(self, fn, *args):
         err = ctypes.create_string_buffer(ERR_LEN)
@@ -176,6 +180,20 @@ def test_emulator_exposes_the_faults_it_claims_to(emu):
     assert _selftest(emu, 5)[0] != 0  # a load one element past the buffer
 
 
+def test_emulator_publishes_block_writes_only_through_fence_then_atomic(emu):
+    """Visibility between blocks (emu.h): each block writes a cell, then arrives at a counter (atomicAdd by lane 0,
+    the ticket broadcast with __shfl_sync, __syncwarp); the last block sums the cells. With __threadfence() before
+    the arrival it sees every cell; without, the other blocks' cells stay hidden (NaN) until the launch ends. Either
+    way the last block leaves the counter at zero."""
+    blocks = 5
+    status, out = _selftest(emu, 6, blocks=blocks, threads=32)
+    assert status == 0 and out[blocks] == blocks * (blocks + 1) / 2 and out[blocks + 1] == 0
+    assert torch.equal(out[:blocks], torch.arange(1.0, blocks + 1)), "every write is visible once the launch ends"
+    status, out = _selftest(emu, 7, blocks=blocks, threads=32)
+    assert status == 0 and out[blocks].isnan() and out[blocks + 1] == 0
+    assert torch.equal(out[:blocks], torch.arange(1.0, blocks + 1))
+
+
 # ------------------------------------------------------------------------------------------------- low-rank decode
 
 DTYPES = [torch.float16, torch.bfloat16]
@@ -216,6 +234,7 @@ def test_lowrank_decode_matches_float64(emu, n, m, r, rows):
     assert not shrink["pdl"] and expand["pdl"], "the shrink is a plain launch, the expand PDL-chained behind it"
     assert expand["smem"] == 4 * rows * r
     _assert_weights_streamed_once(emu, v=v, u=u)
+    assert emu.counters_set() == 0, "the split-K handoff must leave every arrival counter at zero"
 
 
 def _assert_weights_streamed_once(emu, **weights):
@@ -271,17 +290,20 @@ def test_lowrank_decode_bad_arguments_name_the_rule(emu):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 16])
-@pytest.mark.parametrize(("n", "m", "rank", "consumers"), [(4096, 4096, 256, 64), (11008, 4096, 128, 264),
-                                                           (576, 192, 24, 6), (4095, 1537, 1, 26)])  # fmt: skip
-def test_shrink_plan_rules(emu, n, m, rank, consumers, rows):
-    plan = emu.shrink_plan(rows, n, m, rank, H100["sm_count"], consumers)
+@pytest.mark.parametrize(("n", "rank"), [(4096, 256), (11008, 128), (576, 24), (4095, 1), (4096, 1024)])
+def test_shrink_plan_rules(emu, n, rank, rows):
+    """Slices cover n with none empty; enough warp tasks for the SMs (16 per SM) unless n has too few 512-column
+    chunks; nothing else caps S (the last-arriving warps reduce the partials once); the workspace holds the S
+    partials and z."""
+    plan = emu.shrink_plan(rows, n, rank, H100["sm_count"])
     chunks = -(-n // 512)
     s, per = plan["splits"], plan["chunks_per_slice"]
     assert 1 <= s <= chunks and s * per >= chunks and (s - 1) * per < chunks, "slices cover n, none is empty"
-    if s > 1:  # re-reads of the partials by the consumer blocks stay within the weight bytes
-        assert consumers * s * rows * rank * 4 <= (m + n) * rank * 2
     groups = -(-rank // 2)
-    assert plan["blocks"] * 4 >= groups * s and plan["workspace_bytes"] == 4 * s * rows * rank
+    assert per == -(-chunks // min(-(-16 * H100["sm_count"] // groups), chunks)), "16 warp tasks per SM, no other cap"
+    assert plan["blocks"] * 4 >= groups * s and plan["workspace_bytes"] == 4 * (s + 1) * rows * rank
+    if (n, rank) == (4096, 256):
+        assert s == 8, "4096^2, r = 256: 8 slices at every M (before the handoff, M = 16 was capped at 1)"
 
 
 # ------------------------------------------------------------------------------------------ quantized base + residual
@@ -348,12 +370,12 @@ def test_quant_decode_bad_arguments_name_the_rule(emu):
 # The consumer's wait for the shrink moved after its first read of the partials: on an H100 the expand / quant kernel
 # may then read partials the shrink has not written (PDL lets it start as soon as the shrink triggers).
 MISPLACED_WAITS = (
-    ("lowrank_decode.cu", "  wait_for_producer();\n  load_z(zs, partial, splits, rows * rank);\n",
-     "  load_z(zs, partial, splits, rows * rank);\n  wait_for_producer();\n"),
+    ("lowrank_decode.cu", "  wait_for_producer();\n  load_z(zs, z, rows * rank);\n",
+     "  load_z(zs, z, rows * rank);\n  wait_for_producer();\n"),
     ("quant_lowrank_decode.cu",
-     "        wait_for_producer();  // the shrink's partial sums are complete and visible\n"
-     "        load_z(zs, partial, splits, rows * rank);\n",
-     "        load_z(zs, partial, splits, rows * rank);\n        wait_for_producer();\n"),
+     "        wait_for_producer();  // the shrink's z is complete and visible\n"
+     "        load_z(zs, z, rows * rank);\n",
+     "        load_z(zs, z, rows * rank);\n        wait_for_producer();\n"),
 )  # fmt: skip
 
 
@@ -376,3 +398,35 @@ def test_pdl_seeded_misplaced_wait_reads_poison(emu, emu_misplaced_wait):
     assert emu_misplaced_wait.quant(*guarded).isnan().all()
     with emu_misplaced_wait.device(**A100):  # no PDL on an A100: stream order, the misplaced wait is harmless there
         _check_lowrank(emu_misplaced_wait.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)
+
+
+# The split-K handoff of the shrink (last_arrival in lowrank_decode.cu), each bug seeded on its own.
+HANDOFF_BUGS = {
+    # no release: the partial sums are not published before the arrival counts
+    "no fence": ("lowrank_decode.cu", "  __threadfence();\n  __syncwarp();\n  unsigned int ticket = 0u;\n",
+                 "  __syncwarp();\n  unsigned int ticket = 0u;\n"),
+    # the fence after the atomic: the arrival is counted before the partial sums are published
+    "fence after the atomic": ("lowrank_decode.cu", "    ticket = atomicAdd(counter, 1u);\n",
+                               "    ticket = atomicAdd(counter, 1u);\n    __threadfence();\n"),
+    # the counter is never reset: the next call's arrivals start at S
+    "counter not reset": ("lowrank_decode.cu", "  if (lane == 0) {\n    *counter = 0u;\n  }\n", ""),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bug", list(HANDOFF_BUGS))
+def test_handoff_seeded_bugs_are_caught(emu, bug, tmp_path_factory):
+    """The shipped handoff is exact call after call and leaves the counters at zero; each seeded bug makes the last
+    warp reduce partial sums it cannot see (poison: NaN in y), at once or in the next call."""
+    if bug == "fence after the atomic":  # the fence before the arrival goes, one after it comes
+        mutations = (HANDOFF_BUGS["no fence"], HANDOFF_BUGS[bug])
+    else:
+        mutations = (HANDOFF_BUGS[bug],)
+    mutant = Emulator(emu_build.build(tmp_path_factory.mktemp("cuda_emu_handoff"), mutations))
+    x, v, u, b = _lowrank_inputs(3, 2000, 300, 24, torch.bfloat16, bias=True, seed=21)
+    for _ in range(2):
+        _check_lowrank(emu.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)
+        assert emu.counters_set() == 0
+    outputs = [mutant.lowrank(*map(_guarded, (x, v, u, b))) for _ in range(2)]
+    assert any(y.isnan().any() for y in outputs), bug
+    if bug == "counter not reset":
+        assert mutant.counters_set() > 0 and not outputs[0].isnan().any() and outputs[1].isnan().all()

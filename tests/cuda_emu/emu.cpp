@@ -22,6 +22,7 @@ struct Thread {
   uint3 index;
   bool done = false;
   bool parked = false;  // waiting in cudaGridDependencySynchronize for the predecessor's writes
+  bool fenced = false;  // executed __threadfence() since its last atomic (see emu.h: visibility between blocks)
 };
 
 // Bytes a launch changed in tracked memory: their address and the value after the launch.
@@ -44,9 +45,11 @@ struct Barrier {
 
 struct Warp {
   Barrier barrier;
-  float slots[kWarpSize];
-  int lane_masks[kWarpSize];
+  uint32_t slots[kWarpSize];  // the 32 bits each lane publishes in a shuffle
+  int lane_masks[kWarpSize];  // xor shuffles: the lane mask; index shuffles: kIndexShuffle
 };
+
+constexpr int kIndexShuffle = -1;
 
 struct Buffer {
   std::string name;
@@ -86,6 +89,11 @@ struct State {
   bool previous_triggered = false;   // whether it let its dependent start early
   bool current_triggered = false;
   bool pdl_poisoned = false;         // this block reads poison where the previous launch wrote
+  // visibility between blocks (see emu.h)
+  bool visibility = false;                              // modelled in this launch
+  std::vector<std::vector<unsigned char>> block_start;  // tracked memory as the current block found it
+  std::vector<std::vector<char>> published;             // bytes the current block has published
+  std::vector<std::pair<unsigned char*, unsigned char>> hidden;  // unpublished writes, applied when the launch ends
 };
 
 State& state() {
@@ -168,6 +176,36 @@ void poison(const std::vector<Run>& runs) {
 void restore(const std::vector<Run>& runs) {
   for (const Run& r : runs) {
     memcpy(r.begin, r.values.data(), r.values.size());
+  }
+}
+
+std::vector<std::vector<unsigned char>> snapshot();
+
+// Marks every tracked byte the current block has changed as published (visible to the blocks after it).
+void publish_block_writes() {
+  State& s = state();
+  for (size_t t = 0; t < s.tracked.size(); ++t) {
+    const unsigned char* now = s.tracked[t].begin;
+    for (size_t i = 0; i < s.tracked[t].bytes; ++i) {
+      if (now[i] != s.block_start[t][i]) {
+        s.published[t][i] = 1;
+      }
+    }
+  }
+}
+
+// At the end of a block: its unpublished writes are taken back (the later blocks read what was there before) and
+// kept for the end of the launch.
+void hide_unpublished_writes() {
+  State& s = state();
+  for (size_t t = 0; t < s.tracked.size(); ++t) {
+    unsigned char* now = s.tracked[t].begin;
+    for (size_t i = 0; i < s.tracked[t].bytes; ++i) {
+      if (now[i] != s.block_start[t][i] && !s.published[t][i]) {
+        s.hidden.emplace_back(now + i, now[i]);
+        now[i] = s.block_start[t][i];
+      }
+    }
   }
 }
 
@@ -308,6 +346,8 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic
   // PDL: this launch may start as soon as a triggering predecessor triggered, before its writes are visible.
   const bool overlaps = programmatic && s.previous_triggered && !s.previous_writes.empty();
   const std::vector<std::vector<unsigned char>> before = snapshot();
+  s.visibility = !overlaps && !s.tracked.empty();  // PDL poisoning and this model are not combined
+  s.hidden.clear();
   s.current_triggered = false;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
@@ -318,7 +358,17 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic
           poison(s.previous_writes);
           s.pdl_poisoned = true;
         }
+        if (s.visibility) {
+          s.block_start = snapshot();
+          s.published.assign(s.tracked.size(), {});
+          for (size_t t = 0; t < s.tracked.size(); ++t) {
+            s.published[t].assign(s.tracked[t].bytes, 0);
+          }
+        }
         const cudaError_t status = run_block(threads);
+        if (s.visibility) {
+          hide_unpublished_writes();
+        }
         if (s.pdl_poisoned) {  // no thread of the block waited
           restore(s.previous_writes);
           s.pdl_poisoned = false;
@@ -331,6 +381,10 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic
       }
     }
   }
+  for (const auto& [address, value] : s.hidden) {
+    *address = value;
+  }
+  s.hidden.clear();
   s.previous_writes = changed_since(before);
   s.previous_triggered = s.current_triggered;
   return cudaSuccess;
@@ -346,27 +400,62 @@ void sync_block() {
   arrive_and_wait(b);
 }
 
-float shuffle_xor(unsigned int mask, float value, int lane_mask) {
+namespace {
+
+// Every lane of the calling thread's warp must call this with a full mask and none may have exited.
+Warp& full_warp(unsigned int mask, const char* what) {
   State& s = state();
-  Thread* self = s.current;
-  Warp& warp = s.warps[warp_of(self)];
-  const int lane = lane_of(self);
+  Warp& warp = s.warps[warp_of(s.current)];
   if (mask != 0xFFFFFFFFu) {
-    fail("__shfl_xor_sync: only the full-warp mask is emulated");
+    fail(std::string(what) + ": only the full-warp mask is emulated");
   }
   if (warp.barrier.live != kWarpSize) {
-    fail("__shfl_xor_sync with a full mask while lanes of the warp have exited");
+    fail(std::string(what) + " with a full mask while lanes of the warp have exited");
   }
-  warp.slots[lane] = value;
+  return warp;
+}
+
+// One shuffle round: publish `bits` with the lane's `lane_mask`, read lane `source`'s, which must have taken part in
+// the same kind of shuffle.
+uint32_t shuffle(Warp& warp, uint32_t bits, int lane_mask, int source, const char* what) {
+  const int lane = lane_of(state().current);
+  warp.slots[lane] = bits;
   warp.lane_masks[lane] = lane_mask;
   arrive_and_wait(warp.barrier);  // every lane has published
-  const int partner = (lane ^ lane_mask) & (kWarpSize - 1);
-  if (warp.lane_masks[partner] != lane_mask) {
-    fail("__shfl_xor_sync: lanes of one warp pass different lane masks in the same shuffle (divergence)");
+  if (warp.lane_masks[source] != lane_mask) {
+    fail(std::string(what) + ": lanes of one warp pass different lane masks in the same shuffle (divergence)");
   }
-  const float result = warp.slots[partner];
+  const uint32_t result = warp.slots[source];
   arrive_and_wait(warp.barrier);  // every lane has read before anyone publishes again
   return result;
+}
+
+}  // namespace
+
+float shuffle_xor(unsigned int mask, float value, int lane_mask) {
+  Warp& warp = full_warp(mask, "__shfl_xor_sync");
+  const int partner = (lane_of(state().current) ^ lane_mask) & (kWarpSize - 1);
+  return bits_float(shuffle(warp, float_bits(value), lane_mask, partner, "__shfl_xor_sync"));
+}
+
+unsigned int shuffle_idx(unsigned int mask, unsigned int value, int src_lane) {
+  Warp& warp = full_warp(mask, "__shfl_sync");
+  return shuffle(warp, value, kIndexShuffle, src_lane & (kWarpSize - 1), "__shfl_sync");
+}
+
+void sync_warp(unsigned int mask) { arrive_and_wait(full_warp(mask, "__syncwarp").barrier); }
+
+void fence() { state().current->fenced = true; }
+
+unsigned int atomic_add(unsigned int* address, unsigned int value) {
+  State& s = state();
+  if (s.current->fenced && s.visibility) {
+    publish_block_writes();
+  }
+  s.current->fenced = false;
+  const unsigned int old = *address;
+  *address = old + value;
+  return old;
 }
 
 void track_memory(const void* base, size_t bytes) {

@@ -17,8 +17,16 @@
 // thread parks until every live thread of the block has parked or is blocked at a barrier, then the predecessor's
 // values are restored. So a read of the predecessor's output before the wait reads poison, while a correct wait
 // sees the real values; a predecessor that never triggers runs to completion first, as without PDL.
-// What it does NOT model: concurrent blocks, the memory model beyond program order, timing; a thread that reads the
-// predecessor's output without ever waiting, after another thread of its block waited, sees the restored values. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
+// Visibility between the blocks of one launch (the split-K handoff of lowrank_decode.cu, issue 19 part 4). In a launch
+// that does not overlap a PDL predecessor, what a block writes to tracked memory becomes visible to the blocks after
+// it only when the block performs an atomic (atomicAdd) from a thread that has executed __threadfence() since its
+// previous atomic: the fence-then-atomic release pattern. The atomic publishes every byte the block has written so
+// far. Writes never published that way are hidden from the later blocks (they read the value before the block ran:
+// NaN poison in the workspace) until the launch ends. So a handoff without the fence, or with the fence after the
+// atomic, hands the last block poison instead of the other blocks' partial sums.
+// What it does NOT model: concurrent blocks, reordering within a thread, the acquire side (a reader's missing fence
+// is not caught), timing; a thread that reads the predecessor's output without ever waiting, after another thread of
+// its block waited, sees the restored values. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
 // exited or non-converged lanes, block size > 1024, an empty grid, dynamic shared memory above the kernel's opt-in,
 // and an __ldg / __ldcs outside the buffers a test registered (which also counts the bytes each buffer streams).
 #pragma once
@@ -122,7 +130,11 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic
 
 void* dynamic_shared_base();
 void sync_block();
+void sync_warp(unsigned int mask);
 float shuffle_xor(unsigned int mask, float value, int lane_mask);
+unsigned int shuffle_idx(unsigned int mask, unsigned int value, int src_lane);
+void fence();
+unsigned int atomic_add(unsigned int* address, unsigned int value);
 void record_error(cudaError_t error);
 
 template <typename T>
@@ -204,11 +216,20 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
 // ---------------------------------------------------------------------------------------------- device builtins
 inline void __syncthreads() { ::cuda_emu::sync_block(); }
 
+inline void __syncwarp(unsigned int mask = 0xffffffffu) { ::cuda_emu::sync_warp(mask); }
+inline void __threadfence() { ::cuda_emu::fence(); }
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  return ::cuda_emu::atomic_add(address, value);
+}
+
 inline void cudaTriggerProgrammaticLaunchCompletion() { ::cuda_emu::pdl_trigger(); }
 inline void cudaGridDependencySynchronize() { ::cuda_emu::pdl_wait(); }
 
 inline float __shfl_xor_sync(unsigned int mask, float value, int lane_mask) {
   return ::cuda_emu::shuffle_xor(mask, value, lane_mask);
+}
+inline unsigned int __shfl_sync(unsigned int mask, unsigned int value, int src_lane) {
+  return ::cuda_emu::shuffle_idx(mask, value, src_lane);
 }
 
 // The read-only / streaming loads every weight and x load of the kernels goes through: checked against the

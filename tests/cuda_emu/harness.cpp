@@ -1,7 +1,9 @@
 // C entry points for tests/test_cuda_emulated.py (ctypes): the decode ops of csrc/ run under the emulator with flat
-// arguments, the fp32 workspace allocated here and poisoned with NaN (its contents "need not be initialised").
+// arguments, the fp32 workspace allocated here and poisoned with NaN (its contents "need not be initialised"), the
+// split-K arrival counters kept here from call to call, zeroed once, as a caller keeps them per stream.
 #include <math.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "emu.h"
@@ -53,7 +55,45 @@ __global__ void overrun_kernel(float* out) {
   out[i] = __ldg(out + i) + 1.0f;
 }
 
+// Block b's lane 0 writes b + 1 into cells[b] (tracked memory), then (with `fence`: after __threadfence()) the warp
+// arrives at `counter`; the last block to arrive writes the sum of the cells into cells[gridDim.x] and resets the
+// counter. With the fence every cell reaches the last block; without it the cells are not published and it reads NaN.
+__global__ void handoff_kernel(float* cells, unsigned int* counter, bool fence) {
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) {
+    cells[blockIdx.x] = static_cast<float>(blockIdx.x + 1);
+  }
+  if (fence) {
+    __threadfence();
+  }
+  __syncwarp();
+  unsigned int ticket = lane == 0 ? atomicAdd(counter, 1u) : 0u;
+  ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  if (ticket == gridDim.x - 1) {
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) {
+      *counter = 0u;
+      float sum = 0.0f;
+      for (unsigned int b = 0; b < gridDim.x; ++b) {
+        sum += cells[b];
+      }
+      cells[gridDim.x] = sum;
+    }
+  }
+}
+
 std::vector<float> poisoned_workspace(size_t bytes) { return std::vector<float>(bytes / sizeof(float) + 1, NAN); }
+
+// The split-K arrival counters every call uses: zeroed once, grown with zeros, never reset here (the kernels must
+// leave them zero).
+std::vector<unsigned int>& counters(size_t count) {
+  static std::vector<unsigned int> buffer;
+  if (buffer.size() < count) {
+    buffer.resize(count, 0u);
+  }
+  return buffer;
+}
 
 // x (rows, n) at row stride ld: the bytes from its first to its last element.
 size_t strided_bytes(int rows, int n, long long ld, size_t item) {
@@ -83,6 +123,9 @@ int with_workspace(Args* a, Query workspace_bytes, Run run, char* err, size_t er
   std::vector<float> workspace = poisoned_workspace(bytes);
   a->workspace = bytes > 0 ? workspace.data() : nullptr;
   a->workspace_bytes = bytes;
+  const size_t count = a->rank > 0 ? static_cast<size_t>(lowrank_shrink_counters(a->rank)) : 0;
+  a->counters = counters(count).data();
+  a->counter_count = count;
   if (bytes > 0) {
     cuda_emu::track_memory(workspace.data(), bytes);  // the shrink's output: poison to the expand until its wait
   }
@@ -98,7 +141,9 @@ void emu_configure(int sm_count, long long smem_optin_bytes, int cc_major) {
 }
 
 // Runs self-check `which` (0 warp sum, 1 neighbour with barrier, 2 neighbour without, 3 divergent barrier,
-// 4 exited lane, 5 a load one element past a registered buffer) with `blocks` x `threads`, writing `out`; returns the cudaError_t of the launch.
+// 4 exited lane, 5 a load one element past a registered buffer, 6 / 7 the last-block handoff with / without the
+// fence, on out[0 .. blocks] as tracked memory) with `blocks` x `threads`, writing `out`; returns the cudaError_t of
+// the launch.
 int emu_selftest(int which, int blocks, int threads, float* out) {
   (void)cudaGetLastError();
   cuda_emu::clear_buffers();
@@ -117,10 +162,18 @@ int emu_selftest(int which, int blocks, int threads, float* out) {
     case 4:
       ::cuda_emu::launch(exited_lane_kernel, blocks, threads)(out);
       break;
-    default:
+    case 5:
       cuda_emu::register_buffer("out", out, sizeof(float) * (static_cast<size_t>(blocks) * threads - 1));
       ::cuda_emu::launch(overrun_kernel, blocks, threads)(out);
       break;
+    default: {
+      static unsigned int counter = 0u;
+      cuda_emu::track_memory(out, sizeof(float) * (static_cast<size_t>(blocks) + 1));
+      ::cuda_emu::launch(handoff_kernel, blocks, threads)(out, &counter, which == 6);
+      out[blocks + 1] = static_cast<float>(counter);  // the counter the launch left behind
+      cuda_emu::clear_buffers();
+      break;
+    }
   }
   return cudaGetLastError();
 }
@@ -148,9 +201,15 @@ void emu_launch_record(int i, long long* out4) {
   out4[3] = r.programmatic ? 1 : 0;
 }
 
+// Split-K arrival counters of the decode calls that are not zero (the kernels must leave every one at zero).
+int emu_counters_set() {
+  const std::vector<unsigned int>& all = counters(0);
+  return static_cast<int>(std::count_if(all.begin(), all.end(), [](unsigned int c) { return c != 0u; }));
+}
+
 // (splits, chunks_per_slice, blocks, workspace bytes) of lowrank_shrink_plan.
-void emu_shrink_plan(int rows, int n, int m, int rank, int sm_count, int consumer_blocks, long long* out4) {
-  const LowrankShrinkPlan p = lowrank_shrink_plan(rows, n, m, rank, sm_count, consumer_blocks);
+void emu_shrink_plan(int rows, int n, int rank, int sm_count, long long* out4) {
+  const LowrankShrinkPlan p = lowrank_shrink_plan(rows, n, rank, sm_count);
   out4[0] = p.splits;
   out4[1] = p.chunks_per_slice;
   out4[2] = p.blocks;
