@@ -655,7 +655,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, layers: int
     from lowrank_ops.serialization import MANIFEST, load_compressed
 
     if (Path(name) / MANIFEST).is_file():
-        model, manifest = load_compressed(name, device=device, dtype=dtype)
+        model, manifest = load_compressed(name, device=device, dtype=dtype, with_manifest=True)
         saved = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
         for layer_name, module in saved.items():
             replace_module(model, layer_name, module.to_linear())

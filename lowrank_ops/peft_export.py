@@ -198,7 +198,7 @@ def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, 
     kinds = {name for name, cls in CompressedLinear.registry.items() if cls.lora_residual}
     dtypes = {entry.get("dtype") for entry in manifest["layers"].values() if entry["module"] in kinds}
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 and None not in dtypes else None
-    model, _ = load_compressed(path, dtype=dtype)
+    model = load_compressed(path, dtype=dtype)
     if base_model_name_or_path is None and base_out is not None:
         base_model_name_or_path = str(Path(base_out).resolve())
     layers = residual_layers(model)

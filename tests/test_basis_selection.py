@@ -188,7 +188,7 @@ def test_relearning_lowers_the_heldout_loss_is_deterministic_and_saves_plain_mod
     final = sum(lm_loss(models[0], w[None]).item() for w in heldout) / len(heldout)
     assert final == pytest.approx(history["best_heldout_loss"], rel=1e-4)  # the best state was restored and folded
     save_compressed(models[0], tmp_path / "m", config=config)
-    loaded, manifest = load_compressed(tmp_path / "m")
+    loaded, manifest = load_compressed(tmp_path / "m", with_manifest=True)
     assert manifest["config"]["kind"] == "basis" and config_from_json(config.to_json()) == config
     torch.testing.assert_close(loaded(heldout).logits, models[0](heldout).logits, rtol=0, atol=0)
 

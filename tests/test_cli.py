@@ -133,7 +133,7 @@ def test_compress_and_eval_run_in_the_requested_dtype(tmp_path, capsys):
     assert main(["compress", "--model", str(source), "--method", "whiten", "--param-ratio", "0.8", "--calib-tokens",
                  "128", "--dtype", "bfloat16", "--out", str(out), *common]) == 0  # fmt: skip
     assert json.loads((out / "results.json").read_text())["dtype"] == "bfloat16"
-    model, _ = load_compressed(out)
+    model = load_compressed(out)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--dtype", "float32", *common[:-2]]) == 0

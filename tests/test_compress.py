@@ -18,7 +18,7 @@ from lowrank_ops.configs import (
     config_from_dict,
     config_from_json,
 )
-from lowrank_ops.serialization import load_compressed, save_compressed, to_dense
+from lowrank_ops.serialization import load_compressed, read_manifest, save_compressed, to_dense
 from lowrank_ops.surgery import find_targets, linear_weight
 
 
@@ -144,7 +144,7 @@ def test_save_load_keeps_tied_embeddings(tmp_path, make):
     tie it again (regression: loading `make compress`'s output failed with a missing embed_tokens.weight)."""
     model = make()
     compress_(model, _config(method="svd", param_ratio=0.7), progress=False)
-    loaded, _ = load_compressed(save_compressed(model, tmp_path / "tied", config=None, source="tiny"))
+    loaded = load_compressed(save_compressed(model, tmp_path / "tied", config=None, source="tiny"))
     head, embedding = loaded.get_output_embeddings().weight, loaded.get_input_embeddings().weight
     assert head.data_ptr() == embedding.data_ptr()
     tokens = _tokens(2)
@@ -162,7 +162,7 @@ def test_a_bfloat16_model_loads_back_in_bfloat16_bit_exact(tmp_path, config):
     inside a bfloat16 model)."""
     model = tiny_llama_gqa().to(torch.bfloat16)
     compress_(model, config, _tokens(), progress=False)
-    loaded, _ = load_compressed(save_compressed(model, tmp_path / "bf16", config=config, source="tiny"))
+    loaded = load_compressed(save_compressed(model, tmp_path / "bf16", config=config, source="tiny"))
     before, after = model.state_dict(), loaded.state_dict()
     assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
     # .to(bfloat16) also rounded the rotary inv_freq buffer (not saved; the loaded model rebuilds it in float32)
@@ -177,8 +177,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     compress_(model, config, _tokens(), progress=False)
     out = save_compressed(model, tmp_path / "compressed", config=config, source="tiny")
     assert not list(tmp_path.glob(".compressed*")), "no temporary directory may be left behind"
-    loaded, manifest = load_compressed(out)
+    loaded, manifest = load_compressed(out, with_manifest=True)
     assert manifest["config"] == config.to_dict() and manifest["source"] == "tiny"
+    assert manifest == read_manifest(out)
+    assert isinstance(load_compressed(out), torch.nn.Module)  # issue 17: `model = load_compressed(dir)` is the model
     before, after = model.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     tokens = _tokens(2)
@@ -202,7 +204,7 @@ def test_fisher_allocator_is_training_free_basis_selection_on_the_calibration_te
     same, other = model.state_dict(), reference.state_dict()
     assert same.keys() == other.keys() and all(torch.equal(same[k], other[k]) for k in same)
     out = save_compressed(model, tmp_path / "fisher", config=config, source="tiny")
-    loaded, manifest = load_compressed(out)
+    loaded, manifest = load_compressed(out, with_manifest=True)
     assert manifest["config"]["allocator"] == "fisher"
     assert torch.equal(loaded(tokens[:2]).logits, model(tokens[:2]).logits)
     with pytest.raises(ValueError, match="needs calibration token ids"):
@@ -216,7 +218,7 @@ def test_unfolded_coefficients_survive_save_and_load(tmp_path):
     layer = model.model.layers[1].mlp.down_proj
     layer.add_coefficients(torch.linspace(0.5, 2.0, layer.rank))
     out = save_compressed(model, tmp_path / "with_s", config=config, source="tiny")
-    loaded, manifest = load_compressed(out)
+    loaded, manifest = load_compressed(out, with_manifest=True)
     assert manifest["layers"]["model.layers.1.mlp.down_proj"]["coefficients"] is True
     assert "coefficients" not in manifest["layers"]["model.layers.1.mlp.up_proj"]
     assert loaded.model.layers[1].mlp.down_proj.has_coefficients
@@ -306,7 +308,7 @@ def test_sequential_mode_works_for_every_method(case, tmp_path):
             kept = sum(layer.kept_params for layer in rows) / size
             assert kept <= 0.6 + 1e-9
     out = save_compressed(sequential, tmp_path / "saved", config=config, source="tiny")
-    loaded, _ = load_compressed(out)
+    loaded = load_compressed(out)
     assert torch.equal(loaded(tokens[:2]).logits, sequential(tokens[:2]).logits)
 
 

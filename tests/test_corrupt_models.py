@@ -50,7 +50,7 @@ def saved(tmp_path_factory):
 def _load_and_judge(path, logits) -> str:
     """'error' for a one-line ValueError / FileNotFoundError, 'exact' for a correct model; anything else fails."""
     try:
-        model, _ = load_compressed(path)
+        model = load_compressed(path)
     except (ValueError, FileNotFoundError) as exc:
         assert "\n" not in str(exc), f"the error is not one line: {exc}"
         return "error"

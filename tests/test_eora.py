@@ -253,7 +253,7 @@ def test_save_load_round_trip_is_bit_exact_and_to_dense_works(tmp_path):
     config = _config(base="gptq-int4-g32", residual="eora", rank=8)
     compress_(model, config, tokens, progress=False)
     out = save_compressed(model, tmp_path / "quantized", config=config, source="tiny")
-    loaded, manifest = load_compressed(out)
+    loaded, manifest = load_compressed(out, with_manifest=True)
     entry = manifest["layers"]["model.layers.0.self_attn.k_proj"]
     assert entry["module"] == "QuantLowRankLinear" and (entry["bits"], entry["group_size"], entry["rank"]) == (4, 32, 8)
     assert manifest["config"] == config.to_dict()

@@ -147,7 +147,7 @@ def test_cli_compresses_with_a_2to4_wanda_base_and_exports_the_adapter_and_its_b
     assert not compressed.exists()
     assert main([*args, "--rank", "12"]) == 0
     assert "2:4-wanda + eora r=12" in capsys.readouterr().out
-    model, manifest = load_compressed(compressed)
+    model, manifest = load_compressed(compressed, with_manifest=True)
     assert {e["module"] for e in manifest["layers"].values()} == {"SparseLowRankLinear"}
     assert {e["rank"] for e in manifest["layers"].values()} == {12}
 

@@ -150,7 +150,7 @@ def test_save_load_is_bit_exact_to_dense_works_and_a_corrupt_base_is_rejected(tm
     config = _config(residual="eora", rank=8)
     compress_(model, config, tokens, progress=False)
     out = save_compressed(model, tmp_path / "pruned", config=config, source="tiny")
-    loaded, manifest = load_compressed(out)
+    loaded, manifest = load_compressed(out, with_manifest=True)
     entry = manifest["layers"]["model.layers.0.mlp.down_proj"]
     assert entry["module"] == "SparseLowRankLinear" and entry["pattern"] == "2:4" and entry["rank"] == 8
     before, after = model.state_dict(), loaded.state_dict()

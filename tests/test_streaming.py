@@ -41,7 +41,7 @@ def test_streamed_equals_in_memory_sequential(name, tmp_path):
     assert [row.rank for row in report.layers] == [row.rank for row in expected.layers]
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3  # outside tensors + one shard per decoder layer
-    for loaded in (load_compressed(tmp_path / "out")[0], AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+    for loaded in (load_compressed(tmp_path / "out"), AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
         a, b = loaded.state_dict(), reference.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -62,7 +62,7 @@ def test_from_pretrained_equals_load_compressed_and_save_pretrained_round_trips(
     compressed = {n for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     assert set(quantization_config["modules"]) == compressed
 
-    checked, _ = load_compressed(out)
+    checked = load_compressed(out)
     opened = AutoModelForCausalLM.from_pretrained(out)
     _same_tensors(checked, opened)
     assert all(type(opened.get_submodule(n)) is type(m) for n, m in checked.named_modules())
@@ -88,7 +88,7 @@ def test_bf16_with_tied_embeddings_and_gpt2_conv1d(tmp_path):
     compress_(model, LowRankConfig(method="whiten", param_ratio=0.6, align=4, **COMMON), tokens, progress=False)
     out = save_compressed(model.to(torch.bfloat16), tmp_path / "bf16")
     opened = AutoModelForCausalLM.from_pretrained(out)
-    _same_tensors(load_compressed(out)[0], opened)
+    _same_tensors(load_compressed(out), opened)
     assert opened.lm_head.weight is opened.model.embed_tokens.weight
     assert opened.model.layers[0].mlp.up_proj.u.dtype == torch.bfloat16
 
