@@ -17,7 +17,7 @@
 // atomicAdd); the last to arrive sums the S partials in the fixed order s = 0 .. S - 1 (deterministic, whichever
 // warp is last), writes z and resets the counter. Counters are zero before and after every launch (one buffer per
 // stream, zeroed once by the caller: no memset per call, CUDA graph replays included). Before, every consumer
-// block re-read all S partials (S * M * r * 4 bytes per block), which capped S at 1 for M = 16 on 4096^2.
+// block re-read all S partials (S * M * r * 4 bytes per block), which capped S at 4 for M = 16 on 4096^2, r = 256.
 //
 // Expand: one warp owns R rows of U (4 at M <= 4, 8 above: the z loads from shared memory are shared by R rows);
 // the block stages z (M, r) fp32 in shared memory. At r <= kExpandChunk (256) a warp's first chunk of U is all of
@@ -354,7 +354,7 @@ extern "C" LowrankOpsStatus lowrank_decode_device(LowrankDecodeDevice* out, char
 // - at most one slice per 512-column chunk; then the chunks are spread evenly (S recomputed so no slice is empty).
 // Nothing else caps S: the last-arriving warp of each group reduces the S partial sums once (S * rows * r * 4 bytes
 // read from L2 in all), and each consumer block reads z alone. (Before, every consumer block re-read all S partials,
-// so S was capped at (m + n) / (2 rows consumer_blocks): 1 at M = 16 on 4096^2.)
+// so S was capped at (m + n) / (2 rows consumer_blocks): 4 at M = 16 on 4096^2, r = 256.)
 extern "C" LowrankShrinkPlan lowrank_shrink_plan(int rows, int n, int rank, int sm_count) {
   const int chunks = (n + kShrinkChunk - 1) / kShrinkChunk;
   const int groups = lowrank_shrink_counters(rank);

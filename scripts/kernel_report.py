@@ -625,15 +625,14 @@ def _row_tile(rows: int) -> int:
     return tile
 
 
-def _cuda_shrink_plan(rows: int, n: int, m: int, rank: int, consumer_blocks: int) -> dict:
+def _cuda_shrink_plan(n: int, rank: int) -> dict:
     """lowrank_shrink_plan (csrc/lowrank_decode.cu) for DEVICE's SM count."""
     c = cuda_constants()
     chunk = c["kWarp"] * c["kVec"] * c["kShrinkVecs"]
     chunks = -(-n // chunk)
     groups = -(-rank // c["kShrinkRows"])
     want = -(-(c["kShrinkWarpsPerSm"] * DEVICE["sms"]) // groups)
-    cap = (m + n) // (2 * rows * max(consumer_blocks, 1))
-    splits = max(1, min(min(want, cap), chunks))
+    splits = max(1, min(want, chunks))
     per_slice = -(-chunks // splits)
     splits = -(-chunks // per_slice)
     warps = c["kShrinkThreads"] // c["kWarp"]
@@ -701,11 +700,11 @@ def cuda_launches(case: Case) -> list[KernelLaunch]:
     else:
         consumer_blocks, consumer_cubin = _cuda_quant_blocks(m), cuda_cubin("quant_lowrank_decode.cu")
         consumer = ("quant_lowrank_kernel", c["kQuantThreads"], m * n, 0.5)
-    plan = _cuda_shrink_plan(M, n, m, r, consumer_blocks)
+    plan = _cuda_shrink_plan(n, r)
     launches = []
     for (kernel, threads, elements, element_bytes), blocks, cubin, smem, cfg in (
         (("lowrank_shrink_kernel", c["kShrinkThreads"], r * n, BF16), plan["blocks"], shrink_cubin, 0, plan),
-        (consumer, consumer_blocks, consumer_cubin, 4 * M * r, {"blocks": consumer_blocks, "splits": plan["splits"]}),
+        (consumer, consumer_blocks, consumer_cubin, 4 * M * r, {"blocks": consumer_blocks, "partials_read": 1}),
     ):
         function = _cuda_function(_functions_of(cubin), kernel, tile)
         launches.append(KernelLaunch(
@@ -993,6 +992,78 @@ def build_report(cases: list[dict], quick: bool, seconds: float) -> dict:
     }
 
 
+def handoff_figures(case: dict) -> dict | None:
+    """Launch-plan figures of a low-rank case (issue 19, part 4), read from the launch configurations a report
+    records, so that they can be computed for an earlier report too: the shrink's split count S, the bytes of
+    partial sums (or of z) all expand programs read from L2 after their wait, and the fraction of each program's
+    rows of U it fetches before the wait. None for other ops."""
+    if case["op"] != "lowrank_matmul":
+        return None
+    shrink, expand = case["kernels"]
+    r, M = case["rank"], case["M"]
+    if case["backend"] == "triton":
+        grid = expand["launch"]["grid"]
+        splits = shrink["launch"]["grid"][2]
+        partials_read = expand["launch"].get("SPLIT_IN", 1)  # the expand sums SPLIT_IN partials as it loads them
+        reads = grid[0] * M * r * 4 * partials_read
+        before_wait = min(expand["launch"]["BLOCK_K"], r) / r  # the first K-step of U is loaded before gdc_wait
+    else:
+        splits = shrink["launch"]["splits"]
+        partials_read = expand["launch"].get("partials_read", splits)  # reports before the handoff: all S
+        reads = expand["launch"]["blocks"] * M * r * 4 * partials_read
+        before_wait = min(cuda_constants()["kWarp"] * cuda_constants()["kVec"], r) / r  # first chunk of 256 columns
+    return {"splits": splits, "expand_reads_after_wait_bytes": reads, "u_fetched_before_wait": before_wait}
+
+
+def before_after(before: dict, cases: list[dict]) -> list[dict]:
+    """Low-rank cases of an earlier report (`before`, its JSON) next to this run's, figure by figure."""
+    old = {(c["backend"], c["M"], c["rank"]): c for c in before["cases"] if c["op"] == "lowrank_matmul"}
+    rows = []
+    for c in cases:
+        if c["op"] != "lowrank_matmul" or (c["backend"], c["M"], c["rank"]) not in old:
+            continue
+        b = old[(c["backend"], c["M"], c["rank"])]
+        rows.append({"backend": c["backend"], "M": c["M"], "rank": c["rank"],
+                     **{f"{key}_{when}": value for when, case in (("before", b), ("after", c))
+                        for key, value in {**handoff_figures(case),
+                                           "slots_per_element": [k["issue_slots_per_weight_element"]
+                                                                 for k in case["kernels"]],
+                                           "registers": [k["registers"] for k in case["kernels"]],
+                                           "spill_bytes": [k["spill_bytes_per_thread"] for k in case["kernels"]],
+                                           "lower_bound_us": case["lower_bound_us"]}.items()}})  # fmt: skip
+    return rows
+
+
+def before_after_table(report: dict) -> str:
+    rows = report.get("before_after")
+    if not rows:
+        return ""
+    lines = [
+        f"## Before / after the split-K handoff and the U prefetch (issue 19, part 4)\n\nBefore: git "
+        f"{report['before_git_sha']}. S = shrink slices; \"partials read\" = bytes of split-K partials (before) or of "
+        "z (after) that all expand programs read from L2 after their wait (after: plus S x M x r x 4 bytes that the "
+        "shrink's last-arriving programs read once); \"U before wait\" = fraction of each "
+        "expand program's U fetched before the wait. Static figures from the launch plans and the SASS, not timings; "
+        "the lower bound does not model either change (it counts only hot loops and DRAM bytes).\n",
+        "| backend | M | r | S | partials read KB | U before wait | slots / elem. | regs | lower bound us |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    def kernels(v):
+        return " / ".join(_fmt(x) if isinstance(x, float) else str(x) for x in v)
+
+    for row in rows:
+        def pair(key, fmt, row=row):
+            return f"{fmt(row[key + '_before'])} -> {fmt(row[key + '_after'])}"
+
+        lines.append(
+            f"| {row['backend']} | {row['M']} | {row['rank']} | {pair('splits', str)} | "
+            f"{pair('expand_reads_after_wait_bytes', lambda v: f'{v / 1024:.0f}')} | "
+            f"{pair('u_fetched_before_wait', lambda v: f'{v:.0%}')} | {pair('slots_per_element', kernels)} | "
+            f"{pair('registers', kernels)} | {pair('lower_bound_us', lambda v: _fmt(v, 2))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v, digits=1):
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -1070,6 +1141,7 @@ assumed 0.8 us latency). Blocks x warps per SM: resident in this launch.
 
 {kernel_table(report)}
 
+{before_after_table(report)}
 ## Issue 19's earlier counts
 
 {checks}
@@ -1089,6 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one case (Triton int4, M = 1), for the test")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
+    parser.add_argument("--before", type=Path, help="an earlier report's JSON: adds a before / after section for the "
+                        "low-rank cases")  # fmt: skip
     args = parser.parse_args(argv)
 
     os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported: they must be compilable
@@ -1107,6 +1181,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case.label:58} byte {c['byte_floor_us']:5.2f} us  issue {c['issue_floor_us']:5.2f} us  "
               f"lower bound {c['lower_bound_us']:5.2f} us  target {_fmt(c['target_us'])} us", flush=True)  # fmt: skip
     report = build_report(cases, args.quick, time.perf_counter() - start)
+    for c in cases:
+        if (figures := handoff_figures(c)) is not None:
+            c["handoff"] = figures
+    if args.before is not None:
+        before = json.loads(args.before.read_text())
+        report["before_git_sha"] = before["header"]["git_sha"]
+        report["before_after"] = before_after(before, cases)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "kernel_report-sm90a-static" + ("-quick" if args.quick else "")
     _write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1) + "\n")

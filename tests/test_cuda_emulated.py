@@ -303,7 +303,7 @@ def test_shrink_plan_rules(emu, n, rank, rows):
     assert per == -(-chunks // min(-(-16 * H100["sm_count"] // groups), chunks)), "16 warp tasks per SM, no other cap"
     assert plan["blocks"] * 4 >= groups * s and plan["workspace_bytes"] == 4 * (s + 1) * rows * rank
     if (n, rank) == (4096, 256):
-        assert s == 8, "4096^2, r = 256: 8 slices at every M (before the handoff, M = 16 was capped at 1)"
+        assert s == 8, "4096^2, r = 256: 8 slices at every M (before the handoff, M = 16 was capped at 4)"
 
 
 # ------------------------------------------------------------------------------------------ quantized base + residual
