@@ -14,9 +14,11 @@ Peak memory: the outside tensors, one decoder layer before and after compression
 the calibration activations (windows x seq_len x hidden). The output is the sharded form of the saved format:
 `load_compressed` and `AutoModelForCausalLM.from_pretrained` open it.
 
-Every method whose global step works per decoder layer runs this way; the whole-model steps (the "sensitivity" and
-"fisher" allocators, basis selection, which folds and may re-learn coefficients over the whole model) would need the
-whole model in memory and are refused with the reason.
+Every method whose global step works per decoder layer runs this way, and the "fisher" allocator, whose scores come
+from a forward and a backward sweep over the decoder layers read from disk one at a time before the compressing pass
+(`compress.sequential_scores`). The "sensitivity" allocator (perplexity probes of the whole model) and basis
+selection (which folds and may re-learn coefficients over the whole model) need the whole model in memory and are
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -139,15 +141,20 @@ class DiskLayers(LayerIO):
         self.entries.update({prefix + name: entry for name, entry in manifest_entries(layer).items()})
         layer.to("meta")  # the layer's memory is freed; the model keeps its (compressed) structure
 
+    def drop(self, index: int, layer: nn.Module, home: torch.device) -> None:
+        self.peak_resident_bytes = max(self.peak_resident_bytes, resident_bytes(self.model))
+        layer.to("meta")
+
 
 def check_streamable(config: CompressionConfig) -> None:
     """ValueError when `config` needs the whole model at once (module docstring)."""
     if isinstance(config, BasisConfig):
         raise ValueError("compress_from_disk: basis selection folds (and may re-learn) coefficients over the whole "
                          "model; run it without --layer-by-layer")  # fmt: skip
-    if method_for(config).whole_model_selection():
-        raise ValueError(f"compress_from_disk: {config.describe()} selects on the whole model (perplexity probes "
-                         "or backward passes); use a per-layer allocator (uniform, loss) with --layer-by-layer")
+    method = method_for(config)
+    if method.whole_model_selection() and not method.layer_by_layer_selection():
+        raise ValueError(f"compress_from_disk: {config.describe()} selects on the whole model at once (perplexity "
+                         "probes); use the fisher, loss or uniform allocator with --layer-by-layer")
 
 
 def compress_from_disk(model_dir: str | os.PathLike, config: CompressionConfig, calibration: torch.Tensor, out_dir,

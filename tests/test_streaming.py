@@ -23,6 +23,8 @@ from lowrank_ops.streaming import compress_from_disk, resident_bytes
 COMMON = dict(calib_tokens=6 * 32, seq_len=32, batch_size=3, device="cpu", sequential=True)
 CONFIGS = {
     "whiten-loss": LowRankConfig(method="whiten", allocator="loss", param_ratio=0.6, align=4, **COMMON),
+    "whiten-fisher": LowRankConfig(method="whiten", allocator="fisher", param_ratio=0.6, align=4, score_tokens=96,
+                                   **COMMON),
     "gptq-eora": BaseResidualConfig(base="gptq-int4-g16", rank=8, **COMMON),
     "swsc-columns": SwscConfig(shared="columns", clusters=8, bits=None, rank=4, residual="eora", n_iter=5, **COMMON),
 }
@@ -72,8 +74,8 @@ def test_one_decoder_layer_in_memory_at_a_time(tmp_path, monkeypatch):
 
 def test_refusals(tmp_path):
     tiny_llama_gqa().save_pretrained(tmp_path / "source")
-    with pytest.raises(ValueError, match="selects on the whole model"):
-        compress_from_disk(tmp_path / "source", LowRankConfig(method="whiten", allocator="fisher", **COMMON),
+    with pytest.raises(ValueError, match="selects on the whole model at once"):
+        compress_from_disk(tmp_path / "source", LowRankConfig(method="whiten", allocator="sensitivity", **COMMON),
                            _tokens(), tmp_path / "out")  # fmt: skip
     with pytest.raises(ValueError, match="basis selection folds"):
         compress_from_disk(tmp_path / "source", BasisConfig(**COMMON), _tokens(), tmp_path / "out")

@@ -22,6 +22,7 @@ from lowrank_ops.configs import CompressionConfig
 
 if TYPE_CHECKING:
     from lowrank_ops.compress.runner import Run
+    from lowrank_ops.compress.sequential import LayerIO
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ class CompressionMethod:
         sequential mode such a selection runs once, first, on the uncompressed model, and only the rank it gives each
         layer is kept (`ranks_only`); any other selection runs per decoder layer on that layer's statistics."""
         return False
+
+    def layer_by_layer_selection(self) -> bool:
+        """Whether the whole-model selection can also be made with one decoder layer in memory at a time
+        (`select_layer_by_layer`); sequential mode then uses it, and layer-by-layer compression from disk needs it."""
+        return False
+
+    def select_layer_by_layer(self, run: Run, targets: dict[str, nn.Module], layer_io: LayerIO) -> Any:
+        """The whole-model selection with each decoder layer brought in and put away by `layer_io`; its result is
+        what `ranks_only` of `select`'s would be."""
+        raise NotImplementedError(f"{type(self).__name__} has no layer-by-layer selection")
 
     def select(self, run: Run, targets: dict[str, nn.Module], stats: dict) -> Any:
         """The global step over `targets` (all of them, or one decoder layer's in sequential mode); its result is

@@ -16,9 +16,11 @@ compressed, so a step over every layer at once is impossible without a pass over
 - selections that only read statistics and weights run per decoder layer, with the same budget rule: the "uniform"
   allocator (unchanged), the "loss" allocator and basis selection by "energy" (the budget is met per decoder layer,
   not across them), SWSC's k-means (unchanged: K is a per-layer rule);
-- selections that need the whole model -- the "sensitivity" allocator (perplexity probes) and "fisher" / "taylor"
-  scores (backward passes) -- run once, first, on the uncompressed model held where it is; each layer keeps the rank
-  they give it and is then refitted sequentially at that rank (its leading bases in the new statistics).
+- selections that need the whole model run once, first, on the uncompressed model; each layer keeps the rank they
+  give it and is then refitted sequentially at that rank (its leading bases in the new statistics). "fisher" scores
+  come from a forward and a backward sweep over the decoder layers, one in memory at a time
+  (`compress.sequential_scores`, equal to the whole-model backward up to rounding); the "sensitivity" allocator's
+  perplexity probes run on the whole model held where it is (not possible from disk).
 The quality each choice costs on SmolLM2 is in README.md ("Sequential mode").
 """
 
@@ -182,7 +184,14 @@ def _one_shot(run: Run, method: CompressionMethod, targets: dict[str, nn.Module]
 
 def _sequential(run: Run, method: CompressionMethod, targets: dict[str, nn.Module], layer_io: LayerIO | None) -> list:
     whole_model_plan = None
-    if method.whole_model_selection():
+    if method.whole_model_selection() and method.layer_by_layer_selection():
+        with run.timed("selection"):
+            plan = method.select_layer_by_layer(run, targets, layer_io or LayerIO())
+            whole_model_plan = run.world.broadcast(plan if run.world.is_main else None)
+    elif method.whole_model_selection():
+        if layer_io is not None:
+            raise ValueError(f"compress_: {run.config.describe()} selects on the whole model at once (perplexity "
+                             "probes); it cannot run with a layer_io")  # fmt: skip
         stats = _statistics(run, method, targets)
         whole_model_plan = method.ranks_only(_select(run, method, targets, stats))
         del stats

@@ -34,6 +34,10 @@ class LayerIO:
     def release(self, index: int, layer: nn.Module, home: torch.device) -> None:
         layer.to(home)
 
+    def drop(self, index: int, layer: nn.Module, home: torch.device) -> None:
+        """Put away a layer that was only read (a scoring pass): nothing of it is kept or written."""
+        layer.to(home)
+
 
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward at the first decoder layer."""
@@ -53,7 +57,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _move_all_but_layers(model: nn.Module, layers_name: str, layers: nn.ModuleList, device: torch.device) -> None:
+def move_all_but_layers(model: nn.Module, layers_name: str, layers: nn.ModuleList, device: torch.device) -> None:
     parent_name, _, attr = layers_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.ModuleList())
@@ -64,7 +68,7 @@ def _move_all_but_layers(model: nn.Module, layers_name: str, layers: nn.ModuleLi
 
 
 @torch.no_grad()
-def _capture_first_layer_inputs(model, first_layer: nn.Module, calibration: torch.Tensor, batch_size: int, device):
+def capture_first_layer_inputs(model, first_layer: nn.Module, calibration: torch.Tensor, batch_size: int, device):
     captured: list[tuple[list, dict]] = []
 
     def hook(module, args, kwargs):
@@ -83,7 +87,12 @@ def _capture_first_layer_inputs(model, first_layer: nn.Module, calibration: torc
     return captured
 
 
-def _set_hidden_states(args: list, kwargs: dict, value: torch.Tensor) -> None:
+def hidden_states_of(output) -> torch.Tensor:
+    """A decoder layer's output hidden states (some transformers models return a tuple, others the tensor)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def set_hidden_states(args: list, kwargs: dict, value: torch.Tensor) -> None:
     if args:
         args[0] = value
     else:
@@ -113,10 +122,10 @@ def compress_sequentially(
     outside = [name for name in targets if not name.startswith(layers_name + ".")]
     if outside:
         raise ValueError(f"sequential: targets {outside[:3]} are outside the decoder layers {layers_name}.*")
-    _move_all_but_layers(model, layers_name, layers, device)
+    move_all_but_layers(model, layers_name, layers, device)
     rows = []
     try:
-        inputs = _capture_first_layer_inputs(model, layers[0], calibration, batch_size, device)
+        inputs = capture_first_layer_inputs(model, layers[0], calibration, batch_size, device)
         for index, layer in enumerate(tqdm(layers, desc="sequential", unit="layer", disable=not progress)):
             prefix = f"{layers_name}.{index}."
             layer_targets = {name: targets.pop(name) for name in list(targets) if name.startswith(prefix)}
@@ -131,8 +140,8 @@ def compress_sequentially(
             rows.extend(compress_layer(layer_targets, hooks.shared_stats()))
             for args, kwargs in inputs:  # the next layer sees what the compressed layer produces
                 out = layer(*args, **kwargs)
-                _set_hidden_states(args, kwargs, out[0] if isinstance(out, tuple) else out)
+                set_hidden_states(args, kwargs, hidden_states_of(out))
             layer_io.release(index, layer, home)
     finally:
-        _move_all_but_layers(model, layers_name, layers, home)
+        move_all_but_layers(model, layers_name, layers, home)
     return rows

@@ -4,6 +4,8 @@ select: the allocator's ranks -- "uniform" per layer; "loss" a greedy over every
 (one SVD per layer); "sensitivity" ASVD's perplexity probes (cached table) and one global threshold; "fisher" the
 selection of individual bases by their empirical-Fisher loss change (`compress.factoring.select_by_score`).
 fit: the layer's leading `rank` bases (or, for "fisher", the bases selected, their coefficients folded into U).
+In sequential and layer-by-layer mode "fisher" scores with one decoder layer in memory at a time
+(`compress.sequential_scores`: the one-shot gradients up to rounding) and keeps the ranks of its selection.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lowrank_ops.compress.factoring import (
 )
 from lowrank_ops.compress.method import CompressionMethod, StatisticsNeed, register_method
 from lowrank_ops.compress.report import LayerResult
+from lowrank_ops.compress.sequential_scores import select_by_score_layer_by_layer
 from lowrank_ops.configs import LowRankConfig
 from lowrank_ops.options import Allocator, BasisScore, Method
 from lowrank_ops.rank import discarded_energy, rank_for_param_ratio
@@ -44,6 +47,18 @@ class LowRankMethod(CompressionMethod):
 
     def whole_model_selection(self) -> bool:
         return self.config.allocator in (Allocator.sensitivity, Allocator.fisher)
+
+    def layer_by_layer_selection(self) -> bool:
+        return self.config.allocator == Allocator.fisher
+
+    def select_layer_by_layer(self, run, targets, layer_io) -> BasisPlan:
+        config = self.config
+        shapes = [tuple(linear_weight(module).shape) for module in targets.values()]
+        need = self.statistics()
+        return select_by_score_layer_by_layer(run, targets, layer_io, basis=config.method, alpha=config.alpha,
+                                              gram=need is not None and need.gram, kind=BasisScore.fisher,
+                                              ratio=selection_ratio(shapes, config.param_ratio, 0),
+                                              align=config.align, score_tokens=config.score_tokens)  # fmt: skip
 
     def _factor(self, run, module, stats):
         return factor_layer(run, module, stats, self.config.method, self.config.alpha)
