@@ -143,3 +143,22 @@ def test_from_linear_rejects_a_param_ratio_outside_0_1(ratio):
     with pytest.raises(ValueError, match=r"param_ratio=.* must be > 0 and <= 1"):
         LowRankLinear.from_linear(linear, param_ratio=ratio)
     assert LowRankLinear.from_linear(linear, param_ratio=1.0, align=1).rank == 15  # 1.0 = break-even, floor of 15
+
+
+def test_from_linear_uses_the_randomized_svd_for_a_small_rank_within_one_percent_of_the_optimum():
+    # issue 17: the README's 4096 x 4096 example ran a full SVD for 40-70 s on a CPU whatever the rank
+    from lowrank_ops.modules.lowrank_linear import uses_randomized_svd
+
+    assert uses_randomized_svd(4096, 4096, 256) and uses_randomized_svd(4096, 4096, 512)
+    assert not uses_randomized_svd(4096, 4096, 1024) and not uses_randomized_svd(90, 60, 1)
+    layer = _linear(600, 400, bias=False, dtype=torch.float32)  # Gaussian: the flat spectrum, randomized's worst case
+    sigma = torch.linalg.svdvals(layer.weight.detach().double())
+    optimum = sigma[32:].square().sum().sqrt()
+    errors = {}
+    for svd in ("auto", "randomized", "exact"):
+        low = LowRankLinear.from_linear(layer, rank=32, svd=svd)
+        errors[svd] = ((layer.weight.double() - low.to_linear().weight.double()).norm() / optimum).item()
+    assert errors["auto"] == errors["randomized"] and 1.0 < errors["randomized"] < 1.01
+    assert errors["exact"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="svd='lanczos' must be 'auto', 'exact' or 'randomized'"):
+        LowRankLinear.from_linear(layer, rank=32, svd="lanczos")

@@ -136,13 +136,23 @@ class LowRankLinear(CompressedLinear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, rank: int | None = None, param_ratio: float | None = None, align: int = DEFAULT_ALIGN
+        cls,
+        linear: nn.Linear,
+        rank: int | None = None,
+        param_ratio: float | None = None,
+        align: int = DEFAULT_ALIGN,
+        svd: str = "auto",
     ) -> LowRankLinear:
         """Factor `linear` by truncated SVD, W ~= (U_r Sigma_r^{1/2}) (Sigma_r^{1/2} V_r^T).
 
         Give exactly one of `rank` (honoured exactly) or `param_ratio` (fraction of parameters kept; the rank is
         rounded down to a multiple of `align`, see lowrank_ops.rank). The SVD runs in float32 (float64 if the
         layer is float64) on the layer's device; the factors take the layer's dtype and device.
+
+        svd: "exact" (the full SVD: the optimal truncation), "randomized" (`randomized_svd`, block Krylov: within
+        0.6 % of the optimal error even on a flat spectrum), or "auto": randomized where its basis spans at most
+        half of min(m, n) (`uses_randomized_svd`), where it is the faster one, else exact. On a 2-core CPU, 4096 x
+        4096: exact about 70 s; randomized at rank 256 about 9 s.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LowRankLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -165,7 +175,10 @@ class LowRankLinear(CompressedLinear):
             raise ValueError(
                 f"LowRankLinear.from_linear: the weight ({m}, {n}) has NaN/Inf, first at index {tuple(bad)}"
             )
-        u, v = _truncated_svd_factors(weight, rank)
+        if svd not in ("auto", "exact", "randomized"):
+            raise ValueError(f"LowRankLinear.from_linear: svd={svd!r} must be 'auto', 'exact' or 'randomized'")
+        randomized = svd == "randomized" or (svd == "auto" and uses_randomized_svd(m, n, rank))
+        u, v = _truncated_svd_factors(weight, rank, randomized)
         module = cls(n, m, rank, bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             module.u.copy_(u)
@@ -204,11 +217,26 @@ class LowRankLinear(CompressedLinear):
         return linear
 
 
-def _truncated_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+_RANDOMIZED_ITERATIONS = 2  # randomized_svd's default n_iter: its basis has (rank + oversample) x 3 columns
+
+
+def uses_randomized_svd(m: int, n: int, rank: int) -> bool:
+    """Whether `from_linear(svd="auto")` factors an (m, n) weight at `rank` by the randomized SVD: when its block
+    Krylov basis spans at most half of min(m, n). Measured on a 2-core CPU, 4096 x 4096 float32: rank 256 (768 + 192
+    columns) 9 s, rank 512 18 s, rank 1024 (3840 columns, refused here) 69 s, the same as the exact SVD's 69 s."""
+    from lowrank_ops.engine import default_oversample
+
+    return (rank + default_oversample(rank)) * (_RANDOMIZED_ITERATIONS + 1) <= min(m, n) // 2
+
+
+def _truncated_svd_factors(weight: torch.Tensor, rank: int, randomized: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(U_r Sigma_r^{1/2}, Sigma_r^{1/2} V_r^T) of `weight`, computed in float32 or float64."""
-    from lowrank_ops.engine import exact_svd
+    from lowrank_ops.engine import exact_svd, randomized_svd
 
     compute = torch.promote_types(weight.dtype, torch.float32)
-    u, s, vh = exact_svd(weight.to(compute))
+    if randomized:
+        u, s, vh = randomized_svd(weight.to(compute), rank, n_iter=_RANDOMIZED_ITERATIONS)
+    else:
+        u, s, vh = exact_svd(weight.to(compute))
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
