@@ -6,16 +6,21 @@ Commands:
   env       versions, GPU, and which backends are available (and why not)
   demo      factor real nn.Linear layers of the default model at a few ranks: error, param ratio, timing
   export-lora  write the low-rank residual of a saved eora model as a PEFT LoRA adapter (and its base)
+  to-dense  write a saved compressed model as a plain (dense) Hugging Face model
+  plot      draw runs into a PNG: perplexity against size, per-layer ranks
   bench-e2e  prefill and decode latency of compressed variants against the dense model (`bench-e2e --help`)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import signal
 import sys
+import warnings
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -129,18 +134,24 @@ def _summary(result: dict) -> str:
     bits = compression.get("bits_per_weight")
     size_name, size = ("bits/w", bits) if bits is not None else ("kept", compression["param_ratio"])
     dense_size = 16.0 if bits is not None else 1.0
-    lines = [result["layer_table"], "", f"{'variant':40s} {size_name:>6s} {'perplexity':>11s} {'seconds':>8s}"]
+    megabytes = {name: f"{count / 1e6:8.1f}" for name, count in result.get("bytes", {}).items()}
+    lines = [result["layer_table"], "",
+             f"{'variant':40s} {size_name:>6s} {'MB':>8s} {'perplexity':>11s} {'seconds':>8s}"]  # fmt: skip
     if "dense" in result:
-        lines.append(f"{'dense':40s} {dense_size:6.3f} {result['dense']['perplexity']:11.3f}")
+        lines.append(f"{'dense':40s} {dense_size:6.3f} {megabytes.get('dense', '-'):>8s} "
+                     f"{result['dense']['perplexity']:11.3f}")  # fmt: skip
     ppl = result.get("compressed", {}).get("perplexity")
     ppl_text = "-" if ppl is None else f"{ppl:.3f}"  # "-": --no-eval
-    lines.append(f"{variant:40s} {size:6.3f} {ppl_text:>11s} {compression['seconds']['total']:8.1f}")
+    lines.append(f"{variant:40s} {size:6.3f} {megabytes.get('compressed', '-'):>8s} {ppl_text:>11s} "
+                 f"{compression['seconds']['total']:8.1f}")  # fmt: skip
     meaning = ("bits/w = storage bits per targeted weight, floats counted at 16 bits (the dense row too)"
                if bits is not None else "kept = fraction of the targeted Linear parameters")  # fmt: skip
     lines.append(f"model: {result['model']}; {meaning}")
+    if "bytes" in result:
+        lines.append(f"MB = 10^6 bytes of the whole model's tensors as saved ({result.get('dtype', 'its dtype')}, "
+                     "embeddings included)")  # fmt: skip
     if "compressed" in result:
-        ev = result["compressed"]
-        lines.append(f"perplexity on {ev['tokens']} Wikipedia test tokens, windows of {ev['seq_len']} (BOS-prefixed)")
+        lines.append(_evaluated_tokens(result["compressed"]))
     if "compressed_target" in result:
         ev = result["compressed_target"]
         dense = result.get("dense_target", {}).get("perplexity")
@@ -150,32 +161,45 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _evaluated_tokens(ev: dict) -> str:
+    """What a perplexity was measured on: the tokens read (what the progress bar counts) and those predicted."""
+    windows = ev["tokens"] // ev["seq_len"]
+    return (f"perplexity on {ev['tokens']} Wikipedia test tokens: {windows} windows of {ev['seq_len']}, each "
+            f"BOS-prefixed, {ev['tokens'] - windows} tokens predicted")  # fmt: skip
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from lowrank_ops.compress import resolve_device
-    from lowrank_ops.pipeline import (
-        check_finite_weights,
-        check_seq_len,
-        evaluate_perplexity,
-        load_model,
-        model_context,
-        model_dtype,
-        saved_model_context,
-    )
+    from lowrank_ops.pipeline import run_evaluation
 
     if (args.model is None) == (args.model_option is None):
         raise ValueError("eval: give the model once, as `eval MODEL` or `eval --model MODEL`")
-    args.model = args.model or args.model_option
-
-    device = resolve_device(args.device)
-    check_seq_len(args.seq_len, saved_model_context(args.model), args.model)
-    model, tokenizer, source = load_model(args.model, device, model_dtype(args.dtype, device))
-    check_seq_len(args.seq_len, model_context(model.config), source)
-    check_finite_weights(model, source)
-    ev = evaluate_perplexity(model, tokenizer, args.seq_len, args.eval_tokens, args.batch_size)
-    print(f"{source}: perplexity {ev['perplexity']:.3f} on {ev['tokens']} Wikipedia test tokens "
-          f"(windows of {ev['seq_len']}, BOS-prefixed), {ev['seconds']:.1f} s")  # fmt: skip
+    result = run_evaluation(args.model or args.model_option, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, out=args.out,
+                            overwrite=args.overwrite)  # fmt: skip
+    key = "compressed" if "compressed" in result else "dense"
+    ev = result[key]
+    print(f"{result['model']}: perplexity {ev['perplexity']:.3f}, {result['bytes'][key] / 1e6:.1f} MB, "
+          f"{ev['seconds']:.1f} s")  # fmt: skip
+    print(_evaluated_tokens(ev))
+    if args.out is not None:
+        print(f"result written to {args.out}")
     if args.json:
         print(json.dumps(ev))
+    return 0
+
+
+def _cmd_to_dense(args: argparse.Namespace) -> int:
+    from lowrank_ops.serialization import export_dense
+
+    out = export_dense(args.model, args.out, overwrite=args.overwrite)
+    print(f"dense Hugging Face model of {args.model} written to {out}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from lowrank_ops.plots import plot_runs
+
+    print(f"plot written to {plot_runs(args.runs, args.out)}")
     return 0
 
 
@@ -203,8 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = LowRankConfig()
     comp = sub.add_parser("compress", help="calibrate, compress, evaluate and save a causal LM")
-    comp.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M), a model directory or a hub id")
-    comp.add_argument("--method", default=d.method.value, choices=[*Method.values(), "eora", "swsc", "basis"])
+    comp.add_argument("--model", default=DEFAULT_MODEL,
+                      help="'default' (SmolLM2-135M, the default), a model directory or a hub id")
+    comp.add_argument("--method", default=d.method.value, choices=[*Method.values(), "eora", "swsc", "basis"],
+                      help="svd / asvd / whiten: low rank; eora: quantized or 2:4 base + residual; swsc: shared "
+                           "channels + residual; basis: application-specific basis selection (default %(default)s)")
+
     e, w = BaseResidualConfig(), SwscConfig()
     comp.add_argument("--base", default=None,
                       help=f"eora: compressed base, e.g. int4-g128, int3-g128, gptq-int4-g128, 2:4-wanda (default "
@@ -213,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"eora / swsc: rank of the residual, 0: none (default {e.rank} / {w.rank})")  # fmt: skip
     comp.add_argument("--residual", default=None, choices=Residual.values(),
                       help=f"eora / swsc: residual method (default {e.residual} / {w.residual})")  # fmt: skip
-    comp.add_argument("--clusters", type=int, default=None, help="swsc: shared channels K per layer")
+    comp.add_argument("--clusters", type=int, default=None,
+                      help="swsc: shared channels K per layer (default: the largest K that fits --bits)")
     comp.add_argument("--bits", type=float, default=None,
                       help=f"swsc: bits per weight per layer instead of --clusters (default {w.bits})")  # fmt: skip
     comp.add_argument("--shared", default=None, choices=SharedDim.values(),
@@ -254,17 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"asvd (and basis with --basis asvd): exponent of mean|x| (default {d.alpha})")  # fmt: skip
     comp.add_argument("--align", type=int, default=None,
                       help=f"svd / asvd / whiten / basis: ranks are multiples of this (default {d.align})")  # fmt: skip
-    comp.add_argument("--targets", nargs="+", default=None, help="class names, qualified names or re:<regex>")
+    comp.add_argument("--targets", nargs="+", default=None,
+                      help="layers to compress: class names, qualified names or re:<regex> (default: the model "
+                           "family's projections)")  # fmt: skip
     comp.add_argument(
         "--ignore", nargs="+", default=None, help="patterns to leave dense (default: lm_head, embeddings)"
     )
-    comp.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
-    comp.add_argument("--seq-len", type=int, default=d.seq_len)
-    comp.add_argument("--batch-size", type=int, default=d.batch_size)
-    comp.add_argument("--device", default=d.device, choices=Device.values())
+    comp.add_argument("--calib-tokens", type=int, default=d.calib_tokens,
+                      help="calibration tokens from the Wikipedia calibration split (basis: from the target data's "
+                           "calibration split) (default %(default)s)")  # fmt: skip
+    comp.add_argument("--seq-len", type=int, default=d.seq_len,
+                      help="tokens per window, calibration and evaluation alike, each window BOS-prefixed; at most "
+                           "the model's context (default %(default)s)")  # fmt: skip
+    comp.add_argument("--batch-size", type=int, default=d.batch_size,
+                      help="windows per forward pass while calibrating and evaluating: speed and memory only "
+                           "(default %(default)s)")  # fmt: skip
+    comp.add_argument("--device", default=d.device, choices=Device.values(),
+                      help="auto: cuda when available, else cpu (default %(default)s)")
     comp.add_argument("--dtype", default="auto", choices=["auto", *MODEL_DTYPES],
                       help="weights / activations while compressing and in the saved model (auto: float32 on a CPU, "
-                      "bfloat16 on a GPU)")  # fmt: skip
+                      "bfloat16 on a GPU) (default %(default)s)")  # fmt: skip
     comp.add_argument(
         "--sequential",
         action="store_true",
@@ -275,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="for models larger than memory: read each decoder layer from the checkpoint (a safetensors "
                            "directory) when it is compressed and write it out at once (implies --sequential; needs "
                            "--out; per-layer allocators only)")  # fmt: skip
-    comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
+    comp.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
+                      help="at most this many Wikipedia test tokens for perplexity (whole windows of --seq-len) "
+                           "(default %(default)s)")  # fmt: skip
     comp.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     comp.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
     comp.add_argument("--out", default=None,
@@ -288,13 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", nargs="?", help="a directory written by compress, a model directory, a hub id or "
                     "'default'")  # fmt: skip
     ev.add_argument("--model", dest="model_option", metavar="MODEL", help="the same, as an option (like compress)")
-    ev.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS)
-    ev.add_argument("--seq-len", type=int, default=d.seq_len)
-    ev.add_argument("--batch-size", type=int, default=d.batch_size)
-    ev.add_argument("--device", default="auto", choices=Device.values())
+    ev.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
+                    help="at most this many Wikipedia test tokens (whole windows of --seq-len) (default %(default)s)")
+    ev.add_argument("--seq-len", type=int, default=d.seq_len,
+                    help="tokens per window, each BOS-prefixed (default %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=d.batch_size,
+                    help="windows per forward pass: speed and memory only (default %(default)s)")
+    ev.add_argument("--device", default="auto", choices=Device.values(),
+                    help="auto: cuda when available, else cpu (default %(default)s)")
     ev.add_argument("--dtype", default="auto", choices=["auto", *MODEL_DTYPES],
-                    help="auto: float32 on a CPU, bfloat16 on a GPU")  # fmt: skip
-    ev.add_argument("--json", action="store_true", help="also print the result as JSON")
+                    help="auto: float32 on a CPU, bfloat16 on a GPU (default %(default)s)")  # fmt: skip
+    ev.add_argument("--json", action="store_true", help="also print the evaluation as JSON")
+    ev.add_argument("--out", default=None, metavar="FILE",
+                    help="write the result as JSON (the keys of compress's results.json; `plot` reads it); an "
+                         "existing file is replaced only if eval wrote it, see --overwrite")  # fmt: skip
+    ev.add_argument("--overwrite", action="store_true", help="allow --out to replace a file eval did not write")
     ev.set_defaults(func=_cmd_eval)
     env = sub.add_parser("env", help="versions, GPU and available backends")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -308,9 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation dtype (default: bfloat16 on GPU, float32 on CPU)",
     )
     demo.add_argument(
-        "--param-ratios", type=float, nargs="+", default=[0.9, 0.6, 0.3], help="fractions of parameters kept"
+        "--param-ratios", type=float, nargs="+", default=[0.9, 0.6, 0.3],
+        help="fractions of parameters kept (default 0.9 0.6 0.3)",
     )
-    demo.add_argument("--layer", type=int, default=0, help="decoder layer whose projections are factored")
+    demo.add_argument("--layer", type=int, default=0,
+                      help="decoder layer whose projections are factored (default %(default)s)")  # fmt: skip
     demo.set_defaults(func=_cmd_demo)
     lora = sub.add_parser("export-lora", help="export the residual of a saved eora model as a PEFT LoRA adapter")
     lora.add_argument("model", help="a directory written by compress --method eora --out")
@@ -321,22 +371,61 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--overwrite", action="store_true",
                       help="allow --out / --base-out to replace existing directories that lowrank-ops did not write")
     lora.add_argument("--base-model", default=None,
-                      help="base_model_name_or_path recorded in adapter_config.json (default: --base-out)")  # fmt: skip
+                      help="base_model_name_or_path recorded in adapter_config.json, e.g. the hub id the base is "
+                           "uploaded to (default: --base-out relative to the working directory)")  # fmt: skip
     lora.set_defaults(func=_cmd_export_lora)
+    dense = sub.add_parser("to-dense", help="write a saved compressed model as a plain Hugging Face model")
+    dense.add_argument("model", help="a directory written by compress --out")
+    dense.add_argument("--out", required=True,
+                       help="directory of the dense model (atomically; replaced only if lowrank-ops wrote it, see "
+                            "--overwrite)")  # fmt: skip
+    dense.add_argument("--overwrite", action="store_true",
+                       help="allow --out to replace an existing directory that lowrank-ops did not write")
+    dense.set_defaults(func=_cmd_to_dense)
+    plot = sub.add_parser("plot", help="PNG of runs: perplexity against size, per-layer ranks of the first run")
+    plot.add_argument("runs", nargs="+", metavar="RUN",
+                      help="compress --out directories or eval --out files; the first with a layer table gives the "
+                           "ranks panel")  # fmt: skip
+    plot.add_argument("--out", required=True, help="the PNG file to write")
+    plot.set_defaults(func=_cmd_plot)
     # Its options belong to lowrank_ops.e2e (shared with benchmarks/bench_e2e.py): main() passes them through.
     sub.add_parser("bench-e2e", add_help=False,
                    help="prefill / decode latency of compressed variants vs dense (see bench-e2e --help)")  # fmt: skip
     return parser
 
 
+@contextlib.contextmanager
+def warnings_as_lines():
+    """Python warnings (Gram damping, ...) while a command runs: each as one line on stderr written through tqdm (a
+    progress bar stays whole; no file path), then one line counting them by kind when the command ends."""
+    from tqdm.auto import tqdm
+
+    counts: collections.Counter[str] = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        counts[category.__name__] += 1
+        tqdm.write(f"warning: {category.__name__}: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            if counts:
+                kinds = ", ".join(f"{count} {name}" for name, count in counts.most_common())
+                print(f"lowrank-ops: {counts.total()} warning(s) during the run ({kinds}), each printed above",
+                      file=sys.stderr)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench-e2e"]:
-        from lowrank_ops.e2e import main as bench_e2e
+    with warnings_as_lines():
+        if argv[:1] == ["bench-e2e"]:
+            from lowrank_ops.e2e import main as bench_e2e
 
-        return bench_e2e(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+            return bench_e2e(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
 
 
 class Terminated(KeyboardInterrupt):

@@ -62,7 +62,9 @@ def perplexity(
     try:
         with torch.inference_mode():
             total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
-            with tqdm(total=n * (seq_len - 1), desc="perplexity", unit="tok", disable=not progress) as bar:
+            # the bar counts the tokens read (N L: what --eval-tokens budgets and the summary reports); the
+            # perplexity averages over the N (L - 1) predicted ones
+            with tqdm(total=n * seq_len, desc="perplexity", unit="tok", disable=not progress) as bar:
                 for start in range(0, n, batch_size):
                     ids = sequences[start : start + batch_size].to(device)
                     logits = model(input_ids=ids, use_cache=False).logits
@@ -75,7 +77,7 @@ def perplexity(
                     for row in range(ids.shape[0]):
                         nll = F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum")
                         total += nll.double()
-                    bar.update(ids.shape[0] * (seq_len - 1))
+                    bar.update(ids.numel())
     finally:
         model.train(was_training)
     mean_nll = total.item() / (n * (seq_len - 1))

@@ -1,9 +1,10 @@
-"""Safe output directories: every writer of a model directory (`save_compressed`, the LoRA export and its `--base-out`,
-the CLI's `compress --out`) goes through `reserve_output` / `output_directory`.
+"""Safe output directories: every writer of a model directory (`save_compressed`, `save_dense`, the LoRA export and its
+`--base-out`, the CLI's `compress --out` and `to-dense --out`) goes through `reserve_output` / `output_directory`.
 
 Ownership. An existing output path is replaced only when it is a previous lowrank-ops output (`is_lowrank_output`: it
-    holds the manifest lowrank_ops.json, the marker lowrank_ops_base.json of an `export-lora --base-out` base, or an
-    adapter_config.json next to an adapter_model.safetensors whose metadata names lowrank_ops) or an empty directory.
+    holds the manifest lowrank_ops.json, the marker lowrank_ops_base.json of a dense model written by `save_dense`
+    (`to-dense`, `export-lora --base-out`), or an adapter_config.json next to an adapter_model.safetensors whose
+    metadata names lowrank_ops) or an empty directory.
     Any other directory needs overwrite=True (the CLI's --overwrite). Refused whatever overwrite says: "", ".", the
     working directory or one of its parents, the filesystem root, a path that exists and is not a directory, a
     symbolic link, and a path that is or contains a protected path (the source model).
@@ -53,7 +54,7 @@ except ImportError:  # not POSIX: no advisory lock (module docstring, "Portabili
     fcntl = None
 
 MANIFEST_FILE = "lowrank_ops.json"  # = lowrank_ops.serialization.MANIFEST (a level above; tests check they agree)
-BASE_MARKER = "lowrank_ops_base.json"  # written into the base of `export-lora --base-out`
+BASE_MARKER = "lowrank_ops_base.json"  # written into a dense model (`to-dense`, the base of `export-lora --base-out`)
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 TMP_TAG, OLD_TAG, LOCK_TAG = "lowrank-tmp", "lowrank-old", "lowrank-lock"

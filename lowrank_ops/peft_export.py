@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from lowrank_ops.modules import CompressedLinear
-from lowrank_ops.outputs import BASE_MARKER, output_directory, reserve_output
+from lowrank_ops.outputs import output_directory, reserve_output
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -172,10 +172,12 @@ def export_saved_model(
 
     The model is loaded in the dtype its base-plus-residual layers were saved in (so the adapter keeps it). With
     `base_out` the serving base (`to_dense(model, residual=False)`, plus the directory's tokenizer when it has one)
-    is also written there with save_pretrained, atomically, and the adapter's base_model_name_or_path names it
-    (absolute path) unless `base_model_name_or_path` is given, with a marker file (lowrank_ops_base.json) that lets a
-    later export replace it. Both outputs are checked and locked before the model loads (`lowrank_ops.outputs`: never
-    the source directory, never a directory lowrank-ops did not write unless overwrite=True). Returns a summary dict.
+    is also written there with save_pretrained, atomically, with a marker file (lowrank_ops_base.json) that lets a
+    later export replace it, and the adapter's base_model_name_or_path names it unless `base_model_name_or_path` is
+    given: as a path relative to the working directory (what transformers records for `from_pretrained("runs/base")`,
+    so the pair moves with the tree it sits in; AutoPeftModelForCausalLM resolves it from that directory). Both outputs
+    are checked and locked before the model loads (`lowrank_ops.outputs`: never the source directory, never a
+    directory lowrank-ops did not write unless overwrite=True). Returns a summary dict.
     """
     path = Path(path)
     where = "export-lora"
@@ -191,8 +193,7 @@ def export_saved_model(
 
 
 def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, overwrite: bool) -> dict:
-    from lowrank_ops._version import __version__
-    from lowrank_ops.serialization import load_compressed, read_manifest, to_dense
+    from lowrank_ops.serialization import load_compressed, read_manifest, save_dense, saved_tokenizer
 
     manifest = read_manifest(path)
     kinds = {name for name, cls in CompressedLinear.registry.items() if cls.lora_residual}
@@ -200,7 +201,7 @@ def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, 
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 and None not in dtypes else None
     model = load_compressed(path, dtype=dtype)
     if base_model_name_or_path is None and base_out is not None:
-        base_model_name_or_path = str(Path(base_out).resolve())
+        base_model_name_or_path = os.path.relpath(base_out)  # as transformers records a path it loaded from
     layers = residual_layers(model)
     export_lora_adapter(model, out_dir, base_model_name_or_path, overwrite=overwrite)
     summary = {
@@ -213,18 +214,8 @@ def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, 
         "base_model_name_or_path": base_model_name_or_path,
     }
     if base_out is not None:
-        tokenizer = None
-        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        to_dense(model, residual=False)
-        with output_directory(base_out, overwrite=overwrite, protect=(path,), where="export-lora --base-out") as tmp:
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            marker = {"written_by": "lowrank_ops export-lora --base-out", "lowrank_ops": __version__,
-                      "source": str(path.resolve())}  # fmt: skip
-            (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=2))
+        tokenizer = saved_tokenizer(path)
+        save_dense(model, base_out, residual=False, tokenizer=tokenizer, source=path, overwrite=overwrite,
+                   where="export-lora --base-out")  # fmt: skip
         summary.update(base=str(base_out), base_tokenizer=tokenizer is not None)
     return summary

@@ -221,6 +221,23 @@ def _finite(ppl: float, text: str) -> float:
     return ppl
 
 
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's state dict as save_compressed / save_pretrained write it (a tied tensor once)."""
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(unique.values())
+
+
+def safetensors_bytes(directory: str | Path) -> int:
+    """Bytes of the tensors in a directory's *.safetensors files, read from their headers (no tensor loaded)."""
+    total = 0
+    for file in Path(directory).glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(end - begin for key, entry in header.items() if key != "__metadata__"
+                     for begin, end in [entry["data_offsets"]])  # fmt: skip
+    return total
+
+
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -232,6 +249,81 @@ def model_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in MODEL_DTYPES:
         raise ValueError(f"dtype={name!r} must be 'auto' or one of {list(MODEL_DTYPES)}")
     return MODEL_DTYPES[name]
+
+
+EVAL_WRITER = "lowrank-ops eval"
+"""The "written_by" of an `eval --out` result file: such a file may be replaced by a later eval."""
+
+
+def check_result_file(out: str | Path, model_name: str, overwrite: bool = False) -> Path:
+    """The path `eval --out` may write its JSON result to: not a directory, not inside the evaluated model's
+    directory (its own results.json is compress's record), and an existing file only when a previous eval wrote it
+    (or overwrite=True). ValueError otherwise."""
+    out = Path(out)
+    if out.is_dir() or str(out) in ("", "."):
+        raise ValueError(f"eval: --out {out} is a directory; give the path of a JSON file, e.g. {out}/eval.json")
+    model_dir = Path(model_name).resolve()
+    if model_name != DEFAULT_MODEL and model_dir.is_dir() and model_dir in out.resolve().parents:
+        raise ValueError(f"eval: --out {out} is inside the evaluated model's directory {model_name}; write the "
+                         "result elsewhere")  # fmt: skip
+    if out.exists() and not overwrite:
+        try:
+            previous = json.loads(out.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            previous = None
+        if not isinstance(previous, dict) or previous.get("written_by") != EVAL_WRITER:
+            raise ValueError(f"eval: --out {out} exists and was not written by lowrank-ops eval; give --overwrite "
+                             "to replace it")  # fmt: skip
+    return out
+
+
+def write_json_atomically(path: str | Path, data: dict) -> None:
+    """`data` as indented JSON at `path`, through a temporary sibling file and one rename."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        partial.write_text(json.dumps(data, indent=2, allow_nan=False))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def run_evaluation(model_name: str, *, seq_len: int, eval_tokens: int = DEFAULT_EVAL_TOKENS, batch_size: int,
+                   device: str = "auto", dtype: str = "auto", out: str | Path | None = None, overwrite: bool = False,
+                   progress: bool = True) -> dict:  # fmt: skip
+    """Load `model_name` and measure its perplexity (the module's protocol). Returns a dict with the keys of
+    compress's results.json: a saved compressed model's "variant", "config" and "compression" (from its results.json,
+    when it has one) and its perplexity under "compressed"; any other model's under "dense"; "bytes" the model's
+    tensor bytes under the same key. With `out`, the dict is also written there as JSON (`check_result_file`, checked
+    before the model loads)."""
+    from lowrank_ops.configs import config_from_dict
+    from lowrank_ops.serialization import read_manifest
+
+    if out is not None:
+        check_result_file(out, model_name, overwrite)
+    torch_device = resolve_device(device)
+    check_seq_len(seq_len, saved_model_context(model_name), model_name)
+    model, tokenizer, source = load_model(model_name, torch_device, model_dtype(dtype, torch_device))
+    check_seq_len(seq_len, model_context(model.config), source)
+    check_finite_weights(model, source)
+    result: dict = {"written_by": EVAL_WRITER, "model": source, "device": str(torch_device),
+                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}  # fmt: skip
+    key = "dense"
+    if model_name != DEFAULT_MODEL and (Path(model_name) / MANIFEST).is_file():
+        key, record = "compressed", Path(model_name) / RESULTS_FILE
+        saved = json.loads(record.read_text()) if record.is_file() else {}
+        config = saved.get("config") or read_manifest(model_name)["config"]
+        result["variant"] = saved.get("variant") or (config_from_dict(config).describe() if config else source)
+        result["config"] = config
+        if "compression" in saved:
+            result["compression"] = saved["compression"]
+    else:
+        result["variant"] = "dense"
+    result[key] = evaluate_perplexity(model, tokenizer, seq_len, eval_tokens, batch_size, progress)
+    result["bytes"] = {key: tensor_bytes(model)}
+    if out is not None:
+        write_json_atomically(out, result)
+    return result
 
 
 def run_compression(
@@ -313,14 +405,12 @@ def _run_layer_by_layer(model_name, config, out_dir, *, evaluate, eval_tokens, p
                                 progress=progress, overwrite=overwrite)  # fmt: skip
     result["compression"] = report.to_dict()
     result["layer_table"] = report.format_table()
+    result["bytes"] = {"dense": safetensors_bytes(model_name), "compressed": safetensors_bytes(out_dir)}
     if evaluate:
         model = load_compressed(out_dir, device=device)
         result["compressed"] = evaluate_perplexity(model, tokenizer, config.seq_len, eval_tokens, config.batch_size,
                                                    progress)  # fmt: skip
-    results = Path(out_dir) / RESULTS_FILE  # the output is committed: the record goes in by an atomic rename
-    partial = results.with_name(f".{RESULTS_FILE}.{os.getpid()}")
-    partial.write_text(json.dumps(result, indent=2, allow_nan=False))
-    os.replace(partial, results)
+    write_json_atomically(Path(out_dir) / RESULTS_FILE, result)  # the output is committed: added by a rename
     return result
 
 
@@ -333,6 +423,7 @@ def _run_compression(model_name, config, out_dir, *, evaluate, eval_tokens, eval
     check_finite_weights(model, source)
     result: dict = {"model": source, "config": config.to_dict(), "variant": config.describe(), "device": str(device),
                     "dtype": str(torch_dtype).removeprefix("torch."), "world_size": world_size}  # fmt: skip
+    dense_bytes = tensor_bytes(model)
     if evaluate and evaluate_dense:
         result["dense"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress
@@ -351,6 +442,7 @@ def _run_compression(model_name, config, out_dir, *, evaluate, eval_tokens, eval
     report: CompressionReport = compress_(model, config, calibration, progress=progress, **extra)
     result["compression"] = report.to_dict()
     result["layer_table"] = report.format_table()
+    result["bytes"] = {"dense": dense_bytes, "compressed": tensor_bytes(model)}
     if evaluate:
         result["compressed"] = evaluate_perplexity(
             model, tokenizer, config.seq_len, eval_tokens, config.batch_size, progress

@@ -27,7 +27,7 @@ from torch import nn
 from lowrank_ops.integrations.transformers import attach_quantization_config, quantization_config_dict
 from lowrank_ops.modules import CompressedLinear
 from lowrank_ops.modules.compressed import manifest_entries
-from lowrank_ops.outputs import output_directory
+from lowrank_ops.outputs import BASE_MARKER, output_directory, reserve_output
 from lowrank_ops.surgery import is_linear_like, replace_module
 
 MANIFEST = "lowrank_ops.json"
@@ -202,3 +202,42 @@ def to_dense(model: nn.Module, residual: bool = True) -> nn.Module:
         replace_module(model, name, dense)
     attach_quantization_config(model, None)  # no compressed module left: config.json must not claim any
     return model
+
+
+def saved_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a model directory, or None when it holds none."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def save_dense(model: nn.Module, out_dir: str | os.PathLike, *, residual: bool = True, tokenizer=None, source=None,
+               overwrite: bool = False, where: str = "save_dense") -> Path:  # fmt: skip
+    """`to_dense(model, residual)` (in place), written with save_pretrained into `out_dir` by the rules of
+    `lowrank_ops.outputs` (atomic, locked, never over `source`), with the tokenizer and the marker file
+    lowrank_ops_base.json (who wrote it, from which source) that lets a later run replace it. Returns the path."""
+    from lowrank_ops._version import __version__
+
+    to_dense(model, residual=residual)
+    with output_directory(out_dir, overwrite=overwrite, protect=(source,), where=where) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        marker = {"written_by": f"lowrank_ops {where}", "lowrank_ops": __version__, "residual": residual,
+                  "source": None if source is None else str(Path(source).resolve())}  # fmt: skip
+        (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=2))
+    return Path(out_dir)
+
+
+def export_dense(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`lowrank-ops to-dense`: the compressed model saved at `path` as a plain Hugging Face model in `out_dir` (each
+    compressed layer replaced by its dense weight, residual included; the saved dtype kept), with its tokenizer.
+    `out_dir` is checked and locked before the model loads."""
+    path = Path(path)
+    with reserve_output(out_dir, overwrite=overwrite, protect=(path,), where="to-dense"):
+        model = load_compressed(path)
+        return save_dense(model, out_dir, tokenizer=saved_tokenizer(path), source=path, overwrite=overwrite,
+                          where="to-dense")  # fmt: skip

@@ -70,7 +70,7 @@ def test_summary_headlines_bits_for_quantized_layers_and_param_ratio_otherwise()
     text = _summary(result)
     assert "kept" in text and " 0.900 " in text
     del result["compressed"]  # --no-eval
-    assert "nan" not in _summary(result) and "0.900           -" in _summary(result)
+    assert "nan" not in _summary(result) and "0.900        -           -" in _summary(result)  # MB, perplexity
 
 
 def test_summary_of_a_target_run_without_dense_evaluation_says_so():
@@ -240,3 +240,136 @@ def test_targets_that_match_nothing_fail_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded before the --targets check"))
     with pytest.raises(ValueError, match=r"targets=\['re:.*nothing_here'\] .* match no Linear/Conv1D layer"):
         main(["compress", "--model", str(source), "--targets", "re:.*nothing_here", "--seq-len", "32", "--no-eval"])
+
+
+def test_every_option_of_every_command_has_help_naming_its_default():
+    import argparse
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            shown = command._get_formatter()._expand_help(action)
+            default = action.default
+            if default is None or isinstance(default, bool):
+                continue
+            values = default if isinstance(default, list) else [default]
+            assert all(str(v) in shown for v in values), f"{name} {action.option_strings}: no default {default}"
+
+
+def test_the_perplexity_bar_counts_the_tokens_the_summary_reports(capsys):
+    from tiny_models import tiny_llama_gqa, word_tokenizer
+
+    from lowrank_ops.cli import _evaluated_tokens
+    from lowrank_ops.pipeline import evaluate_perplexity
+
+    ev = evaluate_perplexity(tiny_llama_gqa(), word_tokenizer(), 32, 96, 2)
+    bar = capsys.readouterr().err
+    assert ev["tokens"] == 96 and f"{ev['tokens']}/{ev['tokens']}" in bar  # issue 17: the bar said 93 (3 x 31)
+    assert _evaluated_tokens(ev) == ("perplexity on 96 Wikipedia test tokens: 3 windows of 32, each BOS-prefixed, "
+                                     "93 tokens predicted")  # fmt: skip
+
+
+def test_summary_gives_the_saved_size_in_megabytes():
+    from lowrank_ops.cli import _summary
+
+    result = {"model": "m", "layer_table": "table", "dense": {"perplexity": 10.0}, "dtype": "float32",
+              "compressed": {"perplexity": 12.0, "tokens": 64, "seq_len": 32}, "variant": "whiten / loss",
+              "bytes": {"dense": 538_000_000, "compressed": 471_250_000},
+              "compression": {"param_ratio": 0.9, "bits_per_weight": None, "seconds": {"total": 1.0}}}  # fmt: skip
+    rows = _summary(result).splitlines()
+    assert "MB" in rows[2].split() and "   538.0      10.000" in rows[3] and "   471.2      12.000" in rows[4]
+    assert "MB = 10^6 bytes of the whole model's tensors as saved (float32" in _summary(result)
+
+
+def test_compress_records_sizes_and_eval_writes_a_result_file_that_plot_draws(tmp_path, capsys):
+    from lowrank_ops.pipeline import RESULTS_FILE, safetensors_bytes
+    from lowrank_ops.plots import RESULTS_FILE as PLOTS_RESULTS_FILE
+
+    assert PLOTS_RESULTS_FILE == RESULTS_FILE
+    source, out = _saved_tiny(tmp_path), tmp_path / "w08"
+    common = ["--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--eval-tokens", "64"]
+    assert main(["compress", "--model", str(source), "--method", "whiten", "--param-ratio", "0.6", "--align", "4",
+                 "--calib-tokens", "128", "--out", str(out), *common]) == 0  # fmt: skip
+    record = json.loads((out / RESULTS_FILE).read_text())
+    assert record["bytes"] == {"dense": safetensors_bytes(source), "compressed": safetensors_bytes(out)}
+    assert record["bytes"]["compressed"] < record["bytes"]["dense"]
+    capsys.readouterr()
+
+    result_file = tmp_path / "eval-w08.json"
+    assert main(["eval", str(out), "--out", str(result_file), *common]) == 0
+    assert f"{record['bytes']['compressed'] / 1e6:.1f} MB" in capsys.readouterr().out
+    evaluated = json.loads(result_file.read_text())
+    assert evaluated["compressed"]["perplexity"] == pytest.approx(record["compressed"]["perplexity"], rel=1e-6)
+    assert evaluated["variant"] == record["variant"] and evaluated["compression"] == record["compression"]
+    assert evaluated["bytes"] == {"compressed": record["bytes"]["compressed"]}
+    dense_file = tmp_path / "eval-dense.json"
+    assert main(["eval", str(source), "--out", str(dense_file), *common]) == 0
+    assert json.loads(dense_file.read_text())["variant"] == "dense"
+    assert main(["eval", str(source), "--out", str(dense_file), *common]) == 0  # its own earlier result: replaced
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(ValueError, match="not written by lowrank-ops eval; give --overwrite"):
+        main(["eval", str(source), "--out", str(tmp_path / "notes.json"), *common])
+    with pytest.raises(ValueError, match="inside the evaluated model's directory"):
+        main(["eval", str(out), "--out", str(out / "eval.json"), *common])
+    with pytest.raises(ValueError, match="is a directory"):
+        main(["eval", str(out), "--out", str(tmp_path), *common])
+
+    png = tmp_path / "runs.png"
+    assert main(["plot", str(out), str(dense_file), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".runs*"))
+    with pytest.raises(FileNotFoundError, match="neither a compress --out directory"):
+        main(["plot", str(source), "--out", str(png)])
+
+
+def test_to_dense_writes_a_plain_hugging_face_model_of_a_low_rank_run(tmp_path, capsys):
+    import torch
+    from tiny_models import tiny_llama_gqa
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_ops.configs import LowRankConfig
+    from lowrank_ops.modules import CompressedLinear
+    from lowrank_ops.serialization import load_compressed, save_compressed
+
+    model = tiny_llama_gqa()
+    from lowrank_ops import compress_
+
+    compress_(model, LowRankConfig(method="svd", param_ratio=0.6, align=4, device="cpu"), progress=False)
+    source = save_compressed(model, tmp_path / "low", source="tiny", tokenizer=_word_tokenizer())
+    dense_dir = tmp_path / "dense"
+    assert main(["to-dense", str(source), "--out", str(dense_dir)]) == 0
+    assert str(dense_dir) in capsys.readouterr().out
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir).eval()  # no lowrank_ops quantization_config left
+    assert not any(isinstance(m, CompressedLinear) for m in dense.modules())
+    assert "quantization_config" not in json.loads((dense_dir / "config.json").read_text())
+    assert AutoTokenizer.from_pretrained(dense_dir).bos_token == "<s>"
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dense(tokens).logits, load_compressed(source)(tokens).logits, rtol=1e-5, atol=1e-5)
+    assert main(["to-dense", str(source), "--out", str(dense_dir)]) == 0  # its own earlier output: replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="overwrite"):
+        main(["to-dense", str(source), "--out", str(tmp_path / "other")])
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+
+
+def _word_tokenizer():
+    from tiny_models import word_tokenizer
+
+    return word_tokenizer()
+
+
+def test_warnings_print_as_one_line_each_between_progress_bars_and_are_counted_at_the_end(tmp_path, capsys):
+    source = _saved_tiny(tmp_path)
+    # 16 calibration tokens for 48 input channels: the Gram is singular, Cholesky needs damping
+    assert main(["compress", "--model", str(source), "--method", "whiten", "--param-ratio", "0.6", "--align", "4",
+                 "--calib-tokens", "16", "--seq-len", "16", "--device", "cpu", "--no-eval"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "WhiteningDampingWarning" in line]
+    assert lines and all(line.startswith("warning: WhiteningDampingWarning: ") for line in lines[:-1])
+    assert ".py:" not in err and "warnings.warn" not in err
+    assert re.fullmatch(r"lowrank-ops: \d+ warning\(s\) during the run \(\d+ WhiteningDampingWarning\), each printed "
+                        r"above", lines[-1])  # fmt: skip

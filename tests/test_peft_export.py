@@ -5,6 +5,7 @@ the CLI path compress --method eora --base 2:4-wanda -> export-lora."""
 import copy
 import functools
 import json
+import os
 import warnings
 
 import pytest
@@ -156,7 +157,7 @@ def test_cli_compresses_with_a_2to4_wanda_base_and_exports_the_adapter_and_its_b
     text = capsys.readouterr().out
     assert "14 layers (ranks [12], 0 rank-0 layers skipped)" in text and str(base_dir) in text
     config, factors = read_lora_adapter(adapter)
-    assert config["base_model_name_or_path"] == str(base_dir.resolve())
+    assert config["base_model_name_or_path"] == os.path.relpath(base_dir)  # portable: relative to the working dir
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     assert AutoTokenizer.from_pretrained(base_dir).bos_token == "<s>"
     assert isinstance(base.model.layers[0].mlp.up_proj, nn.Linear)
@@ -165,3 +166,27 @@ def test_cli_compresses_with_a_2to4_wanda_base_and_exports_the_adapter_and_its_b
         replace_module(base, name, _ManualLora(base.get_submodule(name), a, b, 1.0))
     probe = _tokens(2)
     torch.testing.assert_close(base(probe).logits, model(probe).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_lora_records_the_base_relative_to_the_working_directory_and_autopeft_loads_the_pair(
+    tmp_path, monkeypatch, capsys
+):
+    from peft import AutoPeftModelForCausalLM
+
+    from lowrank_ops.cli import main
+    from lowrank_ops.serialization import load_compressed, save_compressed
+
+    model = tiny_llama_gqa()
+    compress_(model, BaseResidualConfig(base="int4-g32", rank=8, residual="svd", device="cpu"), progress=False)
+    save_compressed(model, tmp_path / "runs" / "eora", source="tiny")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export-lora", "runs/eora", "--out", "runs/adapter", "--base-out", str(tmp_path / "runs/base")]) == 0
+    config, _ = read_lora_adapter(tmp_path / "runs" / "adapter")
+    assert config["base_model_name_or_path"] == "runs/base"  # an absolute --base-out too: no machine's path
+    served = AutoPeftModelForCausalLM.from_pretrained("runs/adapter").eval()
+    probe = _tokens(2)
+    torch.testing.assert_close(served(probe).logits, load_compressed("runs/eora")(probe).logits, rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    assert main(["export-lora", "runs/eora", "--out", "runs/adapter", "--base-out", "runs/base", "--base-model",
+                 "me/eora-base"]) == 0  # fmt: skip
+    assert read_lora_adapter(tmp_path / "runs" / "adapter")[0]["base_model_name_or_path"] == "me/eora-base"
