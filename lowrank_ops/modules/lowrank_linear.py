@@ -151,8 +151,8 @@ class LowRankLinear(CompressedLinear):
 
         svd: "exact" (the full SVD: the optimal truncation), "randomized" (`randomized_svd`, block Krylov: within
         0.6 % of the optimal error even on a flat spectrum), or "auto": randomized where its basis spans at most
-        half of min(m, n) (`uses_randomized_svd`), where it is the faster one, else exact. On a 2-core CPU, 4096 x
-        4096: exact about 70 s; randomized at rank 256 about 9 s.
+        half of min(m, n) (`uses_randomized_svd`), where it is the faster one, else exact. On a busy 2-core CPU, 4096
+        x 4096: exact 43-70 s; randomized at rank 256 5-9 s.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LowRankLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
