@@ -1,4 +1,5 @@
-"""Builds csrc/'s decode kernels against the CPU emulator (tests/cuda_emu/emu.h) into a shared library for ctypes.
+"""Builds csrc/'s decode kernels (or the sm80 intrinsics' test kernels, sm80_kernels.cu) against the CPU emulator
+(tests/cuda_emu/emu.h) into a shared library for ctypes.
 
 The kernel files are compiled unmodified except for two rewrites a host compiler needs, each checked to have
 matched every occurrence (a new construct fails the build instead of slipping through):
@@ -16,8 +17,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
-KERNEL_SOURCES = ("lowrank_decode.cu", "quant_lowrank_decode.cu")
+KERNEL_SOURCES = (CSRC / "lowrank_decode.cu", CSRC / "quant_lowrank_decode.cu")
 RUNTIME_SOURCES = ("emu.cpp", "harness.cpp")
+# The intrinsics of csrc/sm80_intrinsics.cuh and csrc/int4_dequant.cuh, tested on their own (test_sm80_intrinsics.py).
+SM80_KERNEL_SOURCES = (HERE / "sm80_kernels.cu",)
+SM80_RUNTIME_SOURCES = ("emu.cpp",)
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
 _SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
@@ -38,13 +42,31 @@ def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++")
 
 
-def build(out_dir: Path, mutations: tuple[tuple[str, str, str], ...] = ()) -> Path:
-    """Compile (once per source content) and return the path of the shared library. `mutations`: (kernel source
-    name, old, new) text replacements, each of which must match exactly once -- seeded bugs for the tests."""
+def _mutated(text: str, name: str, mutations: tuple[tuple[str, str, str], ...]) -> str:
+    for source, old, new in mutations:
+        if source == name:
+            if text.count(old) != 1:
+                raise ValueError(f"mutation of {name}: {old!r} occurs {text.count(old)} times, not once")
+            text = text.replace(old, new)
+    return text
+
+
+def build(
+    out_dir: Path,
+    mutations: tuple[tuple[str, str, str], ...] = (),
+    kernels: tuple[Path, ...] = KERNEL_SOURCES,
+    runtime: tuple[str, ...] = RUNTIME_SOURCES,
+) -> Path:
+    """Compile (once per source content) and return the path of the shared library of the kernel sources `kernels`
+    and the emulator's `runtime` sources. `mutations`: (source file name, old, new) text replacements in a kernel or
+    runtime source, each of which must match exactly once -- seeded bugs for the tests."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ / c++) on PATH")
-    inputs = [CSRC / s for s in KERNEL_SOURCES] + [HERE / s for s in RUNTIME_SOURCES]
+    unknown = {m[0] for m in mutations} - {p.name for p in kernels} - set(runtime)
+    if unknown:
+        raise ValueError(f"mutations of sources this build does not compile: {sorted(unknown)}")
+    inputs = list(kernels) + [HERE / s for s in runtime]
     headers = sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")) + [HERE / "emu.h"]
     content = b"".join(p.read_bytes() for p in inputs + headers) + repr(mutations).encode()
     digest = hashlib.sha256(content).hexdigest()[:16]
@@ -53,19 +75,19 @@ def build(out_dir: Path, mutations: tuple[tuple[str, str, str], ...] = ()) -> Pa
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = []
-    for name in KERNEL_SOURCES:
-        target = out_dir / (Path(name).stem + ".cpp")
-        text = (CSRC / name).read_text()
-        for source, old, new in mutations:
-            if source == name:
-                if text.count(old) != 1:
-                    raise ValueError(f"mutation of {name}: {old!r} occurs {text.count(old)} times, not once")
-                text = text.replace(old, new)
-        target.write_text(host_source(text, name))
+    for path in kernels:
+        target = out_dir / (path.stem + ".cpp")
+        target.write_text(host_source(_mutated(path.read_text(), path.name, mutations), path.name))
         sources.append(target)
-    sources += [HERE / s for s in RUNTIME_SOURCES]
+    for name in runtime:
+        if any(m[0] == name for m in mutations):
+            target = out_dir / name
+            target.write_text(_mutated((HERE / name).read_text(), name, mutations))
+            sources.append(target)
+        else:
+            sources.append(HERE / name)
     cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
-           "-DLOWRANK_OPS_CUDA_EMU",  # csrc/decode_common.cuh: PDL wait / trigger call the emulator's model
+           "-DLOWRANK_OPS_CUDA_EMU",  # csrc/: PDL wait / trigger and the sm80 intrinsics call the emulator's model
            f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}", *map(str, sources), "-o", str(library)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

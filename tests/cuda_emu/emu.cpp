@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <ucontext.h>
 
+#include <deque>
 #include <map>
 #include <string>
 #include <vector>
@@ -17,12 +18,20 @@ constexpr size_t kSharedGuardBytes = 4096;  // NaN poison past the dynamic share
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
 constexpr unsigned int kMaxThreadsPerBlock = 1024;
 
+// A cp.async in flight: the 16 bytes it will write (read from the source when issued).
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
+
 struct Thread {
   ucontext_t context;
   uint3 index;
   bool done = false;
   bool parked = false;  // waiting in cudaGridDependencySynchronize for the predecessor's writes
   bool fenced = false;  // executed __threadfence() since its last atomic (see emu.h: visibility between blocks)
+  std::vector<AsyncCopy> uncommitted;           // cp.async copies since the last commit_group
+  std::deque<std::vector<AsyncCopy>> groups;    // committed groups, oldest first
 };
 
 // Bytes a launch changed in tracked memory: their address and the value after the launch.
@@ -43,13 +52,17 @@ struct Barrier {
   unsigned generation = 0;
 };
 
+constexpr int kCollectiveWords = 10;  // mma.sync: 4 words of A, 2 of B, 4 of C per lane
+
 struct Warp {
   Barrier barrier;
   uint32_t slots[kWarpSize];  // the 32 bits each lane publishes in a shuffle
-  int lane_masks[kWarpSize];  // xor shuffles: the lane mask; index shuffles: kIndexShuffle
+  int lane_masks[kWarpSize];  // xor shuffles: the lane mask; index shuffles / collectives: a negative tag below
+  uint32_t words[kWarpSize][kCollectiveWords];  // the operands each lane publishes in a collective
 };
 
 constexpr int kIndexShuffle = -1;
+constexpr int kMmaF16 = -2, kMmaBf16 = -3, kLdmatrix = -4, kLdmatrixTrans = -5;
 
 struct Buffer {
   std::string name;
@@ -67,6 +80,7 @@ struct State {
   // launch
   dim3 grid, block;
   std::vector<unsigned char> shared;
+  size_t shared_bytes = 0;  // the dynamic shared memory the launch asked for (shared adds a poison guard)
   // block
   std::vector<Thread> threads;
   std::vector<Warp> warps;
@@ -354,6 +368,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, bool programmatic
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = uint3{x, y, z};
         s.shared.assign(smem_bytes + kSharedGuardBytes, 0xFF);  // every float reads NaN until written
+        s.shared_bytes = smem_bytes;
         if (overlaps) {
           poison(s.previous_writes);
           s.pdl_poisoned = true;
@@ -444,6 +459,143 @@ unsigned int shuffle_idx(unsigned int mask, unsigned int value, int src_lane) {
 }
 
 void sync_warp(unsigned int mask) { arrive_and_wait(full_warp(mask, "__syncwarp").barrier); }
+
+namespace {
+
+// A warp-collective instruction: every lane publishes `count` words under `tag`; after the barrier every lane must be
+// in the same instruction, and `compute` reads all lanes' words; the second barrier keeps them until all have read.
+template <typename Compute>
+void collective(const char* what, int tag, const uint32_t* words, int count, Compute compute) {
+  Warp& warp = full_warp(0xFFFFFFFFu, what);
+  const int lane = lane_of(state().current);
+  memcpy(warp.words[lane], words, sizeof(uint32_t) * count);
+  warp.lane_masks[lane] = tag;
+  arrive_and_wait(warp.barrier);
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (warp.lane_masks[l] != tag) {
+      fail(std::string(what) + ": lanes of one warp are in different warp-level instructions (divergence)");
+    }
+  }
+  compute(warp.words, lane);
+  arrive_and_wait(warp.barrier);
+}
+
+// The m16n8k16 fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type"),
+// with g = lane / 4, t = lane % 4; element i of a fragment is half i % 2 (low first) of register i / 2.
+// A (16 x 16, elements a0..a7): row g + 8 * ((i / 2) % 2), column 2t + i % 2 + 8 * (i / 4).
+int a_row(int lane, int i) { return lane / 4 + 8 * ((i / 2) % 2); }
+int a_col(int lane, int i) { return 2 * (lane % 4) + i % 2 + 8 * (i / 4); }
+// B (16 x 8, K x N, elements b0..b3): row 2t + i % 2 + 8 * (i / 2), column g.
+int b_row(int lane, int i) { return 2 * (lane % 4) + i % 2 + 8 * (i / 2); }
+int b_col(int lane, int) { return lane / 4; }
+// C and D (16 x 8, fp32 c0..c3): row g + 8 * (i / 2), column 2t + i % 2.
+int c_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
+int c_col(int lane, int i) { return 2 * (lane % 4) + i % 2; }
+
+double b16_value(uint32_t word, int half, bool bf16) {
+  const uint16_t bits = static_cast<uint16_t>(word >> (16 * half));
+  return bf16 ? bfloat16_to_float(bits) : half_to_float(bits);
+}
+
+// p .. p + bytes lies inside the block's dynamic shared memory.
+bool in_shared(const void* p, size_t bytes) {
+  const State& s = state();
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  return c >= s.shared.data() && c + bytes <= s.shared.data() + s.shared_bytes;
+}
+
+}  // namespace
+
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4], bool bf16) {
+  uint32_t words[kCollectiveWords];
+  memcpy(words, a, sizeof(a));
+  memcpy(words + 4, b, sizeof(b));
+  memcpy(words + 6, c, sizeof(c));
+  collective("mma.sync.m16n8k16", bf16 ? kMmaBf16 : kMmaF16, words, kCollectiveWords,
+             [&](const uint32_t (*all)[kCollectiveWords], int lane) {
+               double A[16][16], B[16][8], C[16][8];
+               for (int l = 0; l < kWarpSize; ++l) {
+                 for (int i = 0; i < 8; ++i) {
+                   A[a_row(l, i)][a_col(l, i)] = b16_value(all[l][i / 2], i % 2, bf16);
+                 }
+                 for (int i = 0; i < 4; ++i) {
+                   B[b_row(l, i)][b_col(l, i)] = b16_value(all[l][4 + i / 2], i % 2, bf16);
+                   C[c_row(l, i)][c_col(l, i)] = bits_float(all[l][6 + i]);
+                 }
+               }
+               for (int i = 0; i < 4; ++i) {
+                 double sum = C[c_row(lane, i)][c_col(lane, i)];
+                 for (int k = 0; k < 16; ++k) {
+                   sum += A[c_row(lane, i)][k] * B[k][c_col(lane, i)];
+                 }
+                 d[i] = static_cast<float>(sum);
+               }
+             });
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  uint32_t words[2];
+  memcpy(words, &row, sizeof(row));
+  collective(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", trans ? kLdmatrixTrans : kLdmatrix, words, 2,
+             [&](const uint32_t (*all)[kCollectiveWords], int lane) {
+               const uint16_t* rows[kWarpSize];
+               for (int l = 0; l < kWarpSize; ++l) {
+                 memcpy(&rows[l], all[l], sizeof(rows[l]));
+                 if (reinterpret_cast<uintptr_t>(rows[l]) % 16 != 0 || !in_shared(rows[l], 16)) {
+                   char message[160];
+                   snprintf(message, sizeof(message),
+                            "ldmatrix: lane %d's row address %p is not a 16-byte aligned row of shared memory", l,
+                            static_cast<const void*>(rows[l]));
+                   fail(message);
+                 }
+               }
+               // Matrix i's rows are the addresses of lanes 8i .. 8i + 7 (PTX ISA, ldmatrix).
+               for (int i = 0; i < 4; ++i) {
+                 uint32_t word = 0u;
+                 for (int h = 0; h < 2; ++h) {
+                   const uint16_t e = trans ? rows[8 * i + 2 * (lane % 4) + h][lane / 4]
+                                            : rows[8 * i + lane / 4][2 * (lane % 4) + h];
+                   word |= static_cast<uint32_t>(e) << (16 * h);
+                 }
+                 r[i] = word;
+               }
+             });
+}
+
+void cp_async16(void* dst, const void* src, int src_bytes) {
+  Thread* self = state().current;
+  if (src_bytes < 0 || src_bytes > 16) {
+    fail("cp.async: src_bytes=" + std::to_string(src_bytes) + " must be in 0 .. 16");
+  }
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || !in_shared(dst, 16) ||
+      (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    fail("cp.async: the destination must be 16 aligned bytes of shared memory and the source 16-byte aligned");
+  }
+  AsyncCopy copy{static_cast<unsigned char*>(dst), {}};
+  if (src_bytes > 0) {
+    note_load(src, static_cast<size_t>(src_bytes));
+    memcpy(copy.bytes, src, static_cast<size_t>(src_bytes));
+  }
+  memset(copy.bytes + src_bytes, 0, 16 - static_cast<size_t>(src_bytes));
+  memset(dst, 0xFF, 16);  // poison until the wait that retires its group
+  self->uncommitted.push_back(copy);
+}
+
+void cp_async_commit() {
+  Thread* self = state().current;
+  self->groups.push_back(std::move(self->uncommitted));
+  self->uncommitted.clear();
+}
+
+void cp_async_wait(int pending) {
+  Thread* self = state().current;
+  while (self->groups.size() > static_cast<size_t>(pending)) {
+    for (const AsyncCopy& copy : self->groups.front()) {
+      memcpy(copy.dst, copy.bytes, sizeof(copy.bytes));
+    }
+    self->groups.pop_front();
+  }
+}
 
 void fence() { state().current->fenced = true; }
 

@@ -24,6 +24,15 @@
 // far. Writes never published that way are hidden from the later blocks (they read the value before the block ran:
 // NaN poison in the workspace) until the launch ends. So a handoff without the fence, or with the fence after the
 // atomic, hands the last block poison instead of the other blocks' partial sums.
+// The sm_80 warp-level instructions (csrc/sm80_intrinsics.cuh calls them under LOWRANK_OPS_CUDA_EMU). mma.sync and
+// ldmatrix are warp collectives, run like a shuffle: every lane publishes its operands (fragments, row addresses),
+// a warp barrier, each lane computes its own result from all lanes' operands, a second barrier; lanes of one warp in
+// different collectives at once fault (divergence). The fragment layouts are the PTX ISA's (see emu.cpp); mma sums
+// the exact products and C in float64 and rounds once to fp32 (hardware rounds its internal sum differently in the
+// last bits). ldmatrix faults on a row address that is not 16-byte aligned inside the block's dynamic shared memory.
+// cp.async is per thread: the source is read (and checked / counted as a load) and the destination set to 0xFF
+// poison when the copy is issued; the bytes land when cp.async.wait_group retires its group, so a read of the
+// destination before the matching wait (or a wait that leaves the group pending) reads NaN.
 // What it does NOT model: concurrent blocks, reordering within a thread, the acquire side (a reader's missing fence
 // is not caught), timing; a thread that reads the predecessor's output without ever waiting, after another thread of
 // its block waited, sees the restored values. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
@@ -37,6 +46,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 
 // ---------------------------------------------------------------------------------------------- qualifiers
@@ -134,6 +144,11 @@ void sync_warp(unsigned int mask);
 float shuffle_xor(unsigned int mask, float value, int lane_mask);
 unsigned int shuffle_idx(unsigned int mask, unsigned int value, int src_lane);
 void fence();
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4], bool bf16);
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
+void cp_async16(void* dst, const void* src, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);
 unsigned int atomic_add(unsigned int* address, unsigned int value);
 void record_error(cudaError_t error);
 
@@ -330,3 +345,75 @@ inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __hal
 inline float __bfloat162float(__nv_bfloat16 b) { return ::cuda_emu::bfloat16_to_float(b.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{::cuda_emu::float_to_bfloat16(f)}; }
 inline float2 __bfloat1622float2(__nv_bfloat162 b) { return float2{__bfloat162float(b.x), __bfloat162float(b.y)}; }
+
+namespace cuda_emu {
+
+// lop3.b32: bit i of LUT is F at (a, b, c) = (i & 4, i & 2, i & 1), since LUT = F(0xF0, 0xCC, 0xAA) (PTX ISA).
+inline uint32_t lop3(uint32_t a, uint32_t b, uint32_t c, int lut) {
+  uint32_t d = 0u;
+  for (int i = 0; i < 8; ++i) {
+    if ((lut >> i) & 1) {
+      d |= ((i & 4) ? a : ~a) & ((i & 2) ? b : ~b) & ((i & 1) ? c : ~c);
+    }
+  }
+  return d;
+}
+
+// prmt.b32, default mode: result byte i is byte (sel_i & 7) of {b, a} (a = bytes 0-3), or with sel_i & 8 that
+// byte's sign bit replicated, where sel_i is nibble i of the selector (PTX ISA).
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  const uint64_t bytes = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t d = 0u;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t s = (selector >> (4 * i)) & 0xFu;
+    uint32_t byte = static_cast<uint32_t>(bytes >> (8 * (s & 7u))) & 0xFFu;
+    if (s & 8u) {
+      byte = (byte & 0x80u) ? 0xFFu : 0u;
+    }
+    d |= byte << (8 * i);
+  }
+  return d;
+}
+
+// x rounded once, to nearest even, to a binary format with `mantissa` stored bits and smallest normal exponent
+// `min_exponent` (fp16: 10, -14; bf16: 7, -126), returned exactly as a double (subnormals included).
+inline double round_to_format(double x, int mantissa, int min_exponent) {
+  if (!std::isfinite(x) || x == 0.0) {
+    return x;
+  }
+  int e;
+  frexp(x, &e);  // |x| in [2^(e-1), 2^e)
+  const int quantum = std::max(e - 1, min_exponent) - mantissa;
+  return ldexp(nearbyint(ldexp(x, -quantum)), quantum);
+}
+
+inline __half to_half(double x) { return __half{float_to_half(static_cast<float>(round_to_format(x, 10, -14)))}; }
+inline __nv_bfloat16 to_bfloat16(double x) {
+  return __nv_bfloat16{float_to_bfloat16(static_cast<float>(round_to_format(x, 7, -126)))};
+}
+
+}  // namespace cuda_emu
+
+// Packed fp16 / bf16 arithmetic: each half computed in float64 (exact unless its terms lie ~30 binades apart) and
+// rounded once (an fma is fused), as the hardware rounds.
+inline __half2 __hsub2(__half2 a, __half2 b) {
+  return __half2{::cuda_emu::to_half(static_cast<double>(__half2float(a.x)) - __half2float(b.x)),
+                 ::cuda_emu::to_half(static_cast<double>(__half2float(a.y)) - __half2float(b.y))};
+}
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return __half2{
+      ::cuda_emu::to_half(static_cast<double>(__half2float(a.x)) * __half2float(b.x) + __half2float(c.x)),
+      ::cuda_emu::to_half(static_cast<double>(__half2float(a.y)) * __half2float(b.y) + __half2float(c.y))};
+}
+inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return __nv_bfloat162{
+      ::cuda_emu::to_bfloat16(static_cast<double>(__bfloat162float(a.x)) - __bfloat162float(b.x)),
+      ::cuda_emu::to_bfloat16(static_cast<double>(__bfloat162float(a.y)) - __bfloat162float(b.y))};
+}
+inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
+  return __nv_bfloat162{
+      ::cuda_emu::to_bfloat16(static_cast<double>(__bfloat162float(a.x)) * __bfloat162float(b.x) +
+                              __bfloat162float(c.x)),
+      ::cuda_emu::to_bfloat16(static_cast<double>(__bfloat162float(a.y)) * __bfloat162float(b.y) +
+                              __bfloat162float(c.y))};
+}
