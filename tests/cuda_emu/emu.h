@@ -32,7 +32,8 @@
 // last bits). ldmatrix faults on a row address that is not 16-byte aligned inside the block's dynamic shared memory.
 // cp.async is per thread: the source is read (and checked / counted as a load) and the destination set to 0xFF
 // poison when the copy is issued; the bytes land when cp.async.wait_group retires its group, so a read of the
-// destination before the matching wait (or a wait that leaves the group pending) reads NaN.
+// destination before the matching wait (or a wait that leaves the group pending) reads NaN. Copies a thread never
+// waits for are dropped when it exits.
 // What it does NOT model: concurrent blocks, reordering within a thread, the acquire side (a reader's missing fence
 // is not caught), timing; a thread that reads the predecessor's output without ever waiting, after another thread of
 // its block waited, sees the restored values. Faults it reports as a failed launch (cudaGetLastError): barrier deadlock or divergence, shuffles with
