@@ -3,8 +3,8 @@
 `select_backend` is the single dispatch point: ops call it with the device and the number of rows M of the
 activation, and get back which implementation runs. Rules (AUTO):
 
-- CPU tensors run the torch path. Triton on CPU only exists as the slow interpreter (``TRITON_INTERPRET=1``),
-  which tests request explicitly.
+- CPU tensors run the torch path, except where the CPU backend applies (below). Triton on CPU only exists as the
+  slow interpreter (``TRITON_INTERPRET=1``), which tests request explicitly.
 - CUDA tensors with M <= DECODE_MAX_M run the Triton decode path (split-K shrink + fused expand, chained with
   programmatic dependent launch) -- the regime where two library GEMV launches plus a dependency gap cost
   more than the bytes (H100 anchor: two cuBLAS GEMMs 10.6 us vs a 1.25 us byte floor at 4096^2, r=256).
@@ -24,6 +24,14 @@ activation, and get back which implementation runs. Rules (AUTO):
   AUTO does not pick it until it has been measured against Triton on an H100. The measured crossover goes into
   `select_backend`'s AUTO branch below, as a per-op table of (max M, shapes) where CUDA won, with the benchmark
   figures (benchmarks/bench_lowrank_matmul.py and bench_quant_lowrank_matmul.py, provider lowrank_ops_cuda).
+
+- The CPU backend (ops in CPU_OPS: quant_lowrank_matmul, through PyTorch's int4 CPU kernel
+  aten::_weight_int4pack_mm_for_cpu, kernels/quant_lowrank_matmul_cpu.py): AUTO picks it for CPU tensors when the
+  op says its arguments fit (`cpu_unsupported` is None: bf16 activations, bits <= 4, group size 32 / 64 / 128 /
+  256) on an AVX2 / AVX512 CPU, for M <= CPU_MAX_M rows; otherwise CPU tensors run the torch path. CPU_MAX_M:
+  the kernel dequantises every 4-row block of x anew, so its time grows with M while the torch path dequantises
+  once; measured on the 2-core AMD EPYC (AVX512, 1 thread, bf16, g = 128, r = 64, SmolLM2's four shapes) the CPU
+  backend was 1.7-2.2x faster at M = 64 and tied at M = 128 (576 x 576: 1436 against 1378 us).
 
 An explicitly requested backend that is unavailable raises `BackendUnavailableError` with the reason.
 AUTO never fails: it falls back to torch and logs one line per (op, reason).
@@ -47,6 +55,9 @@ TRITON_TILED_MAX_M = 64
 TRITON_ALL_M_OPS = frozenset({"quant_lowrank_matmul"})
 CUDA_MAX_M = 16  # csrc/ decode kernels: LOWRANK_OPS_DECODE_MAX_ROWS in csrc/lowrank_decode.h
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CPU_OPS = frozenset({"quant_lowrank_matmul"})  # ops with a CPU backend
+CPU_MAX_M = 64
+CPU_CAPABILITIES = ("AVX2", "AVX512")  # where aten's int4 CPU kernel is vectorized (x86); AVX512 measured
 
 
 class Backend(str, enum.Enum):
@@ -54,6 +65,7 @@ class Backend(str, enum.Enum):
     TRITON = "triton"
     TORCH = "torch"
     CUDA = "cuda"
+    CPU = "cpu"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -113,6 +125,26 @@ def cuda_dtype_unavailable_reason(dtype: torch.dtype) -> str | None:
     return None
 
 
+@functools.cache
+def _cpu_kernel_unavailable_reason() -> str | None:
+    """None when aten's int4 CPU kernel exists and is vectorized on this CPU (constant per process: cached, since
+    get_cpu_capability costs microseconds on every decode call)."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no aten::_weight_int4pack_mm_for_cpu"
+    if (capability := torch.backends.cpu.get_cpu_capability()) not in CPU_CAPABILITIES:
+        return f"aten's int4 CPU kernel is vectorized for {' / '.join(CPU_CAPABILITIES)}, this CPU runs {capability}"
+    return None
+
+
+def cpu_unavailable_reason(op: str, device: torch.device) -> str | None:
+    """None when `op` has a CPU backend that runs here, else a sentence saying why not."""
+    if device.type != "cpu":
+        return f"the CPU backend needs a CPU tensor, got device {device}"
+    if op not in CPU_OPS:
+        return f"{op} has no CPU backend (its torch backend is its CPU path)"
+    return _cpu_kernel_unavailable_reason()
+
+
 _requested: Backend | None = None
 
 
@@ -143,10 +175,12 @@ def _log_fallback_once(op: str, reason: str) -> None:
     logger.info("lowrank_ops.%s: AUTO uses the torch backend because %s", op, reason)
 
 
-def select_backend(op: str, device: torch.device, m_rows: int, requested: Backend | str | None = None) -> Backend:
+def select_backend(op: str, device: torch.device, m_rows: int, requested: Backend | str | None = None, *,
+                   cpu_unsupported: str | None = None) -> Backend:
     """Pick the implementation of `op` for activations with `m_rows` rows on `device`.
 
-    Returns TRITON, TORCH or CUDA, never AUTO. See the module docstring for the rules.
+    `cpu_unsupported`: why the CPU backend cannot take this call's arguments (None: it can; the op knows its
+    arguments, this function the rules). Returns TRITON, TORCH, CUDA or CPU, never AUTO. See the module docstring.
     """
     requested = requested_backend() if requested is None else Backend(requested)
     if requested is Backend.TORCH:
@@ -159,7 +193,16 @@ def select_backend(op: str, device: torch.device, m_rows: int, requested: Backen
         if (reason := cuda_unavailable_reason(op, device, m_rows)) is not None:
             raise BackendUnavailableError(f"{op}: backend 'cuda' is unavailable: {reason}")
         return Backend.CUDA
+    if requested is Backend.CPU:
+        if (reason := cpu_unavailable_reason(op, device) or cpu_unsupported) is not None:
+            raise BackendUnavailableError(f"{op}: backend 'cpu' is unavailable: {reason}")
+        return Backend.CPU
     # AUTO. CUDA is not chosen here yet: it needs the H100 crossover against Triton first (module docstring).
+    if device.type == "cpu" and op in CPU_OPS and m_rows <= CPU_MAX_M:
+        if (reason := cpu_unavailable_reason(op, device) or cpu_unsupported) is None:
+            return Backend.CPU
+        _log_fallback_once(op, reason)
+        return Backend.TORCH
     if device.type != "cuda":
         _log_fallback_once(op, f"the tensors are on {device.type}, where torch is the fast path")
         return Backend.TORCH

@@ -7,7 +7,12 @@ import platform
 import torch
 
 from lowrank_ops import _C_loader
-from lowrank_ops.backends import cuda_unavailable_reason, triton_interpreting, triton_unavailable_reason
+from lowrank_ops.backends import (
+    cpu_unavailable_reason,
+    cuda_unavailable_reason,
+    triton_interpreting,
+    triton_unavailable_reason,
+)
 
 OPS = ("lowrank_matmul", "quant_lowrank_matmul", "codebook_matmul")
 
@@ -37,6 +42,7 @@ def env_report() -> dict:
             "torch": "available",
             "triton": triton_unavailable_reason(device) or "available",
             "cuda": cuda_unavailable_reason(op, device) or "available",
+            "cpu": cpu_unavailable_reason(op, torch.device("cpu")) or "available",
         }
         for op in OPS
     }

@@ -190,7 +190,7 @@ def test_auto_backend_is_triton_at_every_m_on_gpu(monkeypatch):
     for m_rows in (1, 64, 65, 2048):
         assert select_backend("quant_lowrank_matmul", cuda, m_rows, "auto") is Backend.TRITON
     assert select_backend("lowrank_matmul", cuda, 2048, "auto") is Backend.TORCH
-    assert select_backend("quant_lowrank_matmul", torch.device("cpu"), 1, "auto") is Backend.TORCH
+    assert select_backend("quant_lowrank_matmul", torch.device("cpu"), backends.CPU_MAX_M + 1, "auto") is Backend.TORCH
     assert "quant_lowrank_matmul" in backends.TRITON_ALL_M_OPS
 
 

@@ -23,6 +23,11 @@ Backends (chosen by `lowrank_ops.backends.select_backend`; on CUDA AUTO picks Tr
 - torch: W_hat = quant_format.dequantize (fp32, rounded once to x's dtype), then F.linear(x, W_hat, b) and,
   with a residual, z = F.linear(x, V) and y = addmm(y, z, U^T) (the expand accumulates in the GEMM epilogue);
   on CUDA an unaligned rank is zero-padded to a multiple of 16 (as in lowrank_matmul).
+- cpu: PyTorch's int4 CPU kernel (aten::_weight_int4pack_mm_for_cpu) on a packing of the base made on the first
+  call and cached (kernels/quant_lowrank_matmul_cpu.py), then the residual and bias in bf16 GEMMs. Takes bf16 x with
+  scales / zeros in bf16, bits 2 / 3 / 4, group_size 32 / 64 / 128 / 256 (`cpu_unsupported_reason`); AUTO picks it
+  on CPU for M <= 64 (backends.CPU_MAX_M). Everything else on CPU (fp32 / fp16 x, bits 8, other group sizes,
+  inference-mode weights) runs the torch backend, which stays the reference.
 - cuda: csrc/quant_lowrank_decode.cu (split-K shrink, then the dequantising GEMV with the expand fused, PDL)
   through the private op torch.ops.lowrank_ops.quant_lowrank_matmul_cuda: M <= 16, fp16 / bf16 with scales
   and zeros in x's dtype, bits 2 / 3 / 4; only when requested (not chosen by AUTO yet).
@@ -36,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops.backends import Backend, BackendUnavailableError, cuda_dtype_unavailable_reason, select_backend
+from lowrank_ops.kernels.quant_lowrank_matmul_cpu import GROUP_SIZES as CPU_GROUP_SIZES
+from lowrank_ops.kernels.quant_lowrank_matmul_cpu import quant_lowrank_matmul_cpu
 from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 from lowrank_ops.quant_format import (
@@ -138,6 +145,22 @@ def cuda_unsupported_reason(x: torch.Tensor, scales: torch.Tensor, bits: int) ->
     return None
 
 
+def cpu_unsupported_reason(x, qweight, scales, zeros, bits: int, group_size: int) -> str | None:
+    """None when the CPU backend takes these arguments (the op's own rules already hold), else why not."""
+    if x.dtype != torch.bfloat16:
+        return (f"the CPU backend takes bfloat16 activations, got {x.dtype} (aten's int4 CPU kernel is vectorized for "
+                "bf16 only: 22x slower than dense in fp32 at 1536 x 576, M = 1)")
+    if bits > 4:
+        return f"the CPU backend reads 4-bit codes (bits 2, 3, 4), got bits={bits}"
+    if group_size not in CPU_GROUP_SIZES:
+        return f"aten's int4 CPU kernel takes group_size in {CPU_GROUP_SIZES}, got {group_size}"
+    if scales.dtype != x.dtype:
+        return f"the CPU backend takes scales / zeros in x's dtype {x.dtype}, got {scales.dtype}"
+    if any(t.is_inference() for t in (qweight, scales, zeros)):
+        return "the base is made of inference tensors, which have no version counter to invalidate a cached packing"
+    return None
+
+
 def _quant_lowrank_matmul_cuda(x2d, qweight, scales, zeros, v, u, bias, bits, group_size) -> torch.Tensor:
     """The csrc/ decode kernels (needs the extension and a GPU); x2d needs unit column stride."""
     if (reason := cuda_unsupported_reason(x2d, scales, bits)) is not None:
@@ -205,7 +228,8 @@ def _quant_lowrank_matmul_op(
         v = u = None
     x2d = x.reshape(-1, x.shape[-1])
     m_rows = x2d.shape[0]
-    backend = select_backend(OP, x.device, m_rows)
+    cpu_reason = cpu_unsupported_reason(x, qweight, scales, zeros, bits, group_size) if x.device.type == "cpu" else None
+    backend = select_backend(OP, x.device, m_rows, cpu_unsupported=cpu_reason)
     if x.dtype == torch.float64 and backend is not Backend.TORCH:
         raise TypeError(f"{OP}: x.dtype=torch.float64 runs only on the torch backend, not {backend.value}")
     if backend is Backend.TRITON and m_rows > 0:
@@ -222,6 +246,8 @@ def _quant_lowrank_matmul_op(
             y2d = _gemms(x2d, w, v, u, bias)
     elif backend is Backend.CUDA:  # pragma: no cover - needs the extension and a GPU (tests/test_cuda_kernels.py)
         y2d = _quant_lowrank_matmul_cuda(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
+    elif backend is Backend.CPU:
+        y2d = quant_lowrank_matmul_cpu(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
     else:
         y2d = _quant_lowrank_matmul_torch(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
     return y2d.reshape(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,155 @@
+"""The CPU backend of quant_lowrank_matmul (aten's int4 CPU kernel on a cached packing): float64 parity on awkward
+shapes at bits 2 / 3 / 4, the packing cache and its invalidation, and the dispatch rules that route calls to it."""
+
+import gc
+
+import pytest
+import torch
+from test_quant_lowrank_matmul import _check, _inputs
+
+import lowrank_ops  # noqa: F401  (registers the op)
+from lowrank_ops import backends
+from lowrank_ops.backends import Backend, BackendUnavailableError, select_backend, use_backend
+from lowrank_ops.kernels import quant_lowrank_matmul_cpu as cpu_kernel
+from lowrank_ops.modules import QuantLowRankLinear
+
+op = torch.ops.lowrank_ops.quant_lowrank_matmul
+CPU = torch.device("cpu")
+OP = "quant_lowrank_matmul"
+pytestmark = pytest.mark.skipif(
+    backends.cpu_unavailable_reason(OP, CPU) is not None, reason=str(backends.cpu_unavailable_reason(OP, CPU))
+)
+
+# (M, n, m, r, group_size): M = 1, 3, 17 and CPU_MAX_M; n = 576 at g = 128 (SmolLM2: 4.5 groups, x padded), n = 200
+# at g = 32 (partial group), n = 4095 (odd, partial group); m not a multiple of 16 (padded rows); r = 0, 1, 24, 37;
+# a GQA k/v projection (192 x 576); g = 256 with n = 513.
+SHAPES = [
+    (1, 576, 192, 24, 128),
+    (3, 200, 33, 1, 32),
+    (17, 576, 70, 0, 128),
+    (17, 200, 97, 24, 32),
+    (1, 4095, 100, 37, 128),
+    (2, 513, 48, 3, 256),
+    (backends.CPU_MAX_M, 136, 65, 37, 64),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_backend_matches_float64(shape, bits):
+    args = _inputs(shape, bits, torch.bfloat16, "cpu", bias=shape[0] % 2 == 1, seed=hash((shape, bits)) % 1000)
+    with use_backend("cpu"):
+        y = op(*args)
+    _check(y, args)
+    torch.testing.assert_close(op(*args), y, rtol=0, atol=0)  # AUTO picks the CPU backend here
+
+
+def test_leading_dims_non_contiguous_x_and_empty_batch():
+    _, q, s, z, v, u, b, bits, g = _inputs((1, 130, 70, 24, 32), 4, torch.bfloat16, "cpu")
+    x = torch.randn(2, 130, 7).bfloat16().transpose(1, 2)[:, ::2]  # (2, 4, 130), not contiguous
+    with use_backend("cpu"):
+        y = op(x, q, s, z, v, u, b, bits, g)
+        assert op(x[:0], q, s, z, v, u, b, bits, g).shape == (0, 4, 70)
+    assert y.shape == (2, 4, 70)
+    _check(y, (x, q, s, z, v, u, b, bits, g))
+
+
+def test_packing_is_made_once_and_remade_when_the_base_changes(monkeypatch):
+    calls = []
+    pack = cpu_kernel.pack_for_cpu
+    monkeypatch.setattr(cpu_kernel, "pack_for_cpu", lambda *a: calls.append(1) or pack(*a))
+    args = _inputs((1, 200, 33, 4, 32), 4, torch.bfloat16, "cpu", seed=1)
+    x, q, s, z, v, u, b, bits, g = args
+    with use_backend("cpu"):
+        y1 = op(*args)
+        op(*args)
+        assert len(calls) == 1
+        other = _inputs((1, 200, 33, 4, 32), 4, torch.bfloat16, "cpu", seed=2)
+        for mine, new in zip((q, s, z), other[1:4], strict=True):
+            with torch.no_grad():
+                mine.copy_(new)  # in place, as load_state_dict does: the version counter moves
+            y2 = op(*args)
+            _check(y2, args)
+        assert len(calls) == 4 and not torch.equal(y1, y2)
+        assert id(q) in cpu_kernel._CACHE
+    key = id(q)
+    del args, q
+    gc.collect()
+    assert key not in cpu_kernel._CACHE
+
+
+def test_module_load_state_dict_and_dtype_cast_reach_the_cpu_backend():
+    a = _inputs((1, 576, 192, 16, 128), 4, torch.bfloat16, "cpu", bias=True, seed=3)
+    b = _inputs((1, 576, 192, 16, 128), 4, torch.bfloat16, "cpu", bias=True, seed=4)
+    layer = QuantLowRankLinear(576, 192, bits=4, group_size=128, rank=16, dtype=torch.bfloat16)
+    x = a[0]
+    for args in (a, b):
+        _, q, s, z, v, u, bias, _, _ = args
+        layer.load_state_dict({"qweight": q, "scales": s, "zeros": z, "v": v, "u": u, "bias": bias})
+        with torch.no_grad(), use_backend("cpu"):
+            y = layer(x)
+        _check(y, (x, *args[1:]))
+    layer32 = layer.float()  # fp32 activations: the torch backend (aten's kernel is vectorized for bf16 only)
+    with torch.no_grad(), use_backend("torch"):
+        expected = layer32(x.float())
+    with torch.no_grad():
+        torch.testing.assert_close(layer32(x.float()), expected, rtol=0, atol=0)
+
+
+def test_inference_tensors_run_the_torch_backend():
+    with torch.inference_mode():
+        args = _inputs((1, 200, 33, 4, 32), 4, torch.bfloat16, "cpu")
+        with use_backend("torch"):
+            expected = op(*args)
+        torch.testing.assert_close(op(*args), expected, rtol=0, atol=0)
+        with use_backend("cpu"), pytest.raises(BackendUnavailableError, match="inference tensors"):
+            op(*args)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits", "group_size", "scale_dtype", "match"),
+    [
+        (torch.float32, 4, 32, None, "takes bfloat16 activations, got torch.float32"),
+        (torch.float16, 4, 32, None, "takes bfloat16 activations, got torch.float16"),
+        (torch.bfloat16, 8, 32, None, "bits 2, 3, 4"),
+        (torch.bfloat16, 4, 16, None, r"group_size in \(32, 64, 128, 256\), got 16"),
+        (torch.bfloat16, 4, 32, torch.float32, "scales / zeros in x's dtype"),
+    ],
+)
+def test_arguments_the_kernel_cannot_take_run_the_torch_backend(dtype, bits, group_size, scale_dtype, match):
+    """AUTO falls back to the torch backend (bit-identical to requesting it); requesting 'cpu' says why not."""
+    x, q, s, z, v, u, b, _, _ = _inputs((2, 64, 40, 8, group_size), bits, dtype, "cpu")
+    if scale_dtype is not None:
+        s, z = s.to(scale_dtype), z.to(scale_dtype)
+    args = (x, q, s, z, v, u, b, bits, group_size)
+    with use_backend("torch"):
+        expected = op(*args)
+    torch.testing.assert_close(op(*args), expected, rtol=0, atol=0)
+    with use_backend("cpu"), pytest.raises(BackendUnavailableError, match=match):
+        op(*args)
+
+
+def test_dispatch_rules():
+    assert select_backend(OP, CPU, 1, "auto") is Backend.CPU
+    assert select_backend(OP, CPU, backends.CPU_MAX_M, "auto") is Backend.CPU
+    assert select_backend(OP, CPU, backends.CPU_MAX_M + 1, "auto") is Backend.TORCH
+    assert select_backend(OP, CPU, 10**4, "cpu") is Backend.CPU  # requested: any M
+    assert select_backend(OP, CPU, 1, "auto", cpu_unsupported="no") is Backend.TORCH
+    with pytest.raises(BackendUnavailableError, match="backend 'cpu' is unavailable: why not"):
+        select_backend(OP, CPU, 1, "cpu", cpu_unsupported="why not")
+    with pytest.raises(BackendUnavailableError, match="lowrank_matmul has no CPU backend"):
+        select_backend("lowrank_matmul", CPU, 1, "cpu")
+    assert select_backend("lowrank_matmul", CPU, 1, "auto") is Backend.TORCH
+    with pytest.raises(BackendUnavailableError, match="needs a CPU tensor"):
+        select_backend(OP, torch.device("cuda", 0), 1, "cpu")
+
+
+def test_unvectorized_cpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    backends._cpu_kernel_unavailable_reason.cache_clear()
+    try:
+        assert select_backend(OP, CPU, 1, "auto") is Backend.TORCH
+        with pytest.raises(BackendUnavailableError, match="this CPU runs DEFAULT"):
+            select_backend(OP, CPU, 1, "cpu")
+    finally:
+        backends._cpu_kernel_unavailable_reason.cache_clear()
