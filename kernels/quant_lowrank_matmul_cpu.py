@@ -1,4 +1,4 @@
-"""The CPU backend of quant_lowrank_matmul: PyTorch's int4 CPU kernel on a packing of the base made once per weight.
+"""The CPU backend of quant_lowrank_matmul: PyTorch's int4 CPU kernel on a packing of the layer made once and cached.
 
 aten::_weight_int4pack_mm_for_cpu(A, B, g, SZ) computes, for A (M, K) and codes q (N, K) in [0, 15] packed by
 aten::_convert_weight_to_int4pack_for_cpu into B (N, K / 2) uint8,
@@ -8,27 +8,31 @@ aten::_convert_weight_to_int4pack_for_cpu into B (N, K / 2) uint8,
 with SZ (K / g, N, 2) in A's dtype, g in {32, 64, 128, 256}, g | K, N % 16 == 0, fp32 FMAs and C rounded once to A's
 dtype (torch 2.13, aten/src/ATen/native/cpu/int4mm_kernel.cpp; checked against float64 in the tests).
 
-Layout v1 defines W_hat = (q - z) s. The zero term is kept out of the kernel, whose SZ[..., 1] is 0:
+Layout v1 defines W_hat = (q - z) s. The zero term stays out of the kernel, whose SZ[..., 1] is 0:
 - bits 2 / 3 (q, z < 8): the codes go in as q - z + 8, in [1, 15], so the kernel's weights are W_hat exactly;
-- bits 4: the codes go in as they are, the kernel computes P = x ((q - 8) s)^T, and the zero term
-  x ((8 - z) s)^T = xs T with xs (M, G) the sums of x over each group and T (G, m) = ((8 - z) s)^T (exact in fp32:
-  a 4-bit integer times a bf16 scale) is one small fp32 GEMM, added to P in fp32.
+- bits 4: the codes go in as they are, the kernel computes P = x ((q - 8) s)^T, and the zero term x ((8 - z) s)^T
+  = (x E^T) T is a rank-G product: E (G, n) the group indicator, T (G, m) = ((8 - z) s)^T, exact in fp32 (a 4-bit
+  integer times a bf16 scale).
 Putting (8 - z) s into SZ instead rounds it to bf16: an error of up to 2^-9 |8 - z| s per weight, shared by the whole
 group, which took outputs to 2.2x their own bf16 rounding (the accuracy rule allows 1.75x, tests/helpers.py).
-P, the zero term, the bias and the residual U (V x) (both in fp32, their casts included: 38-71 us at M = 1, r = 64
-on SmolLM2's shapes against 60-80 us for bf16 GEMMs, whose oneDNN calls cost ~15 us each at any size) are summed in
-fp32 and rounded once to bf16. Rows are padded to N % 16 == 0 with zero scales (their outputs sliced off), x to
-K = G g with zero columns (a copy of x per call where g does not divide n, e.g. SmolLM2's n = 576 at g = 128).
+
+The zero term, the residual U (V x) and the bias ride one fp32 shrink and one fp32 expand:
+    z = x [V; E; 0]^T + [0; 0; 1]       y = P + z [U, T^T, b]^T        (rounded once to bf16)
+fp32, not bf16, because each oneDNN bf16 GEMM costs ~15 us at any size on this CPU (1 thread, M = 1, r = 64), and
+the sum rounds once: y takes two roundings (the kernel's and this one), 1.1-1.4x the output's own in the tests.
+Rows are padded to N % 16 == 0 with zero scales (their outputs sliced off), x to K = G g with zero columns (a copy
+of x per call where g does not divide n, e.g. SmolLM2's n = 576 at g = 128).
 
 Only bf16 activations: on x86 the kernel is vectorized (AVX512 / AVX2) for bf16 alone; fp32 and fp16 run a scalar
-loop. Measured on the 2-core AMD EPYC (AVX512, 1 thread), 1536 x 576, g = 64, M = 1: bf16 51 us against 92 us for
-the dense bf16 F.linear and 74 us for dense fp32; fp32 1630 us, fp16 1760 us.
+loop (so does aten's int8 weight-only kernel). Measured on the 2-core AMD EPYC (AVX512, 1 thread), 1536 x 576,
+g = 64, M = 1: bf16 51 us against 92 us for the dense bf16 F.linear and 74 us for dense fp32; fp32 1630 us.
 
-The packing (B, SZ and T: n m / 2 + 8 m G bytes, about the size of the stored base) is made on the first call and
-kept in `_CACHE` under the qweight tensor, keyed by the data pointers, version counters, shapes and dtypes of qweight,
-scales and zeros: an in-place change (load_state_dict, copy_) or a swapped storage repacks on the next call, a new
-tensor (module.to(...)) gets its own entry, and an entry goes when its qweight is garbage-collected. Inference tensors
-have no version counter, so the op keeps them on the torch backend.
+The packing is made on the first call and kept in `_CACHE` under the qweight tensor: B and SZ (n m / 2 + 4 m G bytes,
+about the size of the stored base) and the fp32 factors (4 (r + G + 1)(m + n) bytes: twice the bf16 residual, the
+memory this backend trades for speed). Its key is the data pointer and version counter of qweight, scales, zeros, v,
+u and bias: an in-place change (load_state_dict, copy_, an optimizer step) or a swapped storage repacks on the next
+call, a new tensor (module.to(...)) gets its own entry, and an entry goes when its qweight is garbage-collected.
+Inference tensors have no version counter, so the op keeps them on the torch backend.
 """
 
 from __future__ import annotations
@@ -48,51 +52,64 @@ CODE_OFFSET = 8  # aten reads code q as q - 8
 
 @dataclasses.dataclass(frozen=True)
 class CpuInt4Packing:
-    """aten's CPU int4 packing of one base: weight uint8 (N_pad, K / 2), scales_and_zeros (G, N_pad, 2) with zero
-    terms 0; zero_terms (G, m) fp32 = ((8 - z) s)^T for bits = 4, None for bits 2 / 3 (folded into the codes)."""
+    """One layer for the CPU backend: weight uint8 (N_pad, K / 2) and scales_and_zeros (G, N_pad, 2) for aten's
+    kernel; shrink (R, n), shrink_bias (R,) and expand_t (R, m) fp32, the [V; E; 0] / [U, T^T, b] of the module
+    docstring (None when R = 0: no residual, no bias, bits < 4)."""
 
     key: tuple
     weight: torch.Tensor
     scales_and_zeros: torch.Tensor
-    zero_terms: torch.Tensor | None
+    shrink: torch.Tensor | None
+    shrink_bias: torch.Tensor | None
+    expand_t: torch.Tensor | None
 
 
 _CACHE: dict[int, CpuInt4Packing] = {}
 
 
-def _key(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, n: int):
-    tensors = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in (qweight, scales, zeros))
-    return (*tensors, bits, group_size, n)
+def _key(tensors) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
 
 
-def pack_for_cpu(qweight, scales, zeros, bits: int, group_size: int, n: int, key: tuple = ()) -> CpuInt4Packing:
-    """aten's packing of the layout-v1 base (see the module docstring), SZ in the scales' dtype."""
+def pack_for_cpu(qweight, scales, zeros, v, u, bias, bits: int, group_size: int, n: int, key: tuple = ()):
+    """The CpuInt4Packing of a layer (see the module docstring); SZ in the scales' dtype."""
     m, groups = scales.shape
     m_pad = -(-m // N_MULTIPLE) * N_MULTIPLE
     with torch.no_grad():
         q = unpack_qweight(qweight, bits, n).to(torch.int32)
         s, z = scales.to(torch.float32), zeros.to(torch.float32)
-        zero_terms = None
+        shrink, expand = ([v.float()], [u.float()]) if v is not None else ([], [])
         if bits < 4:
             q = q - z.to(torch.int32).repeat_interleave(group_size, dim=1)[:, :n] + CODE_OFFSET
         else:
-            zero_terms = ((CODE_OFFSET - z) * s).t().contiguous()
+            shrink.append(torch.arange(n).div(group_size, rounding_mode="floor") == torch.arange(groups)[:, None])
+            expand.append((CODE_OFFSET - z) * s)
+        shrink_bias = None
+        if bias is not None:
+            shrink.append(torch.zeros(1, n))
+            expand.append(bias.float()[:, None])
+            shrink_bias = torch.zeros(sum(t.shape[0] for t in shrink))
+            shrink_bias[-1] = 1.0
         codes = torch.full((m_pad, groups * group_size), CODE_OFFSET, dtype=torch.int32)
         codes[:m, :n] = q
         sz = torch.zeros((groups, m_pad, 2), dtype=scales.dtype)
         sz[:, :m, 0] = scales.t()
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return CpuInt4Packing(key, weight, sz, zero_terms)
+        if not shrink:
+            return CpuInt4Packing(key, weight, sz, None, None, None)
+        shrink_t = torch.cat([t.float() for t in shrink]).contiguous()
+        expand_t = torch.cat(expand, dim=1).t().contiguous()
+    return CpuInt4Packing(key, weight, sz, shrink_t, shrink_bias, expand_t)
 
 
-def cached_packing(qweight, scales, zeros, bits: int, group_size: int, n: int) -> CpuInt4Packing:
-    """The packing of this base, made on first use and remade when the key (module docstring) changes."""
-    key = _key(qweight, scales, zeros, bits, group_size, n)
+def cached_packing(qweight, scales, zeros, v, u, bias, bits: int, group_size: int, n: int) -> CpuInt4Packing:
+    """The packing of this layer, made on first use and remade when the key (module docstring) changes."""
+    key = _key((qweight, scales, zeros, v, u, bias))
     entry = _CACHE.get(id(qweight))
     if entry is None or entry.key != key:
         if entry is None:
             weakref.finalize(qweight, _CACHE.pop, id(qweight), None)
-        entry = _CACHE[id(qweight)] = pack_for_cpu(qweight, scales, zeros, bits, group_size, n, key)
+        entry = _CACHE[id(qweight)] = pack_for_cpu(qweight, scales, zeros, v, u, bias, bits, group_size, n, key)
     return entry
 
 
@@ -101,19 +118,13 @@ def quant_lowrank_matmul_cpu(x2d, qweight, scales, zeros, v, u, bias, bits: int,
     m, n = qweight.shape[0], x2d.shape[1]
     if x2d.shape[0] == 0:
         return x2d.new_empty((0, m))
-    packing = cached_packing(qweight, scales, zeros, bits, group_size, n)
-    groups = scales.shape[1]
-    a = F.pad(x2d, (0, groups * group_size - n)).contiguous()
+    packing = cached_packing(qweight, scales, zeros, v, u, bias, bits, group_size, n)
+    k = scales.shape[1] * group_size
+    a = F.pad(x2d, (0, k - n)) if k != n else x2d.contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packing.weight, group_size, packing.scales_and_zeros)
     if y.shape[1] != m:
         y = y[:, :m]
-    if packing.zero_terms is None and v is None and bias is None:
+    if packing.shrink is None:
         return y.contiguous()
-    acc = y.float()
-    if packing.zero_terms is not None:
-        acc = torch.addmm(acc, a.view(-1, groups, group_size).sum(-1, dtype=torch.float32), packing.zero_terms)
-    if bias is not None:
-        acc += bias.float()
-    if v is not None:
-        acc = torch.addmm(acc, F.linear(x2d.float(), v.float()), u.float().t())
-    return acc.to(x2d.dtype)
+    z = F.linear(x2d.float(), packing.shrink, packing.shrink_bias)
+    return torch.addmm(y.float(), z, packing.expand_t).to(x2d.dtype)

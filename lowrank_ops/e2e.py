@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import os
 import re
 import sys
 import time
@@ -564,6 +565,16 @@ def markdown_table(rows: list[dict], header: dict) -> str:
             lines.append(f"| {v} | {first['bytes_kept']:.3f} | " + " | ".join(cells)
                          + f" | {'' if peak is None else f'{peak:.2f}'} |")  # fmt: skip
         lines.append("")
+    decode = [r for r in rows if r["phase"] == "decode" and r.get("tokens_per_s")]
+    if decode:
+        batches = list(dict.fromkeys(r["batch"] for r in decode))
+        lines += ["**decode throughput** (tokens/s = batch / per-token latency)", "",
+                  "| variant | " + " | ".join(f"b{b}" for b in batches) + " |", "|---" * (1 + len(batches)) + "|"]
+        for v in variants:
+            got = {r["batch"]: r["tokens_per_s"] for r in decode if r["variant"] == v}
+            if got:
+                lines.append(f"| {v} | " + " | ".join(f"{got[b]:.1f}" if b in got else "" for b in batches) + " |")
+        lines.append("")
     failed = [r for r in rows if r["phase"] == "build"]
     if failed:
         lines += ["**variants not measured**: " + "; ".join(f"{r['variant']} ({r['error']})" for r in failed), ""]
@@ -681,7 +692,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list: dense, saved, lowrank-<ratio>, int<bits>-g<group>-r<rank>, "
                         "swsc-k<fraction>-r<rank>; dense is always measured first (default "
                         f"{','.join(DEFAULT_VARIANTS)}; for a saved compressed model {','.join(SAVED_MODEL_VARIANTS)})")
-    p.add_argument("--out", required=True, help="directory for e2e-<model>-<device>.json / .md / .png")
+    p.add_argument("--out", required=True,
+                   help="directory for e2e-<model>[-<dtype>]-<device>.json / .md / .png (dtype when not the default)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="default: bfloat16 on a GPU, float32 on a CPU")  # fmt: skip
@@ -734,13 +746,14 @@ def main(argv: list[str] | None = None) -> int:
     names = list(find_targets(model))
     header = environment_header()
     if device.type == "cpu":
-        header.update(device=f"CPU only ({header['cpu']})", device_slug="cpu", is_gpu=False)
+        header.update(device=f"CPU only ({header['cpu']}, {os.cpu_count()}-core)", device_slug="cpu", is_gpu=False)
     header.update(bench="e2e", model=args.model, model_source=source, dtype=str(dtype).removeprefix("torch."),
                   targeted_layers=len(names), variants=[v.name for v in variants], grid=vars(grid),
                   timing={"prefill": "time_op without graph (CUDA events / perf_counter), logits of the last "
                                      "position only", "decode": "greedy, StaticCache, one CUDA graph per step "
                                      "(eager on CPU or with --no-graph); per-token median over the steps"})  # fmt: skip
-    bench = f"e2e-{_model_slug(args.model)}"
+    default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bench = f"e2e-{_model_slug(args.model)}" + ("" if dtype == default_dtype else f"-{header['dtype']}")
     print(f"{bench}: {source}; {len(names)} targeted layers; {header['device']}; {header['dtype']}")
     rows: list[dict] = []
     for variant in variants:

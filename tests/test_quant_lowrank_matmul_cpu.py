@@ -54,23 +54,23 @@ def test_leading_dims_non_contiguous_x_and_empty_batch():
     _check(y, (x, q, s, z, v, u, b, bits, g))
 
 
-def test_packing_is_made_once_and_remade_when_the_base_changes(monkeypatch):
+def test_packing_is_made_once_and_remade_when_the_layer_changes(monkeypatch):
     calls = []
     pack = cpu_kernel.pack_for_cpu
     monkeypatch.setattr(cpu_kernel, "pack_for_cpu", lambda *a: calls.append(1) or pack(*a))
-    args = _inputs((1, 200, 33, 4, 32), 4, torch.bfloat16, "cpu", seed=1)
+    args = _inputs((3, 200, 33, 4, 32), 4, torch.bfloat16, "cpu", seed=1)
     x, q, s, z, v, u, b, bits, g = args
     with use_backend("cpu"):
         y1 = op(*args)
         op(*args)
         assert len(calls) == 1
-        other = _inputs((1, 200, 33, 4, 32), 4, torch.bfloat16, "cpu", seed=2)
-        for mine, new in zip((q, s, z), other[1:4], strict=True):
+        other = _inputs((3, 200, 33, 4, 32), 4, torch.bfloat16, "cpu", seed=2)
+        for i in (1, 2, 3, 4, 5, 6):  # qweight, scales, zeros, v, u, bias
             with torch.no_grad():
-                mine.copy_(new)  # in place, as load_state_dict does: the version counter moves
+                args[i].copy_(other[i])  # in place, as load_state_dict does: the version counter moves
             y2 = op(*args)
             _check(y2, args)
-        assert len(calls) == 4 and not torch.equal(y1, y2)
+        assert len(calls) == 7 and not torch.equal(y1, y2)
         assert id(q) in cpu_kernel._CACHE
     key = id(q)
     del args, q

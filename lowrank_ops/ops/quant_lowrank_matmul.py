@@ -24,7 +24,8 @@ Backends (chosen by `lowrank_ops.backends.select_backend`; on CUDA AUTO picks Tr
   with a residual, z = F.linear(x, V) and y = addmm(y, z, U^T) (the expand accumulates in the GEMM epilogue);
   on CUDA an unaligned rank is zero-padded to a multiple of 16 (as in lowrank_matmul).
 - cpu: PyTorch's int4 CPU kernel (aten::_weight_int4pack_mm_for_cpu) on a packing of the base made on the first
-  call and cached (kernels/quant_lowrank_matmul_cpu.py), then the residual and bias in bf16 GEMMs. Takes bf16 x with
+  call and cached with fp32 copies of the factors (kernels/quant_lowrank_matmul_cpu.py); residual, bias and the
+  zero-point term in one fp32 shrink and expand. Takes bf16 x with
   scales / zeros in bf16, bits 2 / 3 / 4, group_size 32 / 64 / 128 / 256 (`cpu_unsupported_reason`); AUTO picks it
   on CPU for M <= 64 (backends.CPU_MAX_M). Everything else on CPU (fp32 / fp16 x, bits 8, other group sizes,
   inference-mode weights) runs the torch backend, which stays the reference.
@@ -145,7 +146,7 @@ def cuda_unsupported_reason(x: torch.Tensor, scales: torch.Tensor, bits: int) ->
     return None
 
 
-def cpu_unsupported_reason(x, qweight, scales, zeros, bits: int, group_size: int) -> str | None:
+def cpu_unsupported_reason(x, qweight, scales, zeros, v, u, bias, bits: int, group_size: int) -> str | None:
     """None when the CPU backend takes these arguments (the op's own rules already hold), else why not."""
     if x.dtype != torch.bfloat16:
         return (f"the CPU backend takes bfloat16 activations, got {x.dtype} (aten's int4 CPU kernel is vectorized for "
@@ -156,8 +157,8 @@ def cpu_unsupported_reason(x, qweight, scales, zeros, bits: int, group_size: int
         return f"aten's int4 CPU kernel takes group_size in {CPU_GROUP_SIZES}, got {group_size}"
     if scales.dtype != x.dtype:
         return f"the CPU backend takes scales / zeros in x's dtype {x.dtype}, got {scales.dtype}"
-    if any(t.is_inference() for t in (qweight, scales, zeros)):
-        return "the base is made of inference tensors, which have no version counter to invalidate a cached packing"
+    if any(t is not None and t.is_inference() for t in (qweight, scales, zeros, v, u, bias)):
+        return "the layer holds inference tensors, which have no version counter to invalidate a cached packing"
     return None
 
 
@@ -228,7 +229,9 @@ def _quant_lowrank_matmul_op(
         v = u = None
     x2d = x.reshape(-1, x.shape[-1])
     m_rows = x2d.shape[0]
-    cpu_reason = cpu_unsupported_reason(x, qweight, scales, zeros, bits, group_size) if x.device.type == "cpu" else None
+    cpu_reason = None
+    if x.device.type == "cpu":
+        cpu_reason = cpu_unsupported_reason(x, qweight, scales, zeros, v, u, bias, bits, group_size)
     backend = select_backend(OP, x.device, m_rows, cpu_unsupported=cpu_reason)
     if x.dtype == torch.float64 and backend is not Backend.TORCH:
         raise TypeError(f"{OP}: x.dtype=torch.float64 runs only on the torch backend, not {backend.value}")
