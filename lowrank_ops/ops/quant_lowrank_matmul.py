@@ -25,10 +25,10 @@ Backends (chosen by `lowrank_ops.backends.select_backend`; on CUDA AUTO picks Tr
   on CUDA an unaligned rank is zero-padded to a multiple of 16 (as in lowrank_matmul).
 - cpu: PyTorch's int4 CPU kernel (aten::_weight_int4pack_mm_for_cpu) on a packing of the base made on the first
   call and cached with fp32 copies of the factors (kernels/quant_lowrank_matmul_cpu.py); residual, bias and the
-  zero-point term in one fp32 shrink and expand. Takes bf16 x with
-  scales / zeros in bf16, bits 2 / 3 / 4, group_size 32 / 64 / 128 / 256 (`cpu_unsupported_reason`); AUTO picks it
-  on CPU for M <= 64 (backends.CPU_MAX_M). Everything else on CPU (fp32 / fp16 x, bits 8, other group sizes,
-  inference-mode weights) runs the torch backend, which stays the reference.
+  zero-point term in one fp32 shrink and expand. Takes bf16 x with scales / zeros in bf16, bits 2 / 3 / 4,
+  group_size 32 / 64 / 128 / 256 (`cpu_unsupported_reason`); AUTO picks it on CPU for M <= 64 (backends.CPU_MAX_M).
+  Everything else on CPU (fp32 / fp16 x, bits 8, other group sizes, inference-mode weights) runs the torch
+  backend, which stays the reference.
 - cuda: csrc/quant_lowrank_decode.cu (split-K shrink, then the dequantising GEMV with the expand fused, PDL)
   through the private op torch.ops.lowrank_ops.quant_lowrank_matmul_cuda: M <= 16, fp16 / bf16 with scales
   and zeros in x's dtype, bits 2 / 3 / 4; only when requested (not chosen by AUTO yet).
