@@ -207,6 +207,27 @@ def test_cli_bench_e2e_writes_json_markdown_and_png(tmp_path):
     assert path.with_suffix(".png").stat().st_size > 0
 
 
+def test_cli_bench_e2e_names_a_non_default_dtype_and_reports_tokens_per_second(tmp_path):
+    """bf16 on the CPU: the int4 variant runs quant_lowrank_matmul's cpu backend where it is available; the files
+    carry the dtype, the device line the core count, the markdown a tokens/s table."""
+    import os
+
+    from lowrank_ops.cli import main
+
+    model_dir = tmp_path / "tiny"
+    small_llama().save_pretrained(model_dir)
+    out = tmp_path / "results"
+    rc = main(["bench-e2e", "--model", str(model_dir), "--out", str(out), "--variants", "int4-g32-r4", "--dtype",
+               "bfloat16", "--device", "cpu", "--prompt-lens", "8", "--decode-batches", "1,2", "--decode-prompt", "6",
+               "--new-tokens", "3", "--target-ms", "1", "--no-layer-share", "--no-plot"])  # fmt: skip
+    assert rc == 0
+    path = out / "e2e-tiny-bfloat16-cpu.json"
+    data = json.loads(path.read_text())
+    assert data["header"]["dtype"] == "bfloat16" and f"{os.cpu_count()}-core" in data["header"]["device"]
+    markdown = path.with_suffix(".md").read_text()
+    assert "**decode throughput**" in markdown and "| int4-g32-r4 |" in markdown
+
+
 def test_cli_bench_e2e_bad_input(tmp_path):
     from lowrank_ops.cli import main
 
