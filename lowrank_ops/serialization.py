@@ -17,6 +17,7 @@ compressed modules named by the manifest and assigns the saved tensors: the roun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -71,12 +72,40 @@ def write_description(directory: Path, hf_config, layers: dict[str, dict], confi
     config_json["quantization_config"] = quantization_config_dict(layers, config_dict)
     (directory / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     manifest = {"format_version": FORMAT_VERSION, "config": config_dict, "layers": layers, "versions": _versions(),
-                "source": source}  # fmt: skip
+                "source": source, "weights_sha256": {file.name: _sha256(file)
+                                                     for file in sorted(directory.glob("*.safetensors"))}}  # fmt: skip
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights_digest(path: str | os.PathLike, manifest: dict) -> None:
+    """ValueError unless every tensor file has the sha256 the manifest recorded when it was saved (a flipped byte in a
+    tensor is otherwise a silently different model). Manifests written before the digest existed have none: nothing
+    to check. About 1 s per GB here."""
+    path = Path(path)
+    digests = manifest.get("weights_sha256")
+    if digests is None:
+        return
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise ValueError(f"load_compressed: {path / MANIFEST}: weights_sha256 must map file names to hex digests")
+    for name, expected in digests.items():
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            raise ValueError(f"load_compressed: {path / MANIFEST} lists {name!r} in weights_sha256; no such file")
+        if _sha256(file) != expected:
+            raise ValueError(f"load_compressed: {file} does not match its sha256 in {MANIFEST} (changed or corrupted "
+                             "after it was saved)")  # fmt: skip
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -115,6 +144,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     path = Path(path)
     manifest = read_manifest(path)
+    check_weights_digest(path, manifest)
     if not (path / WEIGHTS).is_file():  # sharded: transformers reads the shards, through lowrank_ops' quantizer
         model = AutoModelForCausalLM.from_pretrained(path, device_map=None).to(device)
         model = (model if dtype is None else model.to(dtype)).eval()

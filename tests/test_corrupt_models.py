@@ -28,6 +28,14 @@ from lowrank_ops.serialization import MANIFEST, WEIGHTS, load_compressed, save_c
 PROBE = torch.arange(2 * 16).reshape(2, 16) % 128
 
 
+def _drop_digest(path) -> None:
+    """Remove the manifest's weights_sha256, so that an edited tensor reaches the per-layer checks behind it (what
+    from_pretrained and manifests saved before the digest rely on); tests/test_file_corruption.py tests the digest."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest.pop("weights_sha256")
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = tiny_llama_gqa()
@@ -101,6 +109,7 @@ def test_a_corrupted_manifest_entry_or_tensor_is_a_one_line_error_or_loads_exact
         else:
             tensors[key] = t.contiguous()
         save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+        _drop_digest(path)
     outcome = _load_and_judge(path, logits)
     if kind in ("nan", "inf", "shape", "drop tensor"):
         assert outcome == "error"
@@ -122,6 +131,7 @@ def test_the_issues_corruptions_are_one_line_errors_naming_the_layer(saved, tmp_
             tensors = load_file(str(path / WEIGHTS))
             edit_tensors(tensors)
             save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+            _drop_digest(path)
         return path
 
     cases = [

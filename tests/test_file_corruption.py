@@ -18,7 +18,7 @@ def test_file_level_corruptions(saved, tmp_path, data):  # noqa: F811
     source, logits = saved
     path = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
     shutil.copytree(source, path)
-    kind = data.draw(st.sampled_from(["truncate", "flip header", "bad json", "no layers", "rename layer",
+    kind = data.draw(st.sampled_from(["truncate", "flip header", "flip data", "bad json", "no layers", "rename layer",
                                       "drop entry", "manifest list"]))
     weights = (path / WEIGHTS).read_bytes()
     header = 8 + int.from_bytes(weights[:8], "little")
@@ -27,6 +27,11 @@ def test_file_level_corruptions(saved, tmp_path, data):  # noqa: F811
         (path / WEIGHTS).write_bytes(weights[: data.draw(st.integers(0, len(weights) - 1))])
     elif kind == "flip header":
         at = data.draw(st.integers(0, header - 1))
+        b = bytearray(weights)
+        b[at] ^= data.draw(st.integers(1, 255))
+        (path / WEIGHTS).write_bytes(bytes(b))
+    elif kind == "flip data":  # a tensor's bytes: only the manifest's sha256 tells
+        at = data.draw(st.integers(header, len(weights) - 1))
         b = bytearray(weights)
         b[at] ^= data.draw(st.integers(1, 255))
         (path / WEIGHTS).write_bytes(bytes(b))
@@ -47,3 +52,13 @@ def test_file_level_corruptions(saved, tmp_path, data):  # noqa: F811
         (path / MANIFEST).write_text(json.dumps(manifest))
     outcome = _load_and_judge(path, logits)
     assert outcome == "error" or kind == "flip header"
+
+
+def test_a_manifest_without_a_digest_still_loads(saved, tmp_path):  # noqa: F811
+    """Models saved before weights_sha256 existed load as before."""
+    source, logits = saved
+    shutil.copytree(source, tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / MANIFEST).read_text())
+    assert set(manifest.pop("weights_sha256")) == {WEIGHTS}
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps(manifest))
+    assert _load_and_judge(tmp_path / "old", logits) == "exact"
