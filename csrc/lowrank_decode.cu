@@ -1,7 +1,7 @@
 // Low-rank decode GEMV y = U (V x) + b, M = 1 .. 16 rows, fp16 / bf16 in, fp32 accumulation (lowrank_decode.h).
 //
 // Shapes: x (M, n), V (r, n), U (m, r), b (m,), y (M, m). At decode the op is a pure byte stream: 4096^2 with
-// r = 256 moves V and U once, 4 MB, 1.25 us at the H100's 3.0 TB/s (DESIGN.md); the FLOPs (2 M r (m + n)) are
+// r = 256 moves V and U once, 4 MB, 1.25 us at the H100's 3.0 TB/s (docs/FACTS.md); the FLOPs (2 M r (m + n)) are
 // noise at M = 1. The kernels are built to keep ~all of those bytes in flight at once:
 //
 //   shrink  partial[s, i, j] = sum_{k in slice s} x[i, k] V[j, k]     (S, M, r) fp32, S slices of n

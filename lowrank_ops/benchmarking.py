@@ -75,7 +75,7 @@ DEVICE_PEAKS: tuple[DevicePeak, ...] = (
         989.0,
         measured_bandwidth_GBps=3000.0,
         measured_bf16_tflops=800.0,
-        measured_note="DESIGN.md, H100 SXM: device-to-device copy 3.0 TB/s (read+write); bf16 GEMM 8192^3 "
+        measured_note="docs/FACTS.md, H100 SXM: device-to-device copy 3.0 TB/s (read+write); bf16 GEMM 8192^3 "
         "690-800 TFLOP/s (upper end used, so the floor stays a floor)",
     ),
     DevicePeak("H200", "h200", 4800.0, 989.0),

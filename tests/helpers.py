@@ -1,4 +1,4 @@
-"""Shared test utilities: where kernels run, and the float64 accuracy rule of STYLE.md (rule 12)."""
+"""Shared test utilities: where kernels run, and the float64 accuracy rule of docs/FACTS.md."""
 
 import os
 
@@ -46,11 +46,12 @@ def scale_error(actual: torch.Tensor, reference64: torch.Tensor) -> float:
 def accuracy_bound(actual_dtype: torch.dtype, same_dtype_torch: torch.Tensor, reference64: torch.Tensor) -> float:
     """The largest relative error (against float64) the rule accepts for an output of `actual_dtype`.
 
-    STYLE.md rule 12: at most twice PyTorch's own same-dtype error plus one unit of the dtype's rounding. In fp16 /
-    bf16 that epsilon dominates (bf16: 7.8e-3, enough to hide one dropped K column or a 0.5 % scale error, issue 20),
-    so 16-bit outputs must also stay within sqrt((FLOOR_FACTOR x floor)^2 + TF32_UNIT^2), the floor being the error
-    of the float64 result rounded once to the dtype. The tighter of the two applies: the rule is never looser than
-    rule 12 as written. tests/test_accuracy_rule.py shows it catching the seeded bugs in both 16-bit dtypes."""
+    The accuracy rule (docs/FACTS.md): at most twice PyTorch's own same-dtype error plus one unit of the dtype's
+    rounding. In fp16 / bf16 that epsilon dominates (bf16: 7.8e-3, enough to hide one dropped K column or a 0.5 %
+    scale error, issue 20), so 16-bit outputs must also stay within sqrt((FLOOR_FACTOR x floor)^2 + TF32_UNIT^2),
+    the floor being the error of the float64 result rounded once to the dtype. The tighter of the two applies: the
+    rule is never looser than the rule as first written. tests/test_accuracy_rule.py shows it catching the seeded
+    bugs in both 16-bit dtypes."""
     torch_err = relative_error(same_dtype_torch, reference64)
     bound = 2 * torch_err + torch.finfo(actual_dtype).eps
     if actual_dtype in (torch.float16, torch.bfloat16):

@@ -5,7 +5,7 @@ under the interpreter and the CUDA decode kernels under the emulator.
 Seeded bugs: a kernel that skips the last column of a reduction returns exactly what the correct kernel returns for
 inputs with that column zeroed (the last column of x for the shrink / base, the last rank component for the expand),
 and a kernel that scales its result returns its output times 1.005, rounded to the dtype. Each must fail the rule
-against the float64 reference of the intact inputs, while the correct output passes. Under STYLE.md rule 12 as
+against the float64 reference of the intact inputs, while the correct output passes. Under the accuracy rule as
 first written (twice torch's error plus the dtype's epsilon, 7.8e-3 in bf16) every one of the bf16 scale errors
 and several dropped columns passed."""
 

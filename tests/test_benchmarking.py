@@ -130,7 +130,7 @@ def test_dense_cost_matches_flop_counter():
 
 
 def test_byte_floor_reproduces_design_anchors():
-    # DESIGN.md: 4096^2, M=1, bf16, r=256 / 1024 -> byte floor 1.25 / 5.0 us (weights at the 3.35 TB/s spec).
+    # docs/FACTS.md: 4096^2, M=1, bf16, r=256 / 1024 -> byte floor 1.25 / 5.0 us (weights at the 3.35 TB/s spec).
     for rank, floor in ((256, 1.25), (1024, 5.0)):
         cost = bm.lowrank_matmul_cost(1, 4096, 4096, rank, itemsize=2)
         assert bm.byte_floor_us(cost.bytes, 3350.0) == pytest.approx(floor, rel=0.01)

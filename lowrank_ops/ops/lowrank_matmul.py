@@ -6,7 +6,7 @@ on x's device; y (..., m) in x's dtype. Any M, n, m and 1 <= r <= min(m, n); x m
 Backends (chosen by `lowrank_ops.backends.select_backend`):
 - triton: kernels/lowrank_matmul.py (split-K shrink + fused expand, fp32 accumulation throughout).
 - torch: two F.linear calls. On CUDA an unaligned rank is zero-padded to a multiple of 16 first: padding
-  costs r (m + n) extra bytes, cuBLAS on an unaligned rank cost 3.3x (DESIGN.md, r = 1492 vs 1536).
+  costs r (m + n) extra bytes, cuBLAS on an unaligned rank cost 3.3x (docs/FACTS.md, r = 1492 vs 1536).
 - cuda: csrc/lowrank_decode.cu (split-K shrink + expand chained by PDL) through the private op
   torch.ops.lowrank_ops.lowrank_matmul_cuda: M <= 16, fp16 / bf16, only when requested (not chosen by AUTO yet).
 Registered with torch.library (fake implementation for torch.compile, autograd formula for training the
