@@ -1,5 +1,6 @@
 """Shared test utilities: where kernels run, and the float64 accuracy rule of docs/FACTS.md."""
 
+import json
 import os
 
 import pytest
@@ -76,3 +77,17 @@ def assert_close_to_reference(actual: torch.Tensor, same_dtype_torch: torch.Tens
     assert abs(scale) <= SCALE_TOLERANCE + noise, (
         f"output scaled by {scale:+.3e} against float64 (allowed {SCALE_TOLERANCE:.0e} + noise {noise:.1e})"
     )
+
+
+def drop_weights_digest(directory) -> None:
+    """Remove weights_sha256 from a saved model's manifest after a test edited its tensors, so that loading reaches
+    the per-layer checks behind the digest (what from_pretrained and manifests saved before the digest rely on); the
+    digest itself is tested in tests/test_file_corruption.py."""
+    from lowrank_ops.serialization import MANIFEST
+
+    path = os.path.join(directory, MANIFEST)
+    with open(path) as handle:
+        manifest = json.load(handle)
+    manifest.pop("weights_sha256")
+    with open(path, "w") as handle:
+        json.dump(manifest, handle)

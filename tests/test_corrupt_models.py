@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import drop_weights_digest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -26,14 +27,6 @@ from lowrank_ops.modules import CompressedLinear, LowRankLinear, QuantLowRankLin
 from lowrank_ops.serialization import MANIFEST, WEIGHTS, load_compressed, save_compressed
 
 PROBE = torch.arange(2 * 16).reshape(2, 16) % 128
-
-
-def _drop_digest(path) -> None:
-    """Remove the manifest's weights_sha256, so that an edited tensor reaches the per-layer checks behind it (what
-    from_pretrained and manifests saved before the digest rely on); tests/test_file_corruption.py tests the digest."""
-    manifest = json.loads((path / MANIFEST).read_text())
-    manifest.pop("weights_sha256")
-    (path / MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +102,7 @@ def test_a_corrupted_manifest_entry_or_tensor_is_a_one_line_error_or_loads_exact
         else:
             tensors[key] = t.contiguous()
         save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-        _drop_digest(path)
+        drop_weights_digest(path)
     outcome = _load_and_judge(path, logits)
     if kind in ("nan", "inf", "shape", "drop tensor"):
         assert outcome == "error"
@@ -131,7 +124,7 @@ def test_the_issues_corruptions_are_one_line_errors_naming_the_layer(saved, tmp_
             tensors = load_file(str(path / WEIGHTS))
             edit_tensors(tensors)
             save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-            _drop_digest(path)
+            drop_weights_digest(path)
         return path
 
     cases = [

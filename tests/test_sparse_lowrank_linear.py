@@ -4,6 +4,7 @@ the pattern, the forward against float64, storage accounting, save / load, to_de
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import drop_weights_digest
 from tiny_models import tiny_gpt2, tiny_llama_gqa
 
 from lowrank_ops.algorithms.quantize import prune_2to4
@@ -166,6 +167,9 @@ def test_save_load_is_bit_exact_to_dense_works_and_a_corrupt_base_is_rejected(tm
     key = "model.layers.1.self_attn.o_proj.weight"
     tensors[key] = tensors[key] + 1e-3  # every entry non-zero: not 2:4 any more
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        load_compressed(out)
+    drop_weights_digest(out)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight .* is not 2:4 sparse"):
         load_compressed(out)
 
