@@ -37,16 +37,41 @@ TINYLLAMA_SHAPE = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size
                        num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
 
 
+def _anonymous_rss_kb(pid: int) -> int:
+    """RssAnon of `pid` and its descendants (kB; Linux /proc): the process's own memory, without the file-backed
+    pages of memory-mapped checkpoints that ru_maxrss also counts."""
+    total, pids = 0, [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+        pids += [int(child) for child in children]
+    return total
+
+
 def run(command: list[str], env: dict | None = None) -> dict:
-    """Run `command` as a child; its peak RSS (GB), wall time and output tail. Raises when it fails."""
+    """Run `command` as a child; its peak RSS (GB, ru_maxrss: the largest process, file pages included), its peak
+    anonymous RSS (GB, summed over its processes, sampled every 0.5 s) and wall time. Raises when it fails."""
     tic = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, **(env or {})})  # fmt: skip
-    log = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{log[-4000:]}")
-    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "wall_seconds": time.perf_counter() - tic}
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, **(env or {})})  # fmt: skip
+        peak_anonymous = 0
+        while True:
+            done, status, usage = os.wait4(child.pid, os.WNOHANG)  # wait4: the child's ru_maxrss
+            if done:
+                break
+            peak_anonymous = max(peak_anonymous, _anonymous_rss_kb(child.pid))
+            time.sleep(0.5)
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed:\n{log.read()[-4000:]}")
+    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "peak_anonymous_rss_gb": peak_anonymous * 1024 / 1e9,
+            "wall_seconds": time.perf_counter() - tic}
 
 
 def make_random_llama(directory: Path, layers: int) -> int:
@@ -130,6 +155,8 @@ def markdown(header: dict, rows: list[dict]) -> str:
         notes = []
         if "parameters" in row:
             notes.append(f"{row['parameters'] / 1e9:.2f} B parameters")
+        if "peak_anonymous_rss_gb" in row:
+            notes.append(f"peak anonymous RSS {row['peak_anonymous_rss_gb']:.2f} GB")
         if "same_ranks" in row:
             notes.append(f"same ranks: {row['same_ranks']}, max relative difference of W' "
                          f"{row['max_relative_weight_difference']:.1e}, wall-time ratio {row['wall_time_ratio']:.2f}")
