@@ -92,6 +92,11 @@ def hidden_states_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def hidden_states_in(args: list, kwargs: dict) -> torch.Tensor:
+    """The hidden states among a decoder layer's captured inputs (first positional argument, or the keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def set_hidden_states(args: list, kwargs: dict, value: torch.Tensor) -> None:
     if args:
         args[0] = value

@@ -34,6 +34,7 @@ from lowrank_ops.compress.sequential import (
     LayerIO,
     capture_first_layer_inputs,
     decoder_layers,
+    hidden_states_in,
     hidden_states_of,
     move_all_but_layers,
     set_hidden_states,
@@ -76,17 +77,13 @@ def _forward_sweep(run, targets, layers_name, layers, layer_io, gram: bool, home
             hooks.remove()
         stats = hooks.shared_stats()
         run.world.all_reduce_statistics(stats)
-        checkpoints = [_hidden_states(args, kwargs).cpu() for args, kwargs in score_inputs]
+        checkpoints = [hidden_states_in(args, kwargs).cpu() for args, kwargs in score_inputs]
         torch.save({"stats": stats, "inputs": checkpoints}, spill / f"layer-{index}.pt")
         for args, kwargs in score_inputs:
             set_hidden_states(args, kwargs, hidden_states_of(out := layer(*args, **kwargs)))
         tuple_output = isinstance(out, tuple)
         layer_io.drop(index, layer, home)
     return tuple_output
-
-
-def _hidden_states(args: list, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _tail_gradients(run, layers_name, layers, score_windows, score_inputs, tuple_output) -> list[torch.Tensor]:
@@ -99,7 +96,7 @@ def _tail_gradients(run, layers_name, layers, score_windows, score_inputs, tuple
     try:
         with OnlyTraining(run.model, []):
             for window, (args, kwargs) in zip(score_windows.split(1), score_inputs, strict=True):
-                stand_in.value = _hidden_states(args, kwargs).detach().requires_grad_(True)
+                stand_in.value = hidden_states_in(args, kwargs).detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(lm_loss(run.model, window.to(run.model_device)), stand_in.value)
                 grads.append(grad)
     finally:
