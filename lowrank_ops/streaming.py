@@ -135,11 +135,10 @@ class DiskLayers(LayerIO):
             _assign(layer, key, self.tensors.get(prefix + key, device, self.dtype))
 
     def release(self, index: int, layer: nn.Module, home: torch.device) -> None:
-        self.peak_resident_bytes = max(self.peak_resident_bytes, resident_bytes(self.model))
         prefix = f"{self.prefix}.{index}."
         self.writer.write({prefix + key: value for key, value in layer.state_dict().items()})
         self.entries.update({prefix + name: entry for name, entry in manifest_entries(layer).items()})
-        layer.to("meta")  # the layer's memory is freed; the model keeps its (compressed) structure
+        self.drop(index, layer, home)  # the layer's memory is freed; the model keeps its (compressed) structure
 
     def drop(self, index: int, layer: nn.Module, home: torch.device) -> None:
         self.peak_resident_bytes = max(self.peak_resident_bytes, resident_bytes(self.model))
