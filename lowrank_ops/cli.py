@@ -207,11 +207,15 @@ def _cmd_export_lora(args: argparse.Namespace) -> int:
     from lowrank_ops.peft_export import export_saved_model
 
     summary = export_saved_model(args.model, args.out, base_out=args.base_out, base_model_name_or_path=args.base_model,
-                                 overwrite=args.overwrite)
+                                 base_format=args.base_format, overwrite=args.overwrite)  # fmt: skip
     size = summary["bytes"] / 2**20
     print(f"LoRA adapter: {summary['layers']} layers (ranks {summary['ranks']}, {summary['skipped_rank_0']} rank-0 "
           f"layers skipped), {summary['dtype']}, {size:.2f} MiB -> {summary['adapter']}")  # fmt: skip
-    if "base" in summary:
+    if summary.get("base_format") == "compressed-tensors":
+        schemes = ", ".join(f"int{bits} group {group}" for bits, group in summary["base_groups"])
+        print(f"base (quantized, without the residual) as compressed-tensors pack-quantized ({schemes}), for stock "
+              f"transformers / vLLM: {summary['base']}")  # fmt: skip
+    elif "base" in summary:
         print(f"base (dequantised / pruned, without the residual): {summary['base']}")
     else:
         print("serve it on the base written by --base-out (to_dense(model, residual=False)), not on the original model")
@@ -368,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--base-out", default=None,
                       help="also write the base the adapter is served on (dequantised / pruned, no residual) as a "
                            "plain Hugging Face model directory")  # fmt: skip
+    lora.add_argument("--base-format", default="dense", choices=["dense", "compressed-tensors"],
+                      help="how --base-out is written: dense (dequantised weights, any base) or compressed-tensors "
+                           "(the int2 / int4 / int8 codes packed as compressed-tensors pack-quantized, which stock "
+                           "transformers with the compressed-tensors package and vLLM load without lowrank-ops; "
+                           "quantized bases of nn.Linear layers only) (default %(default)s)")  # fmt: skip
     lora.add_argument("--overwrite", action="store_true",
                       help="allow --out / --base-out to replace existing directories that lowrank-ops did not write")
     lora.add_argument("--base-model", default=None,

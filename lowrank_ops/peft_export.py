@@ -47,9 +47,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_ops.modules import CompressedLinear
-from lowrank_ops.outputs import output_directory, reserve_output
+from lowrank_ops.modules import CompressedLinear, QuantLowRankLinear
+from lowrank_ops.outputs import BASE_MARKER, output_directory, reserve_output
 
+BASE_FORMATS = ("dense", "compressed-tensors")  # what `export_saved_model(base_format=...)` writes the base as
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
@@ -166,6 +167,7 @@ def export_saved_model(
     *,
     base_out: str | os.PathLike | None = None,
     base_model_name_or_path: str | None = None,
+    base_format: str = "dense",
     overwrite: bool = False,
 ) -> dict:
     """`export_lora_adapter` for a directory written by save_compressed (the CLI's `export-lora`).
@@ -178,9 +180,19 @@ def export_saved_model(
     so the pair moves with the tree it sits in; AutoPeftModelForCausalLM resolves it from that directory). Both outputs
     are checked and locked before the model loads (`lowrank_ops.outputs`: never the source directory, never a
     directory lowrank-ops did not write unless overwrite=True). Returns a summary dict.
+
+    base_format "compressed-tensors": the base is written with its quantized layers packed as compressed-tensors
+    (`save_compressed_tensors_base`), which stock transformers (with the `compressed-tensors` package) and vLLM load
+    without lowrank_ops, instead of dense; it needs `base_out`, and a model whose layers it cannot hold is refused
+    before anything is written.
     """
     path = Path(path)
     where = "export-lora"
+    if base_format not in BASE_FORMATS:
+        raise ValueError(f"{where}: base_format={base_format!r} must be one of {BASE_FORMATS}")
+    if base_format != "dense" and base_out is None:
+        raise ValueError(f"{where}: --base-format {base_format} describes the base written by --base-out; give "
+                         "--base-out")  # fmt: skip
     with contextlib.ExitStack() as outputs:
         outputs.enter_context(reserve_output(out_dir, overwrite=overwrite, protect=(path,), where=where))
         if base_out is not None:
@@ -189,16 +201,21 @@ def export_saved_model(
                 raise ValueError(f"{where}: the adapter directory {out_dir} and --base-out {base_out} must be "
                                  "separate directories, neither inside the other")  # fmt: skip
             outputs.enter_context(reserve_output(base_out, overwrite=overwrite, protect=(path,), where=where))
-        return _export_saved_model(path, out_dir, base_out, base_model_name_or_path, overwrite)
+        return _export_saved_model(path, out_dir, base_out, base_model_name_or_path, base_format, overwrite)
 
 
-def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, overwrite: bool) -> dict:
+def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, base_format: str,
+                        overwrite: bool) -> dict:  # fmt: skip
     from lowrank_ops.serialization import load_compressed, read_manifest, save_dense, saved_tokenizer
 
     manifest = read_manifest(path)
     kinds = {name for name, cls in CompressedLinear.registry.items() if cls.lora_residual}
     dtypes = {entry.get("dtype") for entry in manifest["layers"].values() if entry["module"] in kinds}
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 and None not in dtypes else None
+    if base_format == "compressed-tensors":  # refused before the model loads
+        from lowrank_ops.compressed_tensors_format import check_layers
+
+        check_layers(manifest["layers"], "export-lora --base-format compressed-tensors")
     model = load_compressed(path, dtype=dtype)
     if base_model_name_or_path is None and base_out is not None:
         base_model_name_or_path = os.path.relpath(base_out)  # as transformers records a path it loaded from
@@ -215,7 +232,65 @@ def _export_saved_model(path: Path, out_dir, base_out, base_model_name_or_path, 
     }
     if base_out is not None:
         tokenizer = saved_tokenizer(path)
-        save_dense(model, base_out, residual=False, tokenizer=tokenizer, source=path, overwrite=overwrite,
-                   where="export-lora --base-out")  # fmt: skip
-        summary.update(base=str(base_out), base_tokenizer=tokenizer is not None)
+        if base_format == "compressed-tensors":
+            groups = save_compressed_tensors_base(model, base_out, tokenizer=tokenizer, source=path,
+                                                  overwrite=overwrite)  # fmt: skip
+            summary.update(base_groups=sorted(groups))
+        else:
+            save_dense(model, base_out, residual=False, tokenizer=tokenizer, source=path, overwrite=overwrite,
+                       where="export-lora --base-out")  # fmt: skip
+        summary.update(base=str(base_out), base_format=base_format, base_tokenizer=tokenizer is not None)
     return summary
+
+
+class PackedLinearTensors(nn.Module):
+    """A placeholder holding one layer's compressed-tensors tensors (buffers named as the format names them) and its
+    bias, so that `save_pretrained` writes them under the layer's Hugging Face name. It has no forward."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().clone())
+
+
+def save_compressed_tensors_base(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, source=None,
+                                 overwrite: bool = False) -> dict[tuple[int, int], list[str]]:  # fmt: skip
+    """Write the base of `model` (every QuantLowRankLinear without its residual) as a compressed-tensors
+    pack-quantized checkpoint (`lowrank_ops.compressed_tensors_format`) into `out_dir`, atomically, with the tokenizer
+    and the marker file lowrank_ops_base.json; transformers (with the `compressed-tensors` package) and vLLM load it
+    without lowrank_ops, with W_hat bit for bit. Modifies `model` in place (its compressed layers become placeholders
+    holding the packed tensors). Returns {(bits, exported group size): [layer names]}."""
+    from lowrank_ops._version import __version__
+    from lowrank_ops.compressed_tensors_format import (
+        check_layers,
+        export_group_size,
+        quantization_config,
+        to_compressed_tensors,
+    )
+    from lowrank_ops.integrations.transformers import attach_quantization_config
+    from lowrank_ops.modules.compressed import manifest_entries
+    from lowrank_ops.surgery import replace_module
+
+    where = "export-lora --base-format compressed-tensors"
+    check_layers(manifest_entries(model), where)
+    schemes: dict[tuple[int, int], list[str]] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLowRankLinear):
+            continue
+        tensors = to_compressed_tensors(module.packed, f"{where}: layer {name}")
+        replace_module(model, name, PackedLinearTensors(tensors, module.bias))
+        key = (module.bits, export_group_size(module.in_features, module.group_size))
+        schemes.setdefault(key, []).append(name)
+    attach_quantization_config(model, None)  # drops the lowrank_ops quantization_config and marks
+    model.config.quantization_config = quantization_config(schemes)
+    with output_directory(out_dir, overwrite=overwrite, protect=(source,), where=where) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        marker = {"written_by": f"lowrank_ops {where}", "lowrank_ops": __version__, "residual": False,
+                  "format": "compressed-tensors",
+                  "source": None if source is None else str(Path(source).resolve())}  # fmt: skip
+        (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=2))
+    return schemes
