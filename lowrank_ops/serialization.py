@@ -53,12 +53,35 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None
     The rules of `lowrank_ops.outputs`: an existing `out_dir` is replaced (in one atomic step) only when it is a
     previous lowrank-ops output or empty, unless overwrite=True; never when it is or contains `source` (a path); a
     second process saving to the same `out_dir` meanwhile gets ValueError at once."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     with output_directory(out_dir, overwrite=overwrite, protect=(source,)) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
+        tensors, dropped = unique_state_dict(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", **dropped})
         write_description(tmp, model.config, manifest_entries(model), config, source, tokenizer, extra_files)
     return Path(out_dir)
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`model.state_dict()` as a safetensors file holds it: each tensor once, contiguous. A tensor reached under
+    several names (tied input / output embeddings) is kept under its first name in module order, the input
+    embedding's (model.embed_tokens.weight), as save_pretrained and the layer-by-layer writer store it: vLLM loads a
+    tied model's embedding from that name only (it skips lm_head.weight; safetensors' save_model keeps the
+    alphabetically first name, lm_head.weight, and vLLM 0.32 then refuses the file: "the tied weight is
+    uninitialized"). Returns (tensors, {dropped name: kept name})."""
+    tensors: dict[str, torch.Tensor] = {}
+    dropped: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.numel():
+            key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype,
+                   tuple(tensor.shape), tuple(tensor.stride()))  # fmt: skip
+            if key in first:
+                dropped[name] = first[key]
+                continue
+            first[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, dropped
 
 
 def write_description(directory: Path, hf_config, layers: dict[str, dict], config=None, source=None, tokenizer=None,
@@ -168,7 +191,8 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
             replace_module(model, name, CompressedLinear.from_manifest(name, entry, where=where))
     model.to_empty(device=device)
     # to_empty gives every parameter its own storage (torch 2.13), untying lm_head from the input embedding; the
-    # file holds a tied tensor once (safetensors drops the duplicate name), so tie again before loading.
+    # file holds a tied tensor once (under either name: files saved before unique_state_dict kept lm_head.weight),
+    # so tie again before loading.
     model.tie_weights()
     # Every float tensor in the dtype it was saved in: the skeleton follows the config's dtype and the compressed
     # modules the default one, either of which can differ from the file (a model cast to bf16 after loading).

@@ -151,6 +151,32 @@ def test_save_load_keeps_tied_embeddings(tmp_path, make):
     assert torch.equal(model(tokens).logits, loaded(tokens).logits)
 
 
+def test_a_tied_embedding_is_saved_under_the_input_embedding_name(tmp_path):
+    """The file keeps the input embedding's name (as save_pretrained does), not lm_head.weight: vLLM skips
+    lm_head.weight of a tied model and refused the file ("the tied weight is uninitialized"). Files saved before,
+    which hold lm_head.weight only, still load, tied."""
+    from helpers import drop_weights_digest
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(vocab_size=128, hidden_size=48, intermediate_size=80, max_position_embeddings=64,
+                       tie_word_embeddings=True)  # fmt: skip
+    compress_(model, _config(method="svd", param_ratio=0.7), progress=False)
+    out = save_compressed(model, tmp_path / "tied", config=None, source="tiny")
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    assert metadata == {"format": "pt", "lm_head.weight": "model.embed_tokens.weight"}
+    tokens = _tokens(2)
+    tensors = load_file(out / "model.safetensors")  # the layout safetensors' save_model wrote before
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, out / "model.safetensors", metadata={"model.embed_tokens.weight": "lm_head.weight"})
+    drop_weights_digest(out)
+    loaded = load_compressed(out)
+    assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+
+
 @pytest.mark.parametrize("config", [
     _config(method="whiten", param_ratio=0.7),
     BaseResidualConfig(base="int4-g16", rank=4, calib_tokens=6 * 32, seq_len=32, device="cpu"),
