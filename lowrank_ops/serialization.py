@@ -66,9 +66,9 @@ def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     """`model.state_dict()` as a safetensors file holds it: each tensor once, contiguous. A tensor reached under
     several names (tied input / output embeddings) is kept under its first name in module order, the input
     embedding's (model.embed_tokens.weight), as save_pretrained and the layer-by-layer writer store it: vLLM loads a
-    tied model's embedding from that name only (it skips lm_head.weight; safetensors' save_model keeps the
-    alphabetically first name, lm_head.weight, and vLLM 0.32 then refuses the file: "the tied weight is
-    uninitialized"). Returns (tensors, {dropped name: kept name})."""
+    tied model's embedding from that name only: it skips lm_head.weight, and with the file safetensors' save_model
+    writes (the alphabetically first name, lm_head.weight) vLLM 0.32 served SmolLM2 with an uninitialised embedding,
+    silently: token 0 at every step. Returns (tensors, {dropped name: kept name})."""
     tensors: dict[str, torch.Tensor] = {}
     dropped: dict[str, str] = {}
     first: dict[tuple, str] = {}

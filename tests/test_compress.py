@@ -153,8 +153,8 @@ def test_save_load_keeps_tied_embeddings(tmp_path, make):
 
 def test_a_tied_embedding_is_saved_under_the_input_embedding_name(tmp_path):
     """The file keeps the input embedding's name (as save_pretrained does), not lm_head.weight: vLLM skips
-    lm_head.weight of a tied model and refused the file ("the tied weight is uninitialized"). Files saved before,
-    which hold lm_head.weight only, still load, tied."""
+    lm_head.weight of a tied model, and served SmolLM2 saved the old way with an uninitialised embedding (token 0 at
+    every step). Files saved before, which hold lm_head.weight only, still load, tied."""
     from helpers import drop_weights_digest
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
