@@ -215,6 +215,8 @@ def _cmd_export_lora(args: argparse.Namespace) -> int:
         schemes = ", ".join(f"int{bits} group {group}" for bits, group in summary["base_groups"])
         print(f"base (quantized, without the residual) as compressed-tensors pack-quantized ({schemes}), for stock "
               f"transformers / vLLM: {summary['base']}")  # fmt: skip
+        if any(bits != 4 for bits, _ in summary["base_groups"]):
+            print("note: vLLM's CPU build runs 4-bit bases only (its CPUWNA16 kernel); transformers loads every width")
     elif "base" in summary:
         print(f"base (dequantised / pruned, without the residual): {summary['base']}")
     else:

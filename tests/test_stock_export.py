@@ -198,3 +198,18 @@ def test_cli_export_lora_writes_the_compressed_tensors_base(exported, tmp_path, 
     # written again over its own output (the marker file makes it a lowrank-ops output)
     assert main(["export-lora", str(saved), "--out", str(tmp_path / "ad"), "--base-out", str(tmp_path / "base"),
                  "--base-format", "compressed-tensors"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("base", ["int2-g16", "int8-g32"])
+def test_stock_transformers_loads_2_and_8_bit_bases_exactly(tmp_path, base):
+    """The other bit widths the format holds (vLLM's CPU kernel runs only 4-bit ones): every weight W_hat exactly."""
+    pytest.importorskip("compressed_tensors", reason="transformers loads compressed-tensors checkpoints with it")
+    from transformers import AutoModelForCausalLM
+
+    saved = _saved(tmp_path, tiny_llama_gqa, BaseResidualConfig(base=base, rank=4, **COMMON))
+    export_saved_model(saved, tmp_path / "ad", base_out=tmp_path / "base", base_format="compressed-tensors")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        stock(_tokens(1, 8))  # the packed route decompresses on the first forward
+    layers = {n: m for n, m in load_compressed(saved).named_modules() if isinstance(m, QuantLowRankLinear)}
+    assert layers and all(torch.equal(stock.get_submodule(n).weight, m.dequantized_weight()) for n, m in layers.items())
