@@ -25,6 +25,7 @@ CUDA_SOURCES = [
     "csrc/device_info.cu",
     "csrc/lowrank_decode.cu",
     "csrc/quant_lowrank_decode.cu",
+    "csrc/quant_lowrank_decode_v2.cu",
     "csrc/bindings.cpp",
 ]
 

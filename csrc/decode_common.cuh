@@ -238,6 +238,32 @@ __device__ __forceinline__ void store_output_rows(const float (&acc)[MT][R], int
   });
 }
 
+// Split-K handoff (the shrink of lowrank_decode.cu, the int4 v2 kernel of quant_lowrank_decode_v2.cu). Each of the
+// `arrivals` warps that computed one slice of a group's partial sums calls this after storing them; it returns true,
+// in every lane, for the warp that arrives last, which then sees every other slice's partial sums, and sets the
+// counter back to 0 for the next launch (CUDA graph replays included): counters are zero before and after every
+// launch, so no memset is needed. The fence before the arrival publishes this lane's stores device-wide (release);
+// the fence after it orders the last warp's reads after the other arrivals (acquire); __syncwarp orders the lanes'
+// fences and reads around lane 0's atomic.
+__device__ __forceinline__ bool last_arrival(unsigned int* counter, int arrivals, int lane) {
+  __threadfence();
+  __syncwarp();
+  unsigned int ticket = 0u;
+  if (lane == 0) {
+    ticket = atomicAdd(counter, 1u);
+  }
+  ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  if (ticket != static_cast<unsigned int>(arrivals - 1)) {
+    return false;
+  }
+  if (lane == 0) {
+    *counter = 0u;
+  }
+  __threadfence();
+  __syncwarp();
+  return true;
+}
+
 // Dynamic shared memory above the default 48 KB per block needs a per-kernel opt-in.
 template <typename Kernel>
 cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {

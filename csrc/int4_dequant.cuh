@@ -68,4 +68,56 @@ __device__ __forceinline__ void dequant8<__nv_bfloat16>(uint32_t q, uint32_t (&o
   }
 }
 
+// The same conversion with an integer zero point z in 0..15 folded into the subtracted constants, so that each pair
+// comes out as the exact (c - z), -15..15, at no extra instruction: (1024 + c) - (1024 + z) for the fp16 low nibbles,
+// (1024 + 16 c) / 16 - (64 + z) for the high ones, (128 + c) - (128 + z) in bf16. Layout v2's words hold two output
+// columns (docs/INT4_V2.md): out[0], out[1] are column a's codes (zero za), out[2], out[3] column b's (zero zb).
+// ZeroMagic<T> holds a column's two constants, built once per group by zero_magic<T>(z).
+struct ZeroMagic {
+  uint32_t sub;  // packed (1024 + z) in fp16 / (128 + z) in bf16, both halves
+  uint32_t fma;  // packed -(64 + z) in fp16 (the high nibbles' FMA addend); unused in bf16
+};
+
+template <typename T>
+__device__ __forceinline__ ZeroMagic zero_magic(uint32_t z);
+
+template <>
+__device__ __forceinline__ ZeroMagic zero_magic<__half>(uint32_t z) {
+  // fp16 1024 + z: exponent 10, mantissa z (ulp 1); -(64 + z): sign, exponent 6, mantissa 16 z (ulp 1/16).
+  return ZeroMagic{(0x6400u | z) * 0x00010001u, (0xD400u | (z << 4)) * 0x00010001u};
+}
+
+template <>
+__device__ __forceinline__ ZeroMagic zero_magic<__nv_bfloat16>(uint32_t z) {
+  return ZeroMagic{(0x4300u | z) * 0x00010001u, 0u};  // bf16 128 + z: exponent 7, mantissa z (ulp 1)
+}
+
+template <typename T>
+__device__ __forceinline__ void dequant8_centered(uint32_t q, const ZeroMagic& a, const ZeroMagic& b,
+                                                  uint32_t (&out)[4]);
+
+template <>
+__device__ __forceinline__ void dequant8_centered<__half>(uint32_t q, const ZeroMagic& a, const ZeroMagic& b,
+                                                          uint32_t (&out)[4]) {
+  constexpr uint32_t kLow = 0x000F000Fu, kHigh = 0x00F000F0u, k1024 = 0x64006400u, kSixteenth = 0x2C002C00u;
+  const uint32_t shifted = q >> 8;
+  const __half2 sixteenth = bits_as<__half2>(kSixteenth);
+  out[0] = as_bits(__hsub2(bits_as<__half2>(lop3<kAndOr>(q, kLow, k1024)), bits_as<__half2>(a.sub)));
+  out[1] = as_bits(__hfma2(bits_as<__half2>(lop3<kAndOr>(q, kHigh, k1024)), sixteenth, bits_as<__half2>(a.fma)));
+  out[2] = as_bits(__hsub2(bits_as<__half2>(lop3<kAndOr>(shifted, kLow, k1024)), bits_as<__half2>(b.sub)));
+  out[3] = as_bits(__hfma2(bits_as<__half2>(lop3<kAndOr>(shifted, kHigh, k1024)), sixteenth, bits_as<__half2>(b.fma)));
+}
+
+template <>
+__device__ __forceinline__ void dequant8_centered<__nv_bfloat16>(uint32_t q, const ZeroMagic& a, const ZeroMagic& b,
+                                                                 uint32_t (&out)[4]) {
+  constexpr uint32_t kLow = 0x000F000Fu, k128 = 0x43004300u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t sub = j < 2 ? a.sub : b.sub;
+    out[j] = as_bits(__hsub2(bits_as<__nv_bfloat162>(lop3<kAndOr>(q >> (4 * j), kLow, k128)),
+                             bits_as<__nv_bfloat162>(sub)));
+  }
+}
+
 }  // namespace lowrank_ops_sm80

@@ -75,31 +75,6 @@ __host__ __device__ constexpr int expand_rows(int tile) { return tile <= 4 ? 4 :
 
 static_assert(kMaxRows * kShrinkRows <= kWarp, "the last-arrival reduction gives each lane one (row, column) of z");
 
-// Split-K handoff. Each of the `arrivals` warps that computed one slice of a group's partial sums calls this after
-// storing them; it returns true, in every lane, for the warp that arrives last, which then sees every other
-// slice's partial sums, and sets the counter back to 0 for the next launch (CUDA graph replays included): counters
-// are zero before and after every launch, so no memset is needed. The fence before the arrival publishes this
-// lane's stores device-wide (release); the fence after it orders the last warp's reads after the other arrivals
-// (acquire); __syncwarp orders the lanes' fences and reads around lane 0's atomic.
-__device__ __forceinline__ bool last_arrival(unsigned int* counter, int arrivals, int lane) {
-  __threadfence();
-  __syncwarp();
-  unsigned int ticket = 0u;
-  if (lane == 0) {
-    ticket = atomicAdd(counter, 1u);
-  }
-  ticket = __shfl_sync(0xffffffffu, ticket, 0);
-  if (ticket != static_cast<unsigned int>(arrivals - 1)) {
-    return false;
-  }
-  if (lane == 0) {
-    *counter = 0u;
-  }
-  __threadfence();
-  __syncwarp();
-  return true;
-}
-
 template <typename T, int MT>
 __global__ void __launch_bounds__(kShrinkThreads)
     lowrank_shrink_kernel(const T* __restrict__ x,             // (M, n), row stride ldx

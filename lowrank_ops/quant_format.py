@@ -248,3 +248,72 @@ def dequantize_packed(packed: PackedQuantWeight, dtype: torch.dtype | None = Non
     return dequantize(
         packed.qweight, packed.scales, packed.zeros, packed.bits, packed.group_size, packed.shape[1], dtype
     )
+
+
+# ---------------------------------------------------------------------------------------------------- layout v2
+# The fragment-ordered layout of the int4 kernel v2 (csrc/quant_lowrank_decode_v2.cu, docs/INT4_V2.md): a kernel
+# layout derived from version 1, exactly and offline, by `to_layout_v2`. Saved models stay version 1 (every file
+# keeps loading); a layer converts when the v2 kernel is chosen for it. v2 is not chosen by AUTO until a GPU has
+# measured it.
+#   qweight int32 (NB, KB, 32, 4), NB = ceil(m / 16), KB = ceil(n / 64), padded with zero codes. Word j of lane
+#     l = 4 g + t in (n16 block nb, k64 block kb) holds the codes of rows (outputs) nb 16 + g and nb 16 + 8 + g at
+#     columns k = kb 64 + 16 j + {2t, 2t + 1, 2t + 8, 2t + 9}: nibble 2 h + s + 4 e is row nb 16 + 8 h + g, column
+#     kb 64 + 16 j + 8 s + 2 t + e -- so that csrc/int4_dequant.cuh's pairs (nibbles i, i + 4) are the mma B fragments.
+#   scales, zeros (G, 16 NB): transposed, columns past m zero. Zeros must be integers 0 .. 15 (folded into the
+#     kernel's dequantisation constants), group_size a multiple of 16.
+LAYOUT_V2 = 2
+
+
+def _v2_view(n_blocks: int, k_blocks: int) -> tuple[int, ...]:
+    """(nb, h, g, kb, j, s, t, e): a padded (16 NB, 64 KB) code matrix split along layout v2's fields."""
+    return (n_blocks, 2, 8, k_blocks, 4, 2, 4, 2)
+
+
+def _v2_shifts(device) -> torch.Tensor:
+    h = torch.arange(2, device=device).view(1, 2, 1, 1, 1, 1, 1, 1)
+    s = torch.arange(2, device=device).view(1, 1, 1, 1, 1, 2, 1, 1)
+    e = torch.arange(2, device=device).view(1, 1, 1, 1, 1, 1, 1, 2)
+    return 4 * (2 * h + s + 4 * e)
+
+
+def to_layout_v2(packed: PackedQuantWeight) -> PackedQuantWeight:
+    """The version-1 `packed` (bits <= 4) in layout v2; exact (`from_layout_v2` gives it back)."""
+    check_packed(packed, "quant_format.to_layout_v2")
+    m, n = packed.shape
+    if container_bits(packed.bits) != 4:
+        raise ValueError(f"to_layout_v2: bits={packed.bits}: layout v2 holds codes of <= 4 bits")
+    if packed.group_size % 16 != 0:
+        raise ValueError(f"to_layout_v2: group_size={packed.group_size} must be a multiple of 16 (the v2 kernel "
+                         "scales whole k16 tensor-core steps)")  # fmt: skip
+    zeros = packed.zeros.double()
+    if not bool(((zeros == zeros.round()) & (zeros >= 0) & (zeros <= 15)).all()):
+        raise ValueError("to_layout_v2: the zero points must be integers in 0 .. 15 (the v2 kernel folds them into its "
+                         "dequantisation constants)")  # fmt: skip
+    n_blocks, k_blocks = -(-m // 16), -(-n // 64)
+    codes = torch.zeros(16 * n_blocks, 64 * k_blocks, dtype=torch.int64, device=packed.qweight.device)
+    codes[:m, :n] = unpack_codes(packed).long()
+    words = (codes.view(_v2_view(n_blocks, k_blocks)) << _v2_shifts(codes.device)).sum(dim=(1, 5, 7))
+    words = words.permute(0, 2, 1, 4, 3).reshape(n_blocks, k_blocks, 32, 4)  # (nb, kb, g, t, j) -> lane = 4 g + t
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    def columns(t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(t.shape[1], 16 * n_blocks, dtype=t.dtype, device=t.device)
+        out[:, :m] = t.t()
+        return out.contiguous()
+
+    return dataclasses.replace(packed, qweight=words.contiguous(), scales=columns(packed.scales),
+                               zeros=columns(packed.zeros), layout_version=LAYOUT_V2)  # fmt: skip
+
+
+def from_layout_v2(packed: PackedQuantWeight) -> PackedQuantWeight:
+    """The version-1 packed weight of a layout-v2 one (the inverse of `to_layout_v2`)."""
+    if packed.layout_version != LAYOUT_V2:
+        raise ValueError(f"from_layout_v2: layout_version={packed.layout_version}, expected {LAYOUT_V2}")
+    m, n = packed.shape
+    n_blocks, k_blocks = packed.qweight.shape[:2]
+    words = packed.qweight.long() & 0xFFFFFFFF
+    words = words.view(n_blocks, k_blocks, 8, 4, 4).permute(0, 2, 1, 4, 3)  # (nb, g, kb, j, t)
+    words = words.reshape(n_blocks, 1, 8, k_blocks, 4, 1, 4, 1)
+    codes = ((words >> _v2_shifts(words.device)) & 0xF).reshape(16 * n_blocks, 64 * k_blocks)[:m, :n]
+    return pack(codes.to(torch.uint8), packed.scales[:, :m].t(), packed.zeros[:, :m].t(), packed.bits,
+                packed.group_size, packed.scales.dtype)  # fmt: skip

@@ -13,6 +13,7 @@ output, and a write past y as a changed guard.
 
 import contextlib
 import ctypes
+import dataclasses
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from cuda_emu import build as emu_build
 from helpers import assert_close_to_reference
 
 from lowrank_ops.ops.reference import lowrank_matmul_ref, quant_lowrank_matmul_ref
-from lowrank_ops.quant_format import num_groups, pack
+from lowrank_ops.quant_format import PackedQuantWeight, num_groups, pack, to_layout_v2
 
 H100 = {"sm_count": 132, "smem_optin": 232448, "cc_major": 9}  # cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB
 A100 = {"sm_count": 108, "smem_optin": 166912, "cc_major": 8}  # no PDL: the sm_80 image, plain stream order
@@ -107,6 +108,19 @@ class Emulator:
         y, storage = _guarded_output(rows, m, x.dtype)
         self._call(self.lib.emu_quant_lowrank_decode, DTYPE_CODES[x.dtype], rows, n, m, group_size, r, _ptr(x),
                    ctypes.c_longlong(x.stride(0)), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(v), _ptr(u), _ptr(b),
+                   _ptr(y))  # fmt: skip
+        _assert_guards_intact(storage)
+        return y
+
+    def quant_v2(self, x, packed_v2, v, u, b):
+        """The int4 kernel v2 on a layout-v2 packed weight (quant_format.to_layout_v2)."""
+        rows, n = x.shape
+        m = packed_v2.shape[0]
+        r = 0 if u is None else u.shape[1]
+        y, storage = _guarded_output(rows, m, x.dtype)
+        tensors = [_guarded(t) for t in (packed_v2.qweight, packed_v2.scales, packed_v2.zeros)]
+        self._call(self.lib.emu_quant_lowrank_decode_v2, DTYPE_CODES[x.dtype], rows, n, m, packed_v2.group_size, r,
+                   _ptr(x), ctypes.c_longlong(x.stride(0)), *map(_ptr, tensors), _ptr(v), _ptr(u), _ptr(b),
                    _ptr(y))  # fmt: skip
         _assert_guards_intact(storage)
         return y
@@ -400,16 +414,16 @@ def test_pdl_seeded_misplaced_wait_reads_poison(emu, emu_misplaced_wait):
         _check_lowrank(emu_misplaced_wait.lowrank(*map(_guarded, (x, v, u, b))), x, v, u, b)
 
 
-# The split-K handoff of the shrink (last_arrival in lowrank_decode.cu), each bug seeded on its own.
+# The split-K handoff of the shrink (last_arrival in decode_common.cuh), each bug seeded on its own.
 HANDOFF_BUGS = {
     # no release: the partial sums are not published before the arrival counts
-    "no fence": ("lowrank_decode.cu", "  __threadfence();\n  __syncwarp();\n  unsigned int ticket = 0u;\n",
+    "no fence": ("decode_common.cuh", "  __threadfence();\n  __syncwarp();\n  unsigned int ticket = 0u;\n",
                  "  __syncwarp();\n  unsigned int ticket = 0u;\n"),
     # the fence after the atomic: the arrival is counted before the partial sums are published
-    "fence after the atomic": ("lowrank_decode.cu", "    ticket = atomicAdd(counter, 1u);\n",
+    "fence after the atomic": ("decode_common.cuh", "    ticket = atomicAdd(counter, 1u);\n",
                                "    ticket = atomicAdd(counter, 1u);\n    __threadfence();\n"),
     # the counter is never reset: the next call's arrivals start at S
-    "counter not reset": ("lowrank_decode.cu", "  if (lane == 0) {\n    *counter = 0u;\n  }\n", ""),
+    "counter not reset": ("decode_common.cuh", "  if (lane == 0) {\n    *counter = 0u;\n  }\n", ""),
 }  # fmt: skip
 
 
@@ -430,3 +444,88 @@ def test_handoff_seeded_bugs_are_caught(emu, bug, tmp_path_factory):
     assert any(y.isnan().any() for y in outputs), bug
     if bug == "counter not reset":
         assert mutant.counters_set() > 0 and not outputs[0].isnan().any() and outputs[1].isnan().all()
+
+
+# ------------------------------------------------------------------------------------------ int4 kernel v2 (layout v2)
+
+# n = 4095 and 1000 (K padded to 64 with zero x), m = 77 / 515 (partial n16 blocks and warps past m), groups 16 / 32 /
+# 48 / 128 (a group cut by a split's end, a last partial group), bits 2 / 3 / 4 in the 4-bit slots.
+QUANT_V2_CASES = [(576, 192, 16, 4), (1000, 77, 48, 2), (2048, 515, 32, 3), (4095, 77, 128, 4)]
+
+
+def _v2_args(rows, n, m, r, group_size, bits, dtype, bias, seed):
+    """_quant_inputs in layout v1 (the reference's) and the same weight converted to layout v2 (the kernel's)."""
+    args = _quant_inputs(rows, n, m, r, group_size, bits, dtype, bias, seed)
+    x, q, s, z, v, u, b, bits, group_size = args
+    return args, to_layout_v2(PackedQuantWeight(q, s, z, bits, group_size, (m, n)))
+
+
+def _run_v2(emulator, args, packed_v2, x=None):
+    x0, _, _, _, v, u, b, _, _ = args
+    return emulator.quant_v2(_guarded(x0) if x is None else x, packed_v2, *(None if t is None else _guarded(t)
+                                                                            for t in (v, u, b)))  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("r", [0, 24])
+@pytest.mark.parametrize(("n", "m", "group_size", "bits"), QUANT_V2_CASES, ids=str)
+def test_quant_v2_matches_float64(emu, n, m, group_size, bits, r, rows):
+    """mma.sync on fragments dequantised with the zero point folded in, per-group fp32 scaling, split-K with the
+    last-arriving warp's reduction and the residual's rank shared across the splits: the accuracy rule against
+    float64, every code / V / U byte loaded once, the counters left at zero."""
+    dtype = _dtype_for(n, m, r, rows)
+    args, packed_v2 = _v2_args(rows, n, m, r, group_size, bits, dtype, bias=rows != 3, seed=n + m + r + rows)
+    _check_quant(_run_v2(emu, args, packed_v2), args)
+    launches = emu.launches()
+    assert launches[-1]["pdl"] == (r > 0) and launches[-1]["block"] == 128 and len(launches) == 1 + (r > 0)
+    _assert_weights_streamed_once(emu, qweight=packed_v2.qweight, **({"v": args[4], "u": args[5]} if r else {}))
+    assert emu.counters_set() == 0
+
+
+def test_quant_v2_single_split_strided_x_and_pre_hopper(emu):
+    """One SM: S = 1, the CTA writes y itself (no workspace partials). x offset by one element at row stride 1003:
+    the masked 2-byte x path instead of cp.async. An A100 (no PDL): the same results in plain stream order."""
+    args, packed_v2 = _v2_args(3, 1000, 77, 24, 16, 4, torch.bfloat16, bias=True, seed=3)
+    base = _guarded(torch.zeros(3, 1003).to(torch.bfloat16))
+    x = base[:, 1:1001]
+    x.copy_(args[0])
+    with emu.device(sm_count=1):
+        _check_quant(_run_v2(emu, args, packed_v2, x=x), args)
+        assert emu.launches()[-1]["grid"] == 1
+    with emu.device(**A100):
+        _check_quant(_run_v2(emu, args, packed_v2), args)
+        assert [launch["pdl"] for launch in emu.launches()] == [False, False]
+
+
+def test_quant_v2_bad_arguments_name_the_rule(emu):
+    args, packed_v2 = _v2_args(1, 256, 64, 0, 32, 4, torch.float16, bias=False, seed=0)
+    bad_group = dataclasses.replace(packed_v2, group_size=40)
+    with pytest.raises(KernelError, match=r"group_size=40 must be a positive multiple of 16"):
+        emu.quant_v2(args[0], bad_group, None, None, None)
+
+
+# Seeded bugs in the v2 kernel, each alone: the tests above must catch every one.
+V2_BUGS = {
+    # the B fragments of the two n8 tiles swapped with each other's second half
+    "fragment order": ("quant_lowrank_decode_v2.cu", "b0[2] = {pairs[0], pairs[1]}, b1[2] = {pairs[2], pairs[3]}",
+                       "b0[2] = {pairs[0], pairs[2]}, b1[2] = {pairs[1], pairs[3]}"),
+    # the group's scale applied one k16 step late
+    "group boundary": ("quant_lowrank_decode_v2.cu", "int steps_left = ((group + 1) * group_size - kb0 * 64) / 16;",
+                       "int steps_left = ((group + 1) * group_size - kb0 * 64) / 16 + 1;"),
+    # x past n not zero-filled: the padded codes (c - z) s are not zero weights
+    "x padding": ("quant_lowrank_decode_v2.cu", "kb + chunk / 8 < kb1 ? min(n - col, kVec) : 0;",
+                  "kb + chunk / 8 < kb1 ? kVec : 0;"),
+    # the residual reads z before the wait for the shrink
+    "wait after z": ("quant_lowrank_decode_v2.cu",
+                     "    wait_for_producer();  // the shrink's z is complete and visible\n    const int share",
+                     "    const int share"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bug", list(V2_BUGS))
+def test_quant_v2_seeded_bugs_are_caught(emu, bug, tmp_path_factory):
+    mutant = Emulator(emu_build.build(tmp_path_factory.mktemp("cuda_emu_v2_bug"), (V2_BUGS[bug],)))
+    args, packed_v2 = _v2_args(3, 1000, 77, 24, 48, 4, torch.float16, bias=True, seed=8)
+    _check_quant(_run_v2(emu, args, packed_v2), args)
+    with pytest.raises((AssertionError, KernelError)):  # a wrong result, or a load the emulator faults (x padding)
+        _check_quant(_run_v2(mutant, args, packed_v2), args)

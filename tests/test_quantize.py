@@ -171,6 +171,46 @@ def test_dequantize_dtypes_and_packed_format_agree():
         torch.testing.assert_close(dequantize(qw, torch.float64), w32.double(), rtol=1e-6, atol=1e-7)
 
 
+
+@pytest.mark.parametrize(("m", "n", "group_size", "bits"), [(77, 1000, 80, 4), (16, 64, 16, 2), (33, 576, 128, 3)])
+def test_layout_v2_is_exact_and_fragment_ordered(m, n, group_size, bits):
+    """to_layout_v2 (the int4 kernel v2's layout) is exact: from_layout_v2 gives the version-1 tensors back bit for bit.
+    Its words are checked against the layout's definition written here independently: nibble 2 h + s + 4 e of word j of
+    lane 4 g + t in block (nb, kb) is W[nb 16 + 8 h + g, kb 64 + 16 j + 8 s + 2 t + e] (zero past m, n)."""
+    g = torch.Generator().manual_seed(m + n)
+    codes = torch.randint(0, 2**bits, (m, n), generator=g, dtype=torch.uint8)
+    groups = quant_format.num_groups(n, group_size)
+    scales = torch.rand(m, groups, generator=g) + 0.5
+    zeros = torch.randint(0, 2**bits, (m, groups), generator=g).float()
+    packed = quant_format.pack(codes, scales, zeros, bits, group_size, torch.float16)
+    v2 = quant_format.to_layout_v2(packed)
+    n_blocks, k_blocks = -(-m // 16), -(-n // 64)
+    assert v2.qweight.shape == (n_blocks, k_blocks, 32, 4) and v2.layout_version == quant_format.LAYOUT_V2
+    assert v2.scales.shape == (groups, 16 * n_blocks) and torch.equal(v2.scales[:, :m], packed.scales.t())
+    assert not v2.scales[:, m:].any() and torch.equal(v2.zeros[:, :m], packed.zeros.t())
+    words = v2.qweight.long() & 0xFFFFFFFF
+    for nb, kb, lane, j in torch.randint(0, 10**6, (300, 4), generator=g).tolist():
+        nb, kb, lane, j = nb % n_blocks, kb % k_blocks, lane % 32, j % 4
+        for h, s_, e in [(h, s_, e) for h in (0, 1) for s_ in (0, 1) for e in (0, 1)]:
+            row, col = nb * 16 + 8 * h + lane // 4, kb * 64 + 16 * j + 8 * s_ + 2 * (lane % 4) + e
+            want = int(codes[row, col]) if row < m and col < n else 0
+            assert (int(words[nb, kb, lane, j]) >> 4 * (2 * h + s_ + 4 * e)) & 0xF == want
+    back = quant_format.from_layout_v2(v2)
+    assert all(torch.equal(a, b) for a, b in ((back.qweight, packed.qweight), (back.scales, packed.scales),
+                                               (back.zeros, packed.zeros)))  # fmt: skip
+
+
+def test_layout_v2_refuses_what_the_v2_kernel_cannot_run():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    ones, zeros = torch.ones(8, 8), torch.zeros(8, 8)
+    with pytest.raises(ValueError, match="group_size=8 must be a multiple of 16"):
+        quant_format.to_layout_v2(quant_format.pack(codes, ones, zeros, 4, 8, torch.float16))
+    with pytest.raises(ValueError, match="zero points must be integers in 0 .. 15"):
+        quant_format.to_layout_v2(quant_format.pack(codes, ones[:, :4], zeros[:, :4] + 0.5, 4, 16, torch.float16))
+    with pytest.raises(ValueError, match="bits=8"):
+        quant_format.to_layout_v2(quant_format.pack(codes, ones[:, :4], zeros[:, :4], 8, 16, torch.float16))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPTQ
 # ----------------------------------------------------------------------------------------------------------------

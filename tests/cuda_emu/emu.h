@@ -247,6 +247,14 @@ inline float __shfl_xor_sync(unsigned int mask, float value, int lane_mask) {
 inline unsigned int __shfl_sync(unsigned int mask, unsigned int value, int src_lane) {
   return ::cuda_emu::shuffle_idx(mask, value, src_lane);
 }
+inline float __shfl_sync(unsigned int mask, float value, int src_lane) {
+  unsigned int bits;
+  memcpy(&bits, &value, sizeof(bits));
+  bits = ::cuda_emu::shuffle_idx(mask, bits, src_lane);
+  float out;
+  memcpy(&out, &bits, sizeof(out));
+  return out;
+}
 
 // The read-only / streaming loads every weight and x load of the kernels goes through: checked against the
 // registered buffers (a load outside all of them faults) and counted per buffer.

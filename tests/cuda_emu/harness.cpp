@@ -9,6 +9,7 @@
 #include "emu.h"
 #include "lowrank_decode.h"
 #include "quant_lowrank_decode.h"
+#include "quant_lowrank_decode_v2.h"
 
 namespace {
 
@@ -112,9 +113,10 @@ void register_activations_and_factors(const void* x, int rows, int n, long long 
   }
 }
 
-// Asks `workspace_bytes` for the size, hands `run` a NaN-poisoned workspace of that size.
+// Asks `workspace_bytes` for the size, hands `run` a NaN-poisoned workspace of that size and `count` arrival counters
+// (default: the shrink's).
 template <typename Args, typename Query, typename Run>
-int with_workspace(Args* a, Query workspace_bytes, Run run, char* err, size_t err_len) {
+int with_workspace(Args* a, Query workspace_bytes, Run run, char* err, size_t err_len, int count = -1) {
   size_t bytes = 0;
   const LowrankOpsStatus status = workspace_bytes(a, &bytes, err, err_len);
   if (status != LOWRANK_OPS_OK) {
@@ -123,9 +125,11 @@ int with_workspace(Args* a, Query workspace_bytes, Run run, char* err, size_t er
   std::vector<float> workspace = poisoned_workspace(bytes);
   a->workspace = bytes > 0 ? workspace.data() : nullptr;
   a->workspace_bytes = bytes;
-  const size_t count = a->rank > 0 ? static_cast<size_t>(lowrank_shrink_counters(a->rank)) : 0;
-  a->counters = counters(count).data();
-  a->counter_count = count;
+  if (count < 0) {
+    count = a->rank > 0 ? lowrank_shrink_counters(a->rank) : 0;
+  }
+  a->counters = counters(static_cast<size_t>(count)).data();
+  a->counter_count = static_cast<size_t>(count);
   if (bytes > 0) {
     cuda_emu::track_memory(workspace.data(), bytes);  // the shrink's output: poison to the expand until its wait
   }
@@ -234,6 +238,40 @@ int emu_lowrank_decode(int dtype, int rows, int n, int m, int rank, const void* 
   register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
   cuda_emu::track_memory(y, static_cast<size_t>(rows) * m * kItem);
   return with_workspace(&a, lowrank_decode_workspace_bytes, lowrank_decode, err, err_len);
+}
+
+// Layout v2 (quant_lowrank_decode_v2.h): qweight (ceil(m / 16), ceil(n / 64), 32, 4) int32, scales / zeros
+// (G, 16 ceil(m / 16)); loaded through __ldg, so registered.
+int emu_quant_lowrank_decode_v2(int dtype, int rows, int n, int m, int group_size, int rank, const void* x,
+                                long long x_row_stride, const int32_t* qweight, const void* scales,
+                                const void* zeros, const void* v, const void* u, const void* bias, void* y, char* err,
+                                size_t err_len) {
+  QuantLowrankDecodeArgs a{};
+  a.dtype = static_cast<LowrankOpsDtype>(dtype);
+  a.rows = rows;
+  a.n = n;
+  a.m = m;
+  a.group_size = group_size;
+  a.rank = rank;
+  a.x = x;
+  a.x_row_stride = x_row_stride;
+  a.qweight = qweight;
+  a.scales = scales;
+  a.zeros = zeros;
+  a.v = v;
+  a.u = u;
+  a.bias = bias;
+  a.y = y;
+  cuda_emu::clear_buffers();
+  register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
+  const size_t np = static_cast<size_t>((m + 15) / 16) * 16;
+  const size_t groups = static_cast<size_t>((n + group_size - 1) / group_size);
+  cuda_emu::register_buffer("qweight", qweight, np / 16 * static_cast<size_t>((n + 63) / 64) * 512);
+  cuda_emu::register_buffer("scales", scales, groups * np * kItem);
+  cuda_emu::register_buffer("zeros", zeros, groups * np * kItem);
+  cuda_emu::track_memory(y, static_cast<size_t>(rows) * m * kItem);
+  return with_workspace(&a, quant_lowrank_decode_v2_workspace_bytes, quant_lowrank_decode_v2, err, err_len,
+                        quant_lowrank_decode_v2_counters(m, rank));
 }
 
 int emu_quant_lowrank_decode(int dtype, int rows, int n, int m, int group_size, int rank, const void* x,
