@@ -55,6 +55,8 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, config=None
     second process saving to the same `out_dir` meanwhile gets ValueError at once."""
     from safetensors.torch import save_file
 
+    if not getattr(model.config, "architectures", None):  # a model loaded from GGUF has none; save_pretrained
+        model.config.architectures = [type(model).__name__]  # records it, and vLLM picks its model class by it
     with output_directory(out_dir, overwrite=overwrite, protect=(source,)) as tmp:
         tensors, dropped = unique_state_dict(model)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", **dropped})

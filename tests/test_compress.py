@@ -161,12 +161,14 @@ def test_a_tied_embedding_is_saved_under_the_input_embedding_name(tmp_path):
 
     model = tiny_llama(vocab_size=128, hidden_size=48, intermediate_size=80, max_position_embeddings=64,
                        tie_word_embeddings=True)  # fmt: skip
+    model.config.architectures = None  # as transformers leaves a model loaded from GGUF (SmolLM2)
     compress_(model, _config(method="svd", param_ratio=0.7), progress=False)
     out = save_compressed(model, tmp_path / "tied", config=None, source="tiny")
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
     assert metadata == {"format": "pt", "lm_head.weight": "model.embed_tokens.weight"}
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     tokens = _tokens(2)
     tensors = load_file(out / "model.safetensors")  # the layout safetensors' save_model wrote before
     tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
