@@ -84,27 +84,18 @@ struct GroupConstants {
   ZeroMagic magic[kV2BlocksPerWarp][2];
 };
 
-// Raw 16-bit scales and zeros of one group for this lane (loaded one group ahead, converted when it starts).
+// A lane's scales and zeros of one group, as layout v2 stores them for it: one 16-byte vector of 8 scales (word
+// 2 b + h: the pair of columns 2t, 2t + 1 of n8 tile h of block b) and one 32-bit word of 4 zeros (byte 2 b + h:
+// column g of that tile). Loaded one group ahead, converted when the group starts.
 struct GroupRaw {
-  uint32_t scale[kV2BlocksPerWarp][2];  // two 16-bit scales (columns 2t, 2t + 1), low first
-  uint32_t zero[kV2BlocksPerWarp][2];   // the 16-bit zero of column g
+  uint4 scales;
+  uint32_t zeros;
 };
 
-template <typename T>
-__device__ __forceinline__ void load_group(GroupRaw& raw, const T* __restrict__ scales, const T* __restrict__ zeros,
-                                           int group, int np, int col0, int g, int t, const bool (&live)[2]) {
-  const unsigned short* s = reinterpret_cast<const unsigned short*>(scales) + static_cast<int64_t>(group) * np;
-  const unsigned short* z = reinterpret_cast<const unsigned short*>(zeros) + static_cast<int64_t>(group) * np;
-#pragma unroll
-  for (int b = 0; b < kV2BlocksPerWarp; ++b) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int base = col0 + 16 * b + 8 * h;
-      raw.scale[b][h] = live[b] ? (__ldg(s + base + 2 * t) | static_cast<uint32_t>(__ldg(s + base + 2 * t + 1)) << 16)
-                                : 0u;
-      raw.zero[b][h] = live[b] ? __ldg(z + base + g) : 0u;
-    }
-  }
+__device__ __forceinline__ void load_group(GroupRaw& raw, const uint4* __restrict__ scales,
+                                           const uint32_t* __restrict__ zeros, int64_t offset, bool live) {
+  raw.scales = live ? __ldg(scales + offset) : make_uint4(0u, 0u, 0u, 0u);
+  raw.zeros = live ? __ldg(zeros + offset) : 0u;
 }
 
 template <typename T>
@@ -113,21 +104,21 @@ __device__ __forceinline__ void start_group(GroupConstants<T>& c, const GroupRaw
   for (int b = 0; b < kV2BlocksPerWarp; ++b) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      c.scale[b][h] = Convert<T>::pair(raw.scale[b][h]);
-      T zero;
-      const unsigned short bits = static_cast<unsigned short>(raw.zero[b][h]);
-      memcpy(&zero, &bits, sizeof(zero));
-      c.magic[b][h] = zero_magic<T>(static_cast<uint32_t>(Convert<T>::to_float(zero)));
+      c.scale[b][h] = Convert<T>::pair(word_at(raw.scales, 2 * b + h));
+      c.magic[b][h] = zero_magic<T>((raw.zeros >> (8 * (2 * b + h))) & 0xFFu);
     }
   }
 }
 
-template <typename T>
+// kAligned: group_size % 128 == 0 and every slice starts and ends on a 128-wide stage (even k64 blocks per slice and
+// in all): a group ends only at a stage's end, so the group check runs once per stage instead of once per k16 step,
+// and no stage is partial (the 4096^2 g128 plan). Otherwise the general loop checks every k16 step.
+template <typename T, bool kAligned>
 __global__ void LOWRANK_OPS_V2_LAUNCH_BOUNDS
     quant_v2_kernel(const T* __restrict__ x,              // (M, n), row stride ldx
                     const uint4* __restrict__ qweight,    // (NB, KB, 32) layout v2
-                    const T* __restrict__ scales,         // (G, np)
-                    const T* __restrict__ zeros,          // (G, np), integers 0 .. 15
+                    const uint4* __restrict__ scales,     // (G, NB32, 32) vectors of 8 scales
+                    const uint32_t* __restrict__ zeros,   // (G, NB32, 32) words of 4 uint8 zeros
                     const float* __restrict__ z,          // (M, r) or nullptr when r = 0
                     const T* __restrict__ u,              // (m, r) or nullptr when r = 0
                     const T* __restrict__ bias,           // (m,) or nullptr
@@ -147,33 +138,51 @@ __global__ void LOWRANK_OPS_V2_LAUNCH_BOUNDS
   const int kb0 = split * k64_per_split, kb1 = min(kb_count, kb0 + k64_per_split);
   const int iters = (kb1 - kb0 + kV2StageK64 - 1) / kV2StageK64;
 
-  // Stage `it` (k64 blocks kb0 + 2 it, + 1) into slot it % kV2Stages: this lane's own code vectors, and the x chunks
-  // of this thread (rows past M and columns past n or past the slice are zero: padded codes are not zero weights).
-  auto issue = [&](int it) {
-    uint4* stage = v2_stages + (it % kV2Stages) * kV2StageVecs;
+  // Stage `it` (k64 blocks kb0 + 2 it, + 1) into shared-memory slot `slot`: this lane's own code vectors, and the x
+  // chunks of this thread (rows past M and columns past n or past the slice are zero: padded codes are not zero
+  // weights). The per-thread sources and destinations are fixed here, once: the loop only adds it x the stage stride.
+  const uint4* code_src[kV2BlocksPerWarp];
+  int code_dst[kV2BlocksPerWarp];
+#pragma unroll
+  for (int b = 0; b < kV2BlocksPerWarp; ++b) {
+    code_src[b] = qweight + (static_cast<int64_t>(nb0 + b) * kb_count + kb0) * kWarp + lane;
+    code_dst[b] = (warp * kV2BlocksPerWarp + b) * kV2StageK64 * kWarp + lane;
+  }
+  constexpr int kXPerThread = kV2XChunks / kV2Threads;
+  const T* x_src[kXPerThread];
+  int x_dst[kXPerThread], x_col[kXPerThread], x_kk[kXPerThread];
+  bool x_row[kXPerThread];
+#pragma unroll
+  for (int i = 0; i < kXPerThread; ++i) {
+    const int c = threadIdx.x + i * kV2Threads, row = c / 16, chunk = c % 16;
+    x_col[i] = kb0 * 64 + chunk * kVec;
+    x_src[i] = x + row * ldx + x_col[i];
+    x_dst[i] = row * kV2XStride + chunk * kVec;
+    x_kk[i] = chunk / (64 / kVec);
+    x_row[i] = row < rows;
+  }
+  auto issue = [&](int it, int slot) {
+    uint4* stage = v2_stages + slot * kV2StageVecs;
     const int kb = kb0 + it * kV2StageK64;
 #pragma unroll
     for (int b = 0; b < kV2BlocksPerWarp; ++b) {
 #pragma unroll
       for (int kk = 0; kk < kV2StageK64; ++kk) {
         const bool valid = live[b] && kb + kk < kb1;
-        const uint4* src = qweight + (static_cast<int64_t>(nb0 + b) * kb_count + kb + kk) * kWarp + lane;
-        cp_async16(stage + ((warp * kV2BlocksPerWarp + b) * kV2StageK64 + kk) * kWarp + lane, valid ? src : qweight,
+        cp_async16(stage + code_dst[b] + kk * kWarp, valid ? code_src[b] + (it * kV2StageK64 + kk) * kWarp : qweight,
                    valid ? 16 : 0);
       }
     }
     T* xs = reinterpret_cast<T*>(stage + kV2CodeVecs);
 #pragma unroll
-    for (int c = threadIdx.x; c < kV2XChunks; c += kV2Threads) {
-      const int row = c / 16, chunk = c % 16;
-      const int col = kb * 64 + chunk * kVec;
-      const int valid = row < rows && kb + chunk / 8 < kb1 ? min(n - col, kVec) : 0;
-      const T* src = x + row * ldx + col;
-      T* dst = xs + row * kV2XStride + chunk * kVec;
+    for (int i = 0; i < kXPerThread; ++i) {
+      const int col = x_col[i] + it * kV2StageK64 * 64;
+      const int valid = x_row[i] && kb + x_kk[i] < kb1 ? min(n - col, kVec) : 0;
+      const T* src = x_src[i] + it * kV2StageK64 * 64;
       if (x_vec) {
-        cp_async16(dst, valid > 0 ? src : x, valid > 0 ? 16 : 0);
+        cp_async16(xs + x_dst[i], valid > 0 ? src : x, valid > 0 ? 16 : 0);
       } else {
-        *reinterpret_cast<uint4*>(dst) = load8(src, valid, false, false);
+        *reinterpret_cast<uint4*>(xs + x_dst[i]) = load8(src, valid, false, false);
       }
     }
   };
@@ -184,11 +193,13 @@ __global__ void LOWRANK_OPS_V2_LAUNCH_BOUNDS
   GroupRaw next;
   int group = kb0 * 64 / group_size;
   int steps_left = ((group + 1) * group_size - kb0 * 64) / 16;  // k16 steps to the group's end
-  load_group(next, scales, zeros, group, np, nb0 * 16, g, t, live);
+  // This lane's scales / zeros of group q are at q stride + lane_offset (in vectors / words); `next_at` walks them.
+  const int group_stride = (nb_count + 1) / 2 * kWarp;
+  int64_t next_at = static_cast<int64_t>(group) * group_stride + nb0 / kV2BlocksPerWarp * kWarp + lane;
+  load_group(next, scales, zeros, next_at, live[0]);
   start_group(cur, next);
-  if (group + 1 < groups) {
-    load_group(next, scales, zeros, group + 1, np, nb0 * 16, g, t, live);
-  }
+  next_at += group_stride;
+  load_group(next, scales, zeros, next_at, live[0] && group + 1 < groups);
   auto flush = [&]() {
 #pragma unroll
     for (int b = 0; b < kV2BlocksPerWarp; ++b) {
@@ -203,27 +214,40 @@ __global__ void LOWRANK_OPS_V2_LAUNCH_BOUNDS
     }
   };
 
+  // Branch-free: past the last group `next` is zero (scale 0), which only ever meets x's zero padding past n.
+  auto end_group = [&]() {
+    flush();
+    steps_left = group_size / 16;
+    start_group(cur, next);
+    ++group;
+    next_at += group_stride;
+    load_group(next, scales, zeros, next_at, live[0] && group + 1 < groups);
+  };
+
 #pragma unroll
   for (int s = 0; s < kV2Stages - 1; ++s) {
     if (s < iters) {
-      issue(s);
+      issue(s, s);
     }
     cp_async_commit();
   }
+  int read_slot = 0, write_slot = kV2Stages - 1;  // stage it lives in slot it % kV2Stages, counted without a modulo
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<kV2Stages - 2>();  // this thread's copies of stage `it` have landed
     __syncthreads();                 // everyone's x of stage `it`; everyone is done with stage it - 1
     if (it + kV2Stages - 1 < iters) {
-      issue(it + kV2Stages - 1);  // into the slot of stage it - 1
+      issue(it + kV2Stages - 1, write_slot);  // into the slot of stage it - 1
     }
     cp_async_commit();
-    const uint4* stage = v2_stages + (it % kV2Stages) * kV2StageVecs;
+    write_slot = read_slot;
+    const uint4* stage = v2_stages + read_slot * kV2StageVecs;
+    read_slot = read_slot == kV2Stages - 1 ? 0 : read_slot + 1;
     const T* xs = reinterpret_cast<const T*>(stage + kV2CodeVecs);
     const int kb = kb0 + it * kV2StageK64;
 #pragma unroll
     for (int kk = 0; kk < kV2StageK64; ++kk) {
-      if (kb + kk >= kb1) {
-        break;
+      if (!kAligned && kb + kk >= kb1) {
+        break;  // the slice's last stage holds one k64 block
       }
       uint4 q[kV2BlocksPerWarp];
 #pragma unroll
@@ -235,26 +259,22 @@ __global__ void LOWRANK_OPS_V2_LAUNCH_BOUNDS
         uint32_t a[4];
         ldmatrix_x4<false>(a, xs + (lane % 16) * kV2XStride + kk * 64 + j * 16 + 8 * (lane / 16));
 #pragma unroll
-        for (int b = 0; b < kV2BlocksPerWarp; ++b) {
-          if (live[b]) {
-            uint32_t pairs[4];
-            dequant8_centered<T>(word_at(q[b], j), cur.magic[b][0], cur.magic[b][1], pairs);
-            const uint32_t b0[2] = {pairs[0], pairs[1]}, b1[2] = {pairs[2], pairs[3]};
-            mma_m16n8k16<T>(part[b][0], a, b0, part[b][0]);
-            mma_m16n8k16<T>(part[b][1], a, b1, part[b][1]);
-          }
+        for (int b = 0; b < kV2BlocksPerWarp; ++b) {  // a block past m multiplies zero codes: no branch around the mma
+          uint32_t pairs[4];
+          dequant8_centered<T>(word_at(q[b], j), cur.magic[b][0], cur.magic[b][1], pairs);
+          const uint32_t b0[2] = {pairs[0], pairs[1]}, b1[2] = {pairs[2], pairs[3]};
+          mma_m16n8k16<T>(part[b][0], a, b0, part[b][0]);
+          mma_m16n8k16<T>(part[b][1], a, b1, part[b][1]);
         }
-        if (--steps_left == 0) {  // the group ends with this k16 step
-          flush();
-          ++group;
-          steps_left = group_size / 16;
-          if (group < groups) {
-            start_group(cur, next);
-            if (group + 1 < groups) {
-              load_group(next, scales, zeros, group + 1, np, nb0 * 16, g, t, live);
-            }
-          }
+        if (!kAligned && --steps_left == 0) {  // the group ends with this k16 step
+          end_group();
         }
+      }
+    }
+    if (kAligned) {
+      steps_left -= kV2StageK64 * 4;
+      if (steps_left == 0) {  // the group ends with this stage
+        end_group();
       }
     }
   }
@@ -381,9 +401,10 @@ LowrankOpsStatus check_v2_args(const QuantLowrankDecodeArgs* a, char* err, size_
                             "not be null",
                             a->rank);
   }
-  if (!aligned16(a->qweight)) {
+  if (!aligned16(a->qweight) || !aligned16(a->scales) || reinterpret_cast<uintptr_t>(a->zeros) % 4 != 0) {
     return lowrank_ops_fail(LOWRANK_OPS_BAD_ARGUMENT, err, err_len,
-                            "quant_lowrank_decode_v2: qweight must be 16-byte aligned (cp.async of 16-byte vectors)");
+                            "quant_lowrank_decode_v2: qweight and scales must be 16-byte aligned, zeros 4-byte aligned "
+                            "(one vector load per lane and group)");
   }
   return LOWRANK_OPS_OK;
 }
@@ -435,10 +456,10 @@ size_t v2_workspace_bytes(const QuantLowrankDecodeArgs* a, const V2Plan& plan) {
   return (a->rank > 0 ? plan.shrink.workspace_bytes : 0) + plan.partial_bytes;
 }
 
-template <typename T>
+template <typename T, bool kAligned>
 LowrankOpsStatus launch_v2(const QuantLowrankDecodeArgs* a, const V2Plan& plan, cudaStream_t stream, char* err,
                            size_t err_len) {
-  auto kernel = quant_v2_kernel<T>;
+  auto kernel = quant_v2_kernel<T, kAligned>;
   LOWRANK_OPS_CUDA_CHECK(allow_dynamic_smem(kernel, kV2SmemBytes));
   const bool x_vec = a->n % kVec == 0 && a->x_row_stride % kVec == 0 && aligned16(a->x);
   const bool u_vec = a->rank % kVec == 0 && aligned16(a->u);
@@ -457,8 +478,8 @@ LowrankOpsStatus launch_v2(const QuantLowrankDecodeArgs* a, const V2Plan& plan, 
   }
   LOWRANK_OPS_CUDA_CHECK(launch_dependent(
       kernel, a->rank > 0 ? plan.device.pdl : 0, plan.tiles * plan.splits, kV2Threads, kV2SmemBytes, stream,
-      static_cast<const T*>(a->x), reinterpret_cast<const uint4*>(a->qweight), static_cast<const T*>(a->scales),
-      static_cast<const T*>(a->zeros), z, static_cast<const T*>(a->u), static_cast<const T*>(a->bias),
+      static_cast<const T*>(a->x), reinterpret_cast<const uint4*>(a->qweight),
+      static_cast<const uint4*>(a->scales), static_cast<const uint32_t*>(a->zeros), z, static_cast<const T*>(a->u), static_cast<const T*>(a->bias),
       static_cast<T*>(a->y), partials, a->counters + shrink_counters, a->rows, a->n, a->m, a->group_size, a->rank,
       a->x_row_stride, plan.tiles, plan.splits, plan.k64_per_split, x_vec, u_vec));
   LOWRANK_OPS_CUDA_CHECK(cudaGetLastError());
@@ -506,6 +527,12 @@ extern "C" LowrankOpsStatus quant_lowrank_decode_v2(const QuantLowrankDecodeArgs
                             "%zu needed (zeroed once; the kernels leave them zero)",
                             args->counters == nullptr ? static_cast<size_t>(0) : args->counter_count, counters);
   }
-  return args->dtype == LOWRANK_OPS_FLOAT16 ? launch_v2<__half>(args, plan, stream, err, err_len)
-                                            : launch_v2<__nv_bfloat16>(args, plan, stream, err, err_len);
+  const bool aligned = args->group_size % (64 * kV2StageK64) == 0 && plan.k64_per_split % kV2StageK64 == 0 &&
+                       ((args->n + 63) / 64) % kV2StageK64 == 0;
+  if (args->dtype == LOWRANK_OPS_FLOAT16) {
+    return aligned ? launch_v2<__half, true>(args, plan, stream, err, err_len)
+                   : launch_v2<__half, false>(args, plan, stream, err, err_len);
+  }
+  return aligned ? launch_v2<__nv_bfloat16, true>(args, plan, stream, err, err_len)
+                 : launch_v2<__nv_bfloat16, false>(args, plan, stream, err, err_len);
 }

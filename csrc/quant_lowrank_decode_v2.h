@@ -3,8 +3,9 @@
 // argument struct it takes, with these tensors in layout v2 (lowrank_ops.quant_format.to_layout_v2):
 //   qweight  int32 (NB, KB, 32, 4), NB = ceil(m / 16), KB = ceil(n / 64), 16-byte aligned: per n16 block and k64
 //            block, lane l's 4 words (one per k16 step) hold the codes of its two mma B fragments (docs/INT4_V2.md)
-//   scales   (G, np) in the activation dtype, np = 16 NB (columns past m: zero)
-//   zeros    (G, np), integer values 0 .. 15
+//   scales   (G, NB32, 32, 8) in the activation dtype, NB32 = ceil(m / 32), 16-byte aligned: per group, warp w (output
+//            columns 32 w ..) and lane 4 g + t, scale 4 b + 2 h + e of column 32 w + 16 b + 8 h + 2 t + e (past m: 0)
+//   zeros    (G, NB32, 32, 4) uint8, integer values 0 .. 15, 4-byte aligned: zero 2 b + h of column 32 w + 16 b + 8 h + g
 // group_size must be a multiple of 16. counters: quant_lowrank_decode_v2_counters(m, rank) of them, zero before the
 // first call (the kernels leave them zero). workspace: quant_lowrank_decode_v2_workspace_bytes.
 #pragma once

@@ -259,8 +259,11 @@ def dequantize_packed(packed: PackedQuantWeight, dtype: torch.dtype | None = Non
 #     l = 4 g + t in (n16 block nb, k64 block kb) holds the codes of rows (outputs) nb 16 + g and nb 16 + 8 + g at
 #     columns k = kb 64 + 16 j + {2t, 2t + 1, 2t + 8, 2t + 9}: nibble 2 h + s + 4 e is row nb 16 + 8 h + g, column
 #     kb 64 + 16 j + 8 s + 2 t + e -- so that csrc/int4_dequant.cuh's pairs (nibbles i, i + 4) are the mma B fragments.
-#   scales, zeros (G, 16 NB): transposed, columns past m zero. Zeros must be integers 0 .. 15 (folded into the
-#     kernel's dequantisation constants), group_size a multiple of 16.
+#   scales (G, NB32, 32, 8), NB32 = ceil(m / 32), in the activation dtype, and zeros (G, NB32, 32, 4) uint8: what
+#     lane l = 4 g + t of the warp owning output columns 32 w .. 32 w + 31 needs per group, as one 16-byte and one
+#     4-byte load: scale 4 b + 2 h + e is column 32 w + 16 b + 8 h + 2 t + e (its mma accumulator columns), zero
+#     2 b + h is column 32 w + 16 b + 8 h + g (its B-fragment column); columns past m: zero. Zeros must be integers
+#     0 .. 15 (folded into the kernel's dequantisation constants), group_size a multiple of 16.
 LAYOUT_V2 = 2
 
 
@@ -274,6 +277,24 @@ def _v2_shifts(device) -> torch.Tensor:
     s = torch.arange(2, device=device).view(1, 1, 1, 1, 1, 2, 1, 1)
     e = torch.arange(2, device=device).view(1, 1, 1, 1, 1, 1, 1, 2)
     return 4 * (2 * h + s + 4 * e)
+
+
+def _v2_group_columns(warps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output columns of layout v2's per-lane scale (warps, 32, 8) and zero (warps, 32, 4) slots."""
+    w = torch.arange(warps, device=device).view(-1, 1, 1)
+    lane = torch.arange(32, device=device).view(1, -1, 1)
+    i = torch.arange(8, device=device).view(1, 1, -1)  # 4 b + 2 h + e
+    scale = 32 * w + 16 * (i // 4) + 8 * (i // 2 % 2) + 2 * (lane % 4) + i % 2
+    j = torch.arange(4, device=device).view(1, 1, -1)  # 2 b + h
+    zero = 32 * w + 16 * (j // 2) + 8 * (j % 2) + lane // 4
+    return scale, zero
+
+
+def _gather_columns(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(G, *columns.shape): t (m, G) at the given output columns, zero past m."""
+    padded = torch.zeros(int(columns.max()) + 1, t.shape[1], dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    return padded[columns].movedim(-1, 0).contiguous()
 
 
 def to_layout_v2(packed: PackedQuantWeight) -> PackedQuantWeight:
@@ -295,14 +316,10 @@ def to_layout_v2(packed: PackedQuantWeight) -> PackedQuantWeight:
     words = (codes.view(_v2_view(n_blocks, k_blocks)) << _v2_shifts(codes.device)).sum(dim=(1, 5, 7))
     words = words.permute(0, 2, 1, 4, 3).reshape(n_blocks, k_blocks, 32, 4)  # (nb, kb, g, t, j) -> lane = 4 g + t
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-    def columns(t: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(t.shape[1], 16 * n_blocks, dtype=t.dtype, device=t.device)
-        out[:, :m] = t.t()
-        return out.contiguous()
-
-    return dataclasses.replace(packed, qweight=words.contiguous(), scales=columns(packed.scales),
-                               zeros=columns(packed.zeros), layout_version=LAYOUT_V2)  # fmt: skip
+    scale_columns, zero_columns = _v2_group_columns(-(-m // 32), codes.device)
+    return dataclasses.replace(packed, qweight=words.contiguous(), scales=_gather_columns(packed.scales, scale_columns),
+                               zeros=_gather_columns(packed.zeros, zero_columns).to(torch.uint8),
+                               layout_version=LAYOUT_V2)  # fmt: skip
 
 
 def from_layout_v2(packed: PackedQuantWeight) -> PackedQuantWeight:
@@ -315,5 +332,11 @@ def from_layout_v2(packed: PackedQuantWeight) -> PackedQuantWeight:
     words = words.view(n_blocks, k_blocks, 8, 4, 4).permute(0, 2, 1, 4, 3)  # (nb, g, kb, j, t)
     words = words.reshape(n_blocks, 1, 8, k_blocks, 4, 1, 4, 1)
     codes = ((words >> _v2_shifts(words.device)) & 0xF).reshape(16 * n_blocks, 64 * k_blocks)[:m, :n]
-    return pack(codes.to(torch.uint8), packed.scales[:, :m].t(), packed.zeros[:, :m].t(), packed.bits,
-                packed.group_size, packed.scales.dtype)  # fmt: skip
+    groups, warps = packed.scales.shape[:2]
+    scale_columns, zero_columns = _v2_group_columns(warps, words.device)
+    scales = torch.empty(32 * warps, groups, dtype=packed.scales.dtype, device=words.device)
+    zeros = torch.empty(32 * warps, groups, dtype=packed.scales.dtype, device=words.device)
+    scales[scale_columns.reshape(-1)] = packed.scales.reshape(groups, -1).t()
+    zeros[zero_columns.reshape(-1)] = packed.zeros.reshape(groups, -1).t().to(packed.scales.dtype)
+    return pack(codes.to(torch.uint8), scales[:m], zeros[:m], packed.bits, packed.group_size,
+                packed.scales.dtype)  # fmt: skip

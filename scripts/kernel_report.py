@@ -216,9 +216,10 @@ class Loop:
         return self.end - self.start + 1
 
 
-def find_hot_loop(instrs: list[Instr], labels: dict[str, int]) -> Loop | None:
-    """The innermost backward-branch region with the most instructions (module docstring, step 3); None if the
-    function has no loop."""
+def find_hot_loop(instrs: list[Instr], labels: dict[str, int], tensor_core: bool = False) -> Loop | None:
+    """The innermost backward-branch region with the most instructions (module docstring, step 3) -- with
+    `tensor_core`, the one with the most HMMA first (a kernel whose K loop is straight-line mma code can have a larger
+    epilogue loop); None if the function has no loop."""
     regions: dict[int, int] = {}
     for i, ins in enumerate(instrs):
         if ins.base == "BRA" and ins.target in labels:
@@ -229,17 +230,35 @@ def find_hot_loop(instrs: list[Instr], labels: dict[str, int]) -> Loop | None:
     inner = [(s, e) for s, e in spans if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in spans)]
     if not inner:
         return None
-    s, e = max(inner, key=lambda se: (se[1] - se[0], -se[0]))
+    def hmma(se):
+        return sum(i.base == "HMMA" for i in instrs[se[0] : se[1] + 1]) if tensor_core else 0
+
+    s, e = max(inner, key=lambda se: (hmma(se), se[1] - se[0], -se[0]))
     return Loop(s, e, len(spans), len(inner))
 
 
-def hot_path(instrs: list[Instr], labels: dict[str, int], loop: Loop) -> list[int]:
+def fragment_path_key(body: list[Instr]) -> tuple[int, int, int]:
+    """The fast path of a tensor-core kernel fed by cp.async (the int4 v2 kernel): the most mma (HMMA), then the most
+    asynchronous copies (LDGSTS: the 16-byte path, not the scalar fallback), then the fewest instructions -- so the
+    once-per-group branches (scaling, the next group's constants) stay off it and are amortised separately."""
+    return sum(i.base == "HMMA" for i in body), sum(i.base == "LDGSTS" for i in body), -len(body)
+
+
+def group_path_key(body: list[Instr]) -> tuple[int, int, int, int, int]:
+    """As fragment_path_key, but taking every branch that scales accumulators (FFMA) and loads the next group's scales
+    and zeros (LDG): the path on which every k16 step ends a group."""
+    return (sum(i.base == "HMMA" for i in body), sum(i.base == "LDGSTS" for i in body),
+            sum(i.base == "FFMA" for i in body), sum(i.base == "LDG" for i in body), -len(body))  # fmt: skip
+
+
+def hot_path(instrs: list[Instr], labels: dict[str, int], loop: Loop, key=None) -> list[int]:
     """Indices of the instructions on the fast path through one iteration of `loop`. Among the paths from its first
     instruction to a backward branch to it: those with the most evict-first (weight) bytes (the CUDA kernels stream
     weights with 16-byte __ldcs, their scalar fallbacks for V and U with plain loads), then the most bytes loaded
     from global and shared memory (every load issued, no early exit: all rows of the tile are computed), then the
     fewest instructions (the 16-byte path, not the masked scalar fallback the CUDA kernels keep for unaligned
-    shapes). Forward branches only: the loop is innermost."""
+    shapes). Forward branches only: the loop is innermost. `key(body)` replaces that ordering (a tuple, larger is
+    preferred), e.g. fragment_path_key."""
     s, e = loop.start, loop.end
     targets = set(labels.values())
     leaders = {s} | {i for i in range(s, e + 1) if i in targets}
@@ -247,10 +266,12 @@ def hot_path(instrs: list[Instr], labels: dict[str, int], loop: Loop) -> list[in
     starts = sorted(i for i in leaders if s <= i <= e)
     ends = [b - 1 for b in starts[1:]] + [e]
     block_of = {b: k for k, b in enumerate(starts)}
-    best: list[tuple | None] = [None] * len(starts)  # (weight bytes, loaded bytes, -instructions, previous)
+    best: list[tuple | None] = [None] * len(starts)  # (*key, previous block)
 
     def cost(k):
         body = instrs[starts[k] : ends[k] + 1]
+        if key is not None:
+            return key(body)
         weights = sum(access_bytes(i.opcode) for i in body if i.base == "LDG" and ".EF" in i.opcode)
         loaded = sum(access_bytes(i.opcode) for i in body if classify(i.opcode) in ("global_load", "shared_load"))
         return weights, loaded, -len(body)
@@ -276,16 +297,16 @@ def hot_path(instrs: list[Instr], labels: dict[str, int], loop: Loop) -> list[in
         elif k + 1 < len(starts):
             succ.append(k + 1)
         for t in succ:
-            cand = (*(a + b for a, b in zip(best[k][:3], cost(t), strict=True)), k)
-            if best[t] is None or cand[:3] > best[t][:3]:
+            cand = (*(a + b for a, b in zip(best[k][:-1], cost(t), strict=True)), k)
+            if best[t] is None or cand[:-1] > best[t][:-1]:
                 best[t] = cand
     if not closing:
         return list(range(s, e + 1))
-    k = max(closing, key=lambda c: best[c][:3])
+    k = max(closing, key=lambda c: best[c][:-1])
     path = []
     while k >= 0:
         path = list(range(starts[k], ends[k] + 1)) + path
-        k = best[k][3]
+        k = best[k][-1]
     return path
 
 
@@ -315,9 +336,9 @@ class LoopStats:
     function_instructions: int
 
 
-def loop_stats(instrs: list[Instr], labels: dict[str, int]) -> LoopStats:
-    loop = find_hot_loop(instrs, labels)
-    body = [instrs[i] for i in hot_path(instrs, labels, loop)] if loop else [i for i in instrs if i.base != "NOP"]
+def loop_stats(instrs: list[Instr], labels: dict[str, int], key=None) -> LoopStats:
+    loop = find_hot_loop(instrs, labels, tensor_core=key is not None)
+    body = [instrs[i] for i in hot_path(instrs, labels, loop, key)] if loop else [i for i in instrs if i.base != "NOP"]
     classes = Counter({c: 0 for c in CLASSES})
     classes.update(classify(i.opcode) for i in body)
     loads = [i for i in body if classify(i.opcode) == "global_load"]
@@ -426,7 +447,7 @@ TARGETS = {  # (op, rank or entries) -> (target us, source)
 @dataclasses.dataclass(frozen=True)
 class Case:
     op: str
-    backend: str  # triton | cuda
+    backend: str  # triton | cuda | cuda-v2 (the int4 kernel v2 on layout v2)
     M: int
     rank: int
     entries: int = 0  # codebook K
@@ -465,7 +486,7 @@ class Case:
 VARIANTS = [
     *(Case("lowrank_matmul", b, M, r) for b in ("triton", "cuda") for M in (1, 16) for r in (256, 1024)),
     *(Case("quant_lowrank_matmul", b, M, 128, quick=(b, M) == ("triton", 1))
-      for b in ("triton", "cuda") for M in (1, 16)),
+      for b in ("triton", "cuda", "cuda-v2") for M in (1, 16)),
     *(Case("codebook_matmul", "triton", M, 128, entries=1024) for M in (1, 16)),
 ]  # fmt: skip
 
@@ -486,6 +507,11 @@ class KernelLaunch:
     elements_per_thread_iter: float | None  # Triton: from the block sizes; CUDA: None (from the EF loads)
     num_stages: int = 1
     config: dict = dataclasses.field(default_factory=dict)
+    # The int4 v2 kernel: its loop's fast path is chosen by fragment_path_key, and the once-per-group scaling branch
+    # is added back amortised over `group_k` weights along k per thread-iteration's `stage_k` (see analyse_kernel).
+    fragment_loop: bool = False
+    stage_k: int = 0
+    group_k: int = 0
 
 
 # ---- Triton: the launchers under scripts/check_sm90_compile.py's emulation.
@@ -606,11 +632,12 @@ _EXPAND_ROWS = re.compile(r"expand_rows\(int tile\) \{ return tile <= (\d+) \? (
 @functools.cache
 def cuda_constants() -> dict[str, int]:
     consts: dict[str, int] = {}
-    for name in ("decode_common.cuh", "lowrank_decode.cu", "quant_lowrank_decode.cu"):
+    for name in ("decode_common.cuh", "lowrank_decode.cu", "quant_lowrank_decode.cu", "quant_lowrank_decode_v2.cu"):
         consts |= {k: int(v) for k, v in _CONSTANT.findall((CSRC / name).read_text())}
     m = _EXPAND_ROWS.search((CSRC / "lowrank_decode.cu").read_text())
     needed = {"kWarp", "kVec", "kShrinkThreads", "kShrinkRows", "kShrinkVecs", "kShrinkWarpsPerSm", "kExpandThreads",
-              "kExpandBlocksPerSm", "kExpandVecs", "kQuantThreads", "kQuantRows", "kQuantBlocksPerSm"}  # fmt: skip
+              "kExpandBlocksPerSm", "kExpandVecs", "kQuantThreads", "kQuantRows", "kQuantBlocksPerSm", "kV2Threads",
+              "kV2BlocksPerWarp", "kV2StageK64", "kV2Stages", "kV2MaxSplits"}  # fmt: skip
     if missing := needed - set(consts) or (set() if m else {"expand_rows"}):
         raise RuntimeError(f"kernel_report: csrc no longer defines {sorted(missing)} as this script reads them; "
                            "update _cuda_*_plan to the new host code")  # fmt: skip
@@ -689,12 +716,47 @@ def _cuda_function(functions, kernel: str, tile: int) -> str:
     return found[0]
 
 
+def _cuda_v2_launch(case: Case) -> KernelLaunch:
+    """The int4 kernel v2 (csrc/quant_lowrank_decode_v2.cu): its split-K plan (v2_split) recomputed for DEVICE."""
+    c = cuda_constants()
+    n, m = N_IN, M_OUT
+    warps = c["kV2Threads"] // 32
+    tile_n, x_stride = warps * c["kV2BlocksPerWarp"] * 16, c["kV2StageK64"] * 64 + 8  # kV2TileN, kV2XStride
+    tiles, k_blocks = -(-m // tile_n), -(-n // 64)
+    best = None
+    for s in range(1, min(k_blocks, c["kV2MaxSplits"]) + 1):
+        per = -(-k_blocks // s)
+        used = -(-k_blocks // per)
+        busiest = -(-tiles * used // DEVICE["sms"]) * per
+        if best is None or busiest < best[0]:
+            best = (busiest, used, per)
+    _, splits, per = best
+    cubin = cuda_cubin("quant_lowrank_decode_v2.cu")
+    group = 128  # the benchmark's g128; the launcher's rule for the aligned variant (quant_lowrank_decode_v2)
+    aligned = group % (64 * c["kV2StageK64"]) == 0 and per % c["kV2StageK64"] == 0 and k_blocks % c["kV2StageK64"] == 0
+    found = [f for f in _functions_of(cubin) if re.search(rf"quant_v2_kernelI13__nv_bfloat16Lb{int(aligned)}EE", f)]
+    if len(found) != 1:
+        raise RuntimeError(f"kernel_report: expected one quant_v2_kernel<bf16, {aligned}> in the cubin, found {found}")
+    stage_vecs = warps * c["kV2BlocksPerWarp"] * c["kV2StageK64"] * 32 + 16 * x_stride * 2 // 16
+    codes_per_thread = c["kV2BlocksPerWarp"] * c["kV2StageK64"] * 32  # one 16-byte vector (32 codes) per (b, kk)
+    return KernelLaunch(
+        name=f"quant_v2_kernel<bf16, aligned={aligned}>", grid_blocks=tiles * splits, threads=c["kV2Threads"],
+        dynamic_smem=16 * stage_vecs * c["kV2Stages"], weight_elements=m * n, row_blocks=1, element_bytes=0.5,
+        cubin=cubin, function=found[0], elements_per_thread_iter=codes_per_thread, num_stages=c["kV2Stages"],
+        config={"tiles": tiles, "splits": splits, "k64_blocks_per_split": per, "layout": 2, "aligned": aligned,
+                "flush_ffma": 8 * c["kV2BlocksPerWarp"]},
+        fragment_loop=True, stage_k=64 * c["kV2StageK64"], group_k=group,
+    )  # fmt: skip
+
+
 def cuda_launches(case: Case) -> list[KernelLaunch]:
     c = cuda_constants()
     n, m, r, M = N_IN, M_OUT, case.rank, case.M
     tile = _row_tile(M)
     shrink_cubin = cuda_cubin("lowrank_decode.cu")
-    if case.op == "lowrank_matmul":
+    if case.backend == "cuda-v2":
+        consumer_blocks, consumer_cubin, consumer = None, None, None
+    elif case.op == "lowrank_matmul":
         consumer_blocks, consumer_cubin = _cuda_expand_blocks(m, tile), shrink_cubin
         consumer = ("lowrank_expand_kernel", c["kExpandThreads"], m * r, BF16)
     else:
@@ -704,7 +766,8 @@ def cuda_launches(case: Case) -> list[KernelLaunch]:
     launches = []
     for (kernel, threads, elements, element_bytes), blocks, cubin, smem, cfg in (
         (("lowrank_shrink_kernel", c["kShrinkThreads"], r * n, BF16), plan["blocks"], shrink_cubin, 0, plan),
-        (consumer, consumer_blocks, consumer_cubin, 4 * M * r, {"blocks": consumer_blocks, "partials_read": 1}),
+        *([] if consumer is None else
+          [(consumer, consumer_blocks, consumer_cubin, 4 * M * r, {"blocks": consumer_blocks, "partials_read": 1})]),
     ):
         function = _cuda_function(_functions_of(cubin), kernel, tile)
         launches.append(KernelLaunch(
@@ -712,6 +775,8 @@ def cuda_launches(case: Case) -> list[KernelLaunch]:
             weight_elements=elements, row_blocks=1, element_bytes=element_bytes, cubin=cubin, function=function,
             elements_per_thread_iter=None, config={"M_tile": tile, **cfg},
         ))  # fmt: skip
+    if case.backend == "cuda-v2":
+        launches.append(_cuda_v2_launch(case))
     return launches
 
 
@@ -733,7 +798,21 @@ def analyse_kernel(launch: KernelLaunch) -> dict:
     funcs, usage = _analysed(launch.cubin)
     instrs, labels = funcs[launch.function]
     res = usage[launch.function]
-    stats = loop_stats(instrs, labels)
+    stats = loop_stats(instrs, labels, fragment_path_key if launch.fragment_loop else None)
+    group_branch = None
+    if launch.fragment_loop:
+        # The path taking every group-end branch of an iteration (one per k16 step in the general loop, one per
+        # stage in the aligned one; counted by their FFMA, flush_ffma each) minus the fast path, per branch, is one
+        # group end; a group of group_k weights ends stage_k / group_k times per iteration.
+        every = loop_stats(instrs, labels, group_path_key)
+        branches = (every.opcodes.get("FFMA", 0) - stats.opcodes.get("FFMA", 0)) / launch.config["flush_ffma"]
+        per_group = (every.instructions - stats.instructions) / branches
+        ends = launch.stage_k / launch.group_k
+        group_branch = {"instructions_per_group_end": per_group, "group_ends_per_iteration": ends,
+                        "group_end_branches_per_iteration": branches, "fast_path_instructions": stats.instructions,
+                        "every_group_end_path_instructions": every.instructions,
+                        "group_size": launch.group_k}  # fmt: skip
+        stats = dataclasses.replace(stats, instructions=round(stats.instructions + per_group * ends))
     smem = res["static_shared"] + launch.dynamic_smem
     occ = occupancy(res["registers"], smem, launch.threads)
     warps = launch.threads // 32
@@ -743,6 +822,10 @@ def analyse_kernel(launch: KernelLaunch) -> dict:
             raise RuntimeError(f"kernel_report: no evict-first (weight) load in the hot loop of {launch.name}")
         per_thread = stats.weight_load_bytes / launch.element_bytes
         how = "evict-first 16-byte loads (LDG.E.EF) in the loop"
+    elif launch.fragment_loop:
+        per_thread = launch.elements_per_thread_iter
+        how = ("layout v2: one 16-byte cp.async vector of 32 codes per (n16 block, k64 block) and lane; instructions: "
+               "the fast path plus the group-end branch amortised (hot_loop.group_branch)")  # fmt: skip
     else:
         per_thread = launch.elements_per_thread_iter
         how = "block sizes of the launch (Triton does not unroll the K loop)"
@@ -784,6 +867,7 @@ def analyse_kernel(launch: KernelLaunch) -> dict:
             "function_instructions": stats.function_instructions,
             "global_load_bytes_per_thread": stats.global_load_bytes,
             "async_copies": stats.async_copies,
+            **({"group_branch": group_branch} if group_branch else {}),
         },
         "weight_elements_per_thread_iteration": per_thread,
         "weight_elements_from": how,

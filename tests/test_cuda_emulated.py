@@ -513,8 +513,8 @@ V2_BUGS = {
     "group boundary": ("quant_lowrank_decode_v2.cu", "int steps_left = ((group + 1) * group_size - kb0 * 64) / 16;",
                        "int steps_left = ((group + 1) * group_size - kb0 * 64) / 16 + 1;"),
     # x past n not zero-filled: the padded codes (c - z) s are not zero weights
-    "x padding": ("quant_lowrank_decode_v2.cu", "kb + chunk / 8 < kb1 ? min(n - col, kVec) : 0;",
-                  "kb + chunk / 8 < kb1 ? kVec : 0;"),
+    "x padding": ("quant_lowrank_decode_v2.cu", "kb + x_kk[i] < kb1 ? min(n - col, kVec) : 0;",
+                  "kb + x_kk[i] < kb1 ? kVec : 0;"),
     # the residual reads z before the wait for the shrink
     "wait after z": ("quant_lowrank_decode_v2.cu",
                      "    wait_for_producer();  // the shrink's z is complete and visible\n    const int share",

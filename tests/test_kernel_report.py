@@ -97,6 +97,27 @@ def test_markdown_has_the_table_and_the_issue_checks(quick_report):
     assert all(c["verdict"] for c in report["issue_19_counts"])
 
 
+def test_int4_v2_meets_its_issue_budget():
+    """Issue 19 part 2's budget, compiled: the v2 kernel (csrc/quant_lowrank_decode_v2.cu, bf16, sm_90a) spends at
+    most 4 issue slots per code on its K loop (the fast path plus the group-end branch amortised at g128; the same
+    instructions at M = 1 and 16: the mma always computes 16 rows), keeps its 32 KiB of codes in flight per SM (4 of
+    5 cp.async stages of 128 outputs x 128 k), streams the codes only by cp.async, does not spill, and is planned as
+    32 N tiles x 4 K slices = 128 CTAs at 4096^2 on 132 SMs."""
+    if report_module._nvcc() is None:
+        pytest.skip("nvcc not found: cannot compile csrc/quant_lowrank_decode_v2.cu")
+    launch = report_module._cuda_v2_launch(report_module.Case("quant_lowrank_matmul", "cuda-v2", 1, 128))
+    k = report_module.analyse_kernel(launch)
+    loop = k["hot_loop"]
+    assert (launch.config["tiles"], launch.config["splits"], launch.grid_blocks) == (32, 4, 128)
+    assert k["spill_bytes_per_thread"] == 0 and k["weight_elements_per_thread_iteration"] == 128
+    assert loop["opcodes"].get("HMMA.16816.F32.BF16", 0) == 32, "2 n16 blocks x 2 n8 tiles x 8 k16 steps of mma"
+    assert loop["async_copies"] == 6 == loop["classes"]["global_load"], "4 code + 2 x vectors, all by cp.async"
+    assert loop["group_branch"]["group_ends_per_iteration"] == 1.0
+    assert 0 < loop["group_branch"]["instructions_per_group_end"] < 96
+    assert k["issue_slots_per_weight_element"] <= 4.0, k["issue_slots_per_weight_element"]
+    assert k["weight_bytes_requested_per_sm_per_iteration"] == 4 * 128 * 128 / 2
+
+
 SASS = """
 //--------------------- .text.k --------------------------
 k:

@@ -185,9 +185,18 @@ def test_layout_v2_is_exact_and_fragment_ordered(m, n, group_size, bits):
     packed = quant_format.pack(codes, scales, zeros, bits, group_size, torch.float16)
     v2 = quant_format.to_layout_v2(packed)
     n_blocks, k_blocks = -(-m // 16), -(-n // 64)
+    warps = -(-m // 32)
     assert v2.qweight.shape == (n_blocks, k_blocks, 32, 4) and v2.layout_version == quant_format.LAYOUT_V2
-    assert v2.scales.shape == (groups, 16 * n_blocks) and torch.equal(v2.scales[:, :m], packed.scales.t())
-    assert not v2.scales[:, m:].any() and torch.equal(v2.zeros[:, :m], packed.zeros.t())
+    assert v2.scales.shape == (groups, warps, 32, 8) and v2.zeros.shape == (groups, warps, 32, 4)
+    assert v2.zeros.dtype == torch.uint8 and v2.scales.dtype == packed.scales.dtype
+    for q, w, lane in torch.randint(0, 10**6, (100, 3), generator=g).tolist():
+        q, w, lane = q % groups, w % warps, lane % 32
+        for i in range(8):  # scale 4 b + 2 h + e: column 32 w + 16 b + 8 h + 2 t + e (the lane's accumulator columns)
+            col = 32 * w + 16 * (i // 4) + 8 * (i // 2 % 2) + 2 * (lane % 4) + i % 2
+            assert v2.scales[q, w, lane, i] == (packed.scales[col, q] if col < m else 0)
+        for i in range(4):  # zero 2 b + h: column 32 w + 16 b + 8 h + g (the lane's B-fragment column)
+            col = 32 * w + 16 * (i // 2) + 8 * (i % 2) + lane // 4
+            assert v2.zeros[q, w, lane, i] == (packed.zeros[col, q] if col < m else 0)
     words = v2.qweight.long() & 0xFFFFFFFF
     for nb, kb, lane, j in torch.randint(0, 10**6, (300, 4), generator=g).tolist():
         nb, kb, lane, j = nb % n_blocks, kb % k_blocks, lane % 32, j % 4

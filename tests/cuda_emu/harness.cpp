@@ -240,8 +240,8 @@ int emu_lowrank_decode(int dtype, int rows, int n, int m, int rank, const void* 
   return with_workspace(&a, lowrank_decode_workspace_bytes, lowrank_decode, err, err_len);
 }
 
-// Layout v2 (quant_lowrank_decode_v2.h): qweight (ceil(m / 16), ceil(n / 64), 32, 4) int32, scales / zeros
-// (G, 16 ceil(m / 16)); loaded through __ldg, so registered.
+// Layout v2 (quant_lowrank_decode_v2.h): qweight (ceil(m / 16), ceil(n / 64), 32, 4) int32, scales (G, ceil(m / 32),
+// 32, 8) in the activation dtype, zeros (G, ceil(m / 32), 32, 4) uint8; loaded through __ldg, so registered.
 int emu_quant_lowrank_decode_v2(int dtype, int rows, int n, int m, int group_size, int rank, const void* x,
                                 long long x_row_stride, const int32_t* qweight, const void* scales,
                                 const void* zeros, const void* v, const void* u, const void* bias, void* y, char* err,
@@ -264,11 +264,11 @@ int emu_quant_lowrank_decode_v2(int dtype, int rows, int n, int m, int group_siz
   a.y = y;
   cuda_emu::clear_buffers();
   register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
-  const size_t np = static_cast<size_t>((m + 15) / 16) * 16;
+  const size_t lanes = static_cast<size_t>((m + 31) / 32) * 32;  // per group: one slot per lane of each warp
   const size_t groups = static_cast<size_t>((n + group_size - 1) / group_size);
-  cuda_emu::register_buffer("qweight", qweight, np / 16 * static_cast<size_t>((n + 63) / 64) * 512);
-  cuda_emu::register_buffer("scales", scales, groups * np * kItem);
-  cuda_emu::register_buffer("zeros", zeros, groups * np * kItem);
+  cuda_emu::register_buffer("qweight", qweight, static_cast<size_t>((m + 15) / 16) * ((n + 63) / 64) * 512);
+  cuda_emu::register_buffer("scales", scales, groups * lanes * 8 * kItem);
+  cuda_emu::register_buffer("zeros", zeros, groups * lanes * 4);
   cuda_emu::track_memory(y, static_cast<size_t>(rows) * m * kItem);
   return with_workspace(&a, quant_lowrank_decode_v2_workspace_bytes, quant_lowrank_decode_v2, err, err_len,
                         quant_lowrank_decode_v2_counters(m, rank));
