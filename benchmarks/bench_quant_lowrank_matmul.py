@@ -18,6 +18,9 @@ Providers (rank-independent ones have rank = null and are drawn as horizontal li
 - lowrank_ops_triton: the op forced onto the Triton backend (GPU only).
 - lowrank_ops_cuda: the op forced onto the CUDA backend (csrc/ decode kernels; GPU with the extension built,
   M <= 16 only: other rows carry the reason in `error`). Dropped, with the reason printed, where it cannot run.
+- lowrank_ops_cuda_v2: the int4 kernel v2 (csrc/quant_lowrank_decode_v2.cu, docs/INT4_V2.md) on the same weight
+  converted to layout v2 (`quant_format.to_layout_v2`), through the private op quant_lowrank_matmul_v2_cuda; never
+  measured before its first GPU run, and not in AUTO until then. Dropped where the extension lacks the op.
 
 Timing, rotation beyond L2, CUDA graphs and the JSON / PNG format are those of `lowrank_ops.benchmarking` and
 benchmarks/plot.py (see benchmarks/bench_lowrank_matmul.py). Bytes are the fewest the op must move: packed
@@ -56,7 +59,14 @@ from harness import (  # noqa: E402
 import lowrank_ops  # noqa: E402, F401  (registers torch.ops.lowrank_ops.*)
 from lowrank_ops.benchmarking import OpCost, dense_linear_cost, int_list, sets_to_exceed_l2, write_results  # noqa: E402
 from lowrank_ops.ops.reference import quant_lowrank_matmul_ref  # noqa: E402
-from lowrank_ops.quant_format import dequantize_packed, num_groups, pack, packed_width, unpack_codes  # noqa: E402
+from lowrank_ops.quant_format import (  # noqa: E402
+    dequantize_packed,
+    num_groups,
+    pack,
+    packed_width,
+    to_layout_v2,
+    unpack_codes,
+)
 
 BENCH = "quant_lowrank_matmul"
 OP = "quant_lowrank_matmul"
@@ -74,11 +84,13 @@ PROVIDERS = (
     "lowrank_ops_base",
     "lowrank_ops_triton",
     "lowrank_ops_cuda",
+    "lowrank_ops_cuda_v2",
 )
 BASE_ONLY = ("dense", "torch_int4", "lowrank_ops_base")  # rank-independent rows
 # Without a GPU: one small shape, two ranks, torch providers only (the Triton interpreter is no timing).
 CPU_GRID = {"shapes": ((2048, 1024),), "ranks": (32, 64), "ms": (1, 16, 64)}
-CPU_PROVIDERS = tuple(p for p in PROVIDERS if p not in ("lowrank_ops_triton", "lowrank_ops_cuda"))
+GPU_ONLY = ("lowrank_ops_triton", "lowrank_ops_cuda", "lowrank_ops_cuda_v2")
+CPU_PROVIDERS = tuple(p for p in PROVIDERS if p not in GPU_ONLY)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_REL_ERR = {"bf16": 2e-2, "fp16": 4e-3}  # rel_err vs float64 above this marks the row as an error
@@ -147,6 +159,10 @@ def _op(x, q, s, z, v, u, bits, group_size):
     return torch.ops.lowrank_ops.quant_lowrank_matmul(x, q, s, z, v, u, None, bits, group_size)
 
 
+def _op_v2(x, q, s, z, v, u, m, group_size):
+    return torch.ops.lowrank_ops.quant_lowrank_matmul_v2_cuda(x, q, s, z, v, u, None, m, group_size)
+
+
 def _reference(x, q, s, z, v, u, bits, group_size):
     return quant_lowrank_matmul_ref(x, q, s, z, v, u, None, bits, group_size)
 
@@ -160,6 +176,7 @@ FUNCS = {
     "lowrank_ops_base": _op,
     "lowrank_ops_triton": _op,
     "lowrank_ops_cuda": _op,
+    "lowrank_ops_cuda_v2": _op_v2,
 }
 
 
@@ -219,6 +236,7 @@ def run(args: argparse.Namespace, header: dict) -> list[dict]:
         t_shape = time.perf_counter()
         k_max = n_sets(quant_lowrank_matmul_cost(1, m, n, 0, bits, g, itemsize).bytes)  # the smallest working set
         packs = [quantized(m, n) for _ in range(k_max)]
+        packs_v2 = [to_layout_v2(p) for p in packs] if "lowrank_ops_cuda_v2" in args.providers else None
         tiny = [_to_tinygemm(p) for p in packs] if int4_reason is None and bits == 4 else None
         xs = {M: [randn((M, n)) for _ in range(k_max)] for M in args.ms}
         for M in args.ms:
@@ -259,10 +277,14 @@ def run(args: argparse.Namespace, header: dict) -> list[dict]:
                     if provider == "torch_int4_residual":
                         sets = [(xs[M][i], *tiny[i], g, vs[i], us[i]) for i in range(k)] if tiny else []
                         keep(_measure(provider, sets, ref, meta, cost, peaks, device, args, int4_reason))
+                    elif provider == "lowrank_ops_cuda_v2":
+                        sets = [(xs[M][i], packs_v2[i].qweight, packs_v2[i].scales, packs_v2[i].zeros, vs[i], us[i],
+                                 m, g) for i in range(k)]  # fmt: skip
+                        keep(_measure(provider, sets, ref, meta, cost, peaks, device, args))
                     else:
                         sets = [(xs[M][i], *q_args[i], vs[i], us[i], bits, g) for i in range(k)]
                         keep(_measure(provider, sets, ref, meta, cost, peaks, device, args))
-        del packs, tiny, xs
+        del packs, packs_v2, tiny, xs
         if device.type == "cuda":
             torch.cuda.empty_cache()
         path = write_results(Path(args.out), BENCH, header, rows)
@@ -295,6 +317,7 @@ def format_table(header: dict, rows: list[dict]) -> str:
         "lowrank_ops_base": "lr_ops_base",
         "lowrank_ops_triton": "lr_triton",
         "lowrank_ops_cuda": "lr_cuda",
+        "lowrank_ops_cuda_v2": "lr_cuda_v2",
     }
     head = f"{'m x n':>11} {'M':>5} {'rank':>5} |" + "".join(f" {names.get(p, p):>11}" for p in providers)
     head += " | backend  %floor"
@@ -333,7 +356,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_grid(args: argparse.Namespace, is_gpu: bool) -> argparse.Namespace:
     fill_grid(args, is_gpu, {"shapes": SHAPES, "ranks": RANKS, "ms": MS}, None, CPU_GRID)
-    return drop_unavailable_cuda_provider(resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS), OP)
+    args = drop_unavailable_cuda_provider(resolve_common_args(args, is_gpu, PROVIDERS, CPU_PROVIDERS), OP)
+    if "lowrank_ops_cuda_v2" in args.providers and (
+        "lowrank_ops_cuda" not in args.providers or not hasattr(torch.ops.lowrank_ops, "quant_lowrank_matmul_v2_cuda")
+    ):
+        print("provider lowrank_ops_cuda_v2 skipped: no CUDA extension with quant_lowrank_matmul_v2_cuda", flush=True)
+        args.providers = tuple(p for p in args.providers if p != "lowrank_ops_cuda_v2")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@
 #include "device_info.h"
 #include "lowrank_decode.h"
 #include "quant_lowrank_decode.h"
+#include "quant_lowrank_decode_v2.h"
 
 namespace {
 
@@ -180,6 +181,56 @@ at::Tensor lowrank_matmul_cuda(const at::Tensor& x, const at::Tensor& v, const a
   return y;
 }
 
+// The residual and bias checks, the launch and its workspace / counters, shared by the quantized-base ops (layouts
+// v1 and v2; `args` carries the base). counters(m, rank): the arrival counters the launcher needs.
+template <typename Bytes, typename Decode, typename Counters>
+at::Tensor run_quant(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v,
+                     const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& bias, int64_t m,
+                     QuantLowrankDecodeArgs& args, Bytes workspace_bytes, Decode decode, Counters counters) {
+  const int64_t n = x.size(1);
+  TORCH_CHECK_VALUE(v.has_value() == u.has_value(), op, ": v and u must both be given or both be None");
+  int64_t rank = 0;
+  if (v.has_value()) {
+    check_operand(op, "v", *v, x, 2, x.scalar_type());
+    check_operand(op, "u", *u, x, 2, x.scalar_type());
+    rank = v->size(0);
+    TORCH_CHECK_VALUE(v->size(1) == n, op, ": v.shape[1]=", v->size(1), " must equal n=x.shape[1]=", n,
+                      " (v.shape=", shape_str(*v), ")");
+    TORCH_CHECK_VALUE(u->size(0) == m && u->size(1) == rank, op, ": u.shape=", shape_str(*u), " must be (m, r) = (",
+                      m, ", ", rank, ")");
+  }
+  if (bias.has_value()) {
+    check_operand(op, "bias", *bias, x, 1, x.scalar_type());
+    TORCH_CHECK_VALUE(bias->size(0) == m, op, ": bias.shape=", shape_str(*bias), " must be (", m,
+                      ",) (m = the base's output count)");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), m}, x.options());
+  args.rows = static_cast<int>(x.size(0));
+  args.n = static_cast<int>(n);
+  args.m = static_cast<int>(m);
+  args.rank = static_cast<int>(rank);
+  args.x = x.data_ptr();
+  args.x_row_stride = x.stride(0);
+  args.v = rank > 0 ? v->data_ptr() : nullptr;
+  args.u = rank > 0 ? u->data_ptr() : nullptr;
+  args.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  args.y = y.data_ptr();
+
+  char err[LOWRANK_OPS_ERROR_LEN] = {0};
+  check_status(workspace_bytes(&args, &args.workspace_bytes, err, sizeof(err)), err);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes / sizeof(float))},
+                                   x.options().dtype(at::kFloat));
+  args.workspace = args.workspace_bytes > 0 ? workspace.data_ptr<float>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  args.counter_count = static_cast<size_t>(counters(args.m, args.rank));
+  if (args.counter_count > 0) {
+    args.counters = arrival_counters(x, stream, static_cast<int64_t>(args.counter_count));
+  }
+  check_status(decode(&args, stream, err, sizeof(err)), err);
+  return y;
+}
+
 at::Tensor quant_lowrank_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                      const at::Tensor& zeros, const std::optional<at::Tensor>& v,
                                      const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& bias,
@@ -206,51 +257,46 @@ at::Tensor quant_lowrank_matmul_cuda(const at::Tensor& x, const at::Tensor& qwei
                       " must be (m, ceil(n / group_size)) = (", m, ", ", groups, ") for n=", n,
                       ", group_size=", group_size);
   }
-  TORCH_CHECK_VALUE(v.has_value() == u.has_value(), op, ": v and u must both be given or both be None");
-  int64_t rank = 0;
-  if (v.has_value()) {
-    check_operand(op, "v", *v, x, 2, x.scalar_type());
-    check_operand(op, "u", *u, x, 2, x.scalar_type());
-    rank = v->size(0);
-    TORCH_CHECK_VALUE(v->size(1) == n, op, ": v.shape[1]=", v->size(1), " must equal n=x.shape[1]=", n,
-                      " (v.shape=", shape_str(*v), ")");
-    TORCH_CHECK_VALUE(u->size(0) == m && u->size(1) == rank, op, ": u.shape=", shape_str(*u), " must be (m, r) = (",
-                      m, ", ", rank, ")");
-  }
-  if (bias.has_value()) {
-    check_operand(op, "bias", *bias, x, 1, x.scalar_type());
-    TORCH_CHECK_VALUE(bias->size(0) == m, op, ": bias.shape=", shape_str(*bias), " must be (", m,
-                      ",) (m = qweight.shape[0])");
-  }
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({x.size(0), m}, x.options());
-  args.rows = static_cast<int>(x.size(0));
-  args.n = static_cast<int>(n);
-  args.m = static_cast<int>(m);
   args.group_size = static_cast<int>(group_size);
-  args.rank = static_cast<int>(rank);
-  args.x = x.data_ptr();
-  args.x_row_stride = x.stride(0);
   args.qweight = qweight.data_ptr<int32_t>();
   args.scales = scales.data_ptr();
   args.zeros = zeros.data_ptr();
-  args.v = rank > 0 ? v->data_ptr() : nullptr;
-  args.u = rank > 0 ? u->data_ptr() : nullptr;
-  args.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-  args.y = y.data_ptr();
+  return run_quant(op, x, v, u, bias, m, args, quant_lowrank_decode_workspace_bytes, quant_lowrank_decode,
+                   [](int, int rank) { return rank > 0 ? lowrank_shrink_counters(rank) : 0; });
+}
 
-  char err[LOWRANK_OPS_ERROR_LEN] = {0};
-  check_status(quant_lowrank_decode_workspace_bytes(&args, &args.workspace_bytes, err, sizeof(err)), err);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes / sizeof(float))},
-                                   x.options().dtype(at::kFloat));
-  args.workspace = args.workspace_bytes > 0 ? workspace.data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  if (args.rank > 0) {
-    args.counter_count = static_cast<size_t>(lowrank_shrink_counters(args.rank));
-    args.counters = arrival_counters(x, stream, static_cast<int64_t>(args.counter_count));
+// layout v2 (lowrank_ops.quant_format.to_layout_v2; the int4 kernel v2, csrc/quant_lowrank_decode_v2.cu): m is the
+// base's output count (qweight is padded to whole n16 blocks). Not chosen by AUTO: no GPU has measured it yet.
+at::Tensor quant_lowrank_matmul_v2_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                        const at::Tensor& zeros, const std::optional<at::Tensor>& v,
+                                        const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& bias,
+                                        int64_t m, int64_t group_size) {
+  const char* op = "quant_lowrank_matmul_v2_cuda";
+  QuantLowrankDecodeArgs args{};
+  args.dtype = check_x(op, x);
+  TORCH_CHECK_VALUE(group_size >= 16 && group_size % 16 == 0 && group_size <= INT32_MAX, op, ": group_size=",
+                    group_size, " must be a positive multiple of 16 (layout v2)");
+  TORCH_CHECK_VALUE(m >= 1 && m <= INT32_MAX, op, ": m=", m, " must be >= 1");
+  const int64_t n = x.size(1);
+  const int64_t groups = (n + group_size - 1) / group_size, warps = (m + 31) / 32;
+  check_operand(op, "qweight", qweight, x, 4, at::kInt);
+  check_operand(op, "scales", scales, x, 4, x.scalar_type());
+  check_operand(op, "zeros", zeros, x, 4, at::kByte);
+  const std::vector<std::pair<const char*, std::pair<const at::Tensor*, std::vector<int64_t>>>> shapes = {
+      {"qweight", {&qweight, {(m + 15) / 16, (n + 63) / 64, 32, 4}}},
+      {"scales", {&scales, {groups, warps, 32, 8}}},
+      {"zeros", {&zeros, {groups, warps, 32, 4}}}};
+  for (const auto& [name, tensor_and_shape] : shapes) {
+    const auto& [t, want] = tensor_and_shape;
+    TORCH_CHECK_VALUE(t->sizes().vec() == want, op, ": ", name, ".shape=", shape_str(*t), " must be ",
+                      c10::IntArrayRef(want), " in layout v2 for m=", m, ", n=", n, ", group_size=", group_size);
   }
-  check_status(quant_lowrank_decode(&args, stream, err, sizeof(err)), err);
-  return y;
+  args.group_size = static_cast<int>(group_size);
+  args.qweight = qweight.data_ptr<int32_t>();
+  args.scales = scales.data_ptr();
+  args.zeros = zeros.data_ptr();
+  return run_quant(op, x, v, u, bias, m, args, quant_lowrank_decode_v2_workspace_bytes, quant_lowrank_decode_v2,
+                   quant_lowrank_decode_v2_counters);
 }
 
 }  // namespace
@@ -260,11 +306,15 @@ TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
   m.def(
       "quant_lowrank_matmul_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? v, Tensor? u, "
       "Tensor? bias, int bits, int group_size) -> Tensor");
+  m.def(
+      "quant_lowrank_matmul_v2_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? v, Tensor? u, "
+      "Tensor? bias, int m, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowrank_ops, CUDA, m) {
   m.impl("lowrank_matmul_cuda", &lowrank_matmul_cuda);
   m.impl("quant_lowrank_matmul_cuda", &quant_lowrank_matmul_cuda);
+  m.impl("quant_lowrank_matmul_v2_cuda", &quant_lowrank_matmul_v2_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

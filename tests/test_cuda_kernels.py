@@ -12,7 +12,7 @@ import lowrank_ops  # noqa: F401  (registers the ops)
 from lowrank_ops import _C_loader, backends
 from lowrank_ops.backends import Backend, BackendUnavailableError, select_backend, use_backend
 from lowrank_ops.ops.reference import lowrank_matmul_ref, quant_lowrank_matmul_ref
-from lowrank_ops.quant_format import num_groups, pack
+from lowrank_ops.quant_format import PackedQuantWeight, num_groups, pack, to_layout_v2
 
 lowrank_op = torch.ops.lowrank_ops.lowrank_matmul
 quant_op = torch.ops.lowrank_ops.quant_lowrank_matmul
@@ -195,6 +195,25 @@ def test_quant_cuda_matches_float64_and_triton(n, m, group_size, bits, r, rows, 
         x.double(), q, s.double(), z.double(), *(None if t is None else t.double() for t in (v, u, b)), bits, group_size
     )
     assert relative_error(y, y_triton) <= 4 * torch.finfo(dtype).eps + 2 * relative_error(y_triton, ref64)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("r", [0, 128])
+@pytest.mark.parametrize(("n", "m", "group_size", "bits"), [(4096, 4096, 128, 4), (4095, 1537, 32, 3),
+                                                             (576, 192, 16, 2)])  # fmt: skip
+def test_quant_cuda_v2_matches_float64(n, m, group_size, bits, r, rows, dtype):
+    """The int4 kernel v2 on a GPU (private op, layout v2 from quant_format.to_layout_v2): the accuracy rule against
+    float64, as under the emulator (tests/test_cuda_emulated.py); 4096^2 g128 runs its aligned variant."""
+    if r > min(n, m):
+        pytest.skip(f"rank {r} > min(m, n) = {min(n, m)} is not a valid residual")
+    args = _quant_inputs(rows, n, m, r, group_size, bits, dtype, bias=rows != 3, seed=n + m + r + rows)
+    x, q, s, z, v, u, b, bits, group_size = args
+    packed_v2 = to_layout_v2(PackedQuantWeight(q, s, z, bits, group_size, (m, n)))
+    y = torch.ops.lowrank_ops.quant_lowrank_matmul_v2_cuda(x, packed_v2.qweight, packed_v2.scales, packed_v2.zeros,
+                                                           v, u, b, m, group_size)  # fmt: skip
+    _check_quant(y, args)
 
 
 @requires_cuda_kernels
