@@ -113,6 +113,31 @@ void register_activations_and_factors(const void* x, int rows, int n, long long 
   }
 }
 
+// The argument struct of both quantized-base entry points (layouts v1 and v2), with x, V and U registered.
+QuantLowrankDecodeArgs quant_args(int dtype, int rows, int n, int m, int group_size, int rank, const void* x,
+                                  long long x_row_stride, const int32_t* qweight, const void* scales,
+                                  const void* zeros, const void* v, const void* u, const void* bias, void* y) {
+  QuantLowrankDecodeArgs a{};
+  a.dtype = static_cast<LowrankOpsDtype>(dtype);
+  a.rows = rows;
+  a.n = n;
+  a.m = m;
+  a.group_size = group_size;
+  a.rank = rank;
+  a.x = x;
+  a.x_row_stride = x_row_stride;
+  a.qweight = qweight;
+  a.scales = scales;
+  a.zeros = zeros;
+  a.v = v;
+  a.u = u;
+  a.bias = bias;
+  a.y = y;
+  cuda_emu::clear_buffers();
+  register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
+  return a;
+}
+
 // Asks `workspace_bytes` for the size, hands `run` a NaN-poisoned workspace of that size and `count` arrival counters
 // (default: the shrink's).
 template <typename Args, typename Query, typename Run>
@@ -246,24 +271,8 @@ int emu_quant_lowrank_decode_v2(int dtype, int rows, int n, int m, int group_siz
                                 long long x_row_stride, const int32_t* qweight, const void* scales,
                                 const void* zeros, const void* v, const void* u, const void* bias, void* y, char* err,
                                 size_t err_len) {
-  QuantLowrankDecodeArgs a{};
-  a.dtype = static_cast<LowrankOpsDtype>(dtype);
-  a.rows = rows;
-  a.n = n;
-  a.m = m;
-  a.group_size = group_size;
-  a.rank = rank;
-  a.x = x;
-  a.x_row_stride = x_row_stride;
-  a.qweight = qweight;
-  a.scales = scales;
-  a.zeros = zeros;
-  a.v = v;
-  a.u = u;
-  a.bias = bias;
-  a.y = y;
-  cuda_emu::clear_buffers();
-  register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
+  QuantLowrankDecodeArgs a = quant_args(dtype, rows, n, m, group_size, rank, x, x_row_stride, qweight, scales, zeros,
+                                        v, u, bias, y);
   const size_t lanes = static_cast<size_t>((m + 31) / 32) * 32;  // per group: one slot per lane of each warp
   const size_t groups = static_cast<size_t>((n + group_size - 1) / group_size);
   cuda_emu::register_buffer("qweight", qweight, static_cast<size_t>((m + 15) / 16) * ((n + 63) / 64) * 512);
@@ -277,24 +286,8 @@ int emu_quant_lowrank_decode_v2(int dtype, int rows, int n, int m, int group_siz
 int emu_quant_lowrank_decode(int dtype, int rows, int n, int m, int group_size, int rank, const void* x,
                              long long x_row_stride, const int32_t* qweight, const void* scales, const void* zeros,
                              const void* v, const void* u, const void* bias, void* y, char* err, size_t err_len) {
-  QuantLowrankDecodeArgs a{};
-  a.dtype = static_cast<LowrankOpsDtype>(dtype);
-  a.rows = rows;
-  a.n = n;
-  a.m = m;
-  a.group_size = group_size;
-  a.rank = rank;
-  a.x = x;
-  a.x_row_stride = x_row_stride;
-  a.qweight = qweight;
-  a.scales = scales;
-  a.zeros = zeros;
-  a.v = v;
-  a.u = u;
-  a.bias = bias;
-  a.y = y;
-  cuda_emu::clear_buffers();
-  register_activations_and_factors(x, rows, n, x_row_stride, v, u, rank, m);
+  QuantLowrankDecodeArgs a = quant_args(dtype, rows, n, m, group_size, rank, x, x_row_stride, qweight, scales, zeros,
+                                        v, u, bias, y);
   cuda_emu::register_buffer("qweight", qweight, static_cast<size_t>(m) * ((n + 7) / 8) * sizeof(int32_t));
   cuda_emu::track_memory(y, static_cast<size_t>(rows) * m * kItem);
   return with_workspace(&a, quant_lowrank_decode_workspace_bytes, quant_lowrank_decode, err, err_len);
