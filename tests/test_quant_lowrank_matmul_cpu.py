@@ -2,6 +2,7 @@
 shapes at bits 2 / 3 / 4, the packing cache and its invalidation, and the dispatch rules that route calls to it."""
 
 import gc
+import importlib
 
 import pytest
 import torch
@@ -153,3 +154,23 @@ def test_unvectorized_cpu_is_refused(monkeypatch):
             select_backend(OP, CPU, 1, "cpu")
     finally:
         backends._cpu_kernel_unavailable_reason.cache_clear()
+
+
+def test_eager_calls_without_autograd_skip_the_dispatch_and_agree_with_it(monkeypatch):
+    """The public function runs the op's implementation directly when nothing needs a gradient (eager), and through
+    the custom op otherwise: both give the same bits, and a call that records a gradient still reaches the op."""
+    qmod = importlib.import_module("lowrank_ops.ops.quant_lowrank_matmul")  # the package exports the function
+
+    x, q, s, z, v, u, b, bits, group_size = _inputs((3, 576, 192, 24, 128), 4, torch.bfloat16, "cpu", bias=True,
+                                                    seed=4)  # fmt: skip
+    through_op = op(x, q, s, z, v, u, b, bits, group_size)
+    calls = []
+    real = qmod._quant_lowrank_matmul_op
+    monkeypatch.setattr(qmod, "_quant_lowrank_matmul_op", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(qmod.quant_lowrank_matmul(x, q, s, z, v, u, b, bits, group_size), through_op)
+    assert not calls, "no gradient to record: the dispatch is skipped"
+    v = v.clone().requires_grad_(True)
+    y = qmod.quant_lowrank_matmul(x, q, s, z, v, u, b, bits, group_size)
+    assert calls and torch.equal(y.detach(), through_op)
+    y.float().sum().backward()
+    assert v.grad is not None and v.grad.shape == v.shape

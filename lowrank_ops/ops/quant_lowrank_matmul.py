@@ -193,7 +193,19 @@ def quant_lowrank_matmul(
     instead of the dispatcher's RuntimeError.
     """
     check_quant_lowrank_matmul_args(x, qweight, scales, zeros, v, u, bias, bits, group_size)
+    if _eager_without_autograd(x, v, u, bias):
+        return _quant_lowrank_matmul_impl(x, qweight, scales, zeros, v, u, bias, bits, group_size)
     return _quant_lowrank_matmul_op(x, qweight, scales, zeros, v, u, bias, bits, group_size)
+
+
+def _eager_without_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when the call may skip the custom op's dispatch and run its implementation directly: eager (not traced by
+    torch.compile) and no gradient to record. Measured on a SmolLM2 layer on the CPU backend (bf16, 1536 x 576, g64,
+    r = 64, M = 1, 1 thread, best of 30 interleaved rounds on the shared 2-core machine): 190 us through the dispatch
+    (which also repeated the argument checks), 172 us directly; dense bf16 F.linear 117 us."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def quant_lowrank_matmul_packed(
@@ -225,6 +237,11 @@ def _quant_lowrank_matmul_op(
     group_size: int,
 ) -> torch.Tensor:
     check_quant_lowrank_matmul_args(x, qweight, scales, zeros, v, u, bias, bits, group_size)
+    return _quant_lowrank_matmul_impl(x, qweight, scales, zeros, v, u, bias, bits, group_size)
+
+
+def _quant_lowrank_matmul_impl(x, qweight, scales, zeros, v, u, bias, bits: int, group_size: int) -> torch.Tensor:
+    """The op's body after its checks: pick the backend (the one dispatch point) and run it."""
     if _rank(v) == 0:
         v = u = None
     x2d = x.reshape(-1, x.shape[-1])
