@@ -5,9 +5,10 @@
 Each case runs `python -m lowrank_ops compress ... --no-dense-eval` twice in a child process, once as given and once
 with --sequential, and records the child's peak resident memory (`os.wait4`'s ru_maxrss: the whole process, Python,
 torch and the model included), its wall time and the compressed model's Wikipedia test perplexity (the package's
-protocol). Writes sequential-<device>.json (rewritten after every run) and a Markdown table beside it. On a CPU the
-model stays in host memory in both modes (the compute device is the host), so the memory difference is the
-calibration statistics and activations the sequential driver does not hold at once, not the weights.
+protocol). Writes sequential-<device>.json (rewritten after every run, keeping the rows of cases not rerun) and a
+Markdown table beside it. On a CPU the model stays in host memory in both modes (the compute device is the host), so
+the memory difference is the calibration statistics and activations the sequential driver does not hold at once, not
+the weights.
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def markdown(header: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_rows(path: Path, cases: list[str]) -> list[dict]:
+    """The committed rows of the cases this run does not redo, so a run of some cases adds to the table."""
+    if not path.exists():
+        return []
+    return [row for row in json.loads(path.read_text())["rows"] if row["case"] not in cases]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more compress arguments for every run")
     args = parser.parse_args(argv)
     header = bench_header()
-    rows: list[dict] = []
+    rows = kept_rows(Path(args.out) / f"sequential-{header['device_slug']}.json", args.cases)
     for case in args.cases:
         for mode in ("one-shot", "sequential"):
             flags = [*CASES[case], "--no-dense-eval", "--eval-tokens", str(args.eval_tokens), *args.extra]
