@@ -14,13 +14,17 @@
 // by cp.async kV2Stages - 1 stages ahead: 4 x 8 KiB = 32 KiB of codes in flight per CTA, the Little's-law target of
 // docs/INT4_V2.md (H200: 4.8 TB/s x 0.8 us / 132 SMs = 28 KiB). One __syncthreads per stage (x is shared).
 //
-// Split-K: grid = N tiles (128 outputs) x S slices of k; S minimises the busiest SM's k64 blocks (v2_plan). Each
+// Split-K: grid = N tiles (128 outputs) x S slices of k; S minimises the busiest SM's k64 blocks (v2_split). Each
 // warp of a slice adds its share of the residual expand (U's columns [c0, c1) of the rank, after the PDL wait for
 // the shrink's z), stores its fp32 partial (M x 32 outputs) and arrives on its 32 outputs' counter (last_arrival);
 // the last warp sums the S partials in slice order (deterministic), adds the bias and writes y.
 //
+// Scales and zeros are packed per lane and group (layout v2): one 16-byte and one 4-byte load per lane per group,
+// issued a group ahead.
+//
 // Limits (checked): group_size % 16 == 0 (the group accumulators switch between k16 steps) and integer zero points
-// 0..15 (the packer checks them: they are folded into the dequantisation constants); qweight 16-byte aligned.
+// 0..15 (the packer checks them: they are folded into the dequantisation constants); qweight and scales 16-byte
+// aligned, zeros 4-byte aligned.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
