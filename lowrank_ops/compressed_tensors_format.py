@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from lowrank_ops.quant_format import PackedQuantWeight, check_packed, num_groups, unpack_codes
+from lowrank_ops.quant_format import PackedQuantWeight, check_packed, num_groups, pack_fields, unpack_codes
 
 QUANT_METHOD = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
@@ -78,19 +78,6 @@ def check_layers(entries: dict[str, dict], where: str) -> None:
             raise ValueError(f"{where}: layer {name} replaced a {entry['dense_class']}; compressed-tensors packs "
                              "nn.Linear weights only: use the dense --base-format")  # fmt: skip
         check_exportable(entry.get("bits"), f"{where}: layer {name}")
-
-
-def pack_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned b-bit values (r, k) packed along dim 1 into int32 (r, ceil(k / (32 / b))): value j at bits
-    b * (j % (32 / b)) of word j // (32 / b), padding 0."""
-    per_word = 32 // bits
-    rows, cols = values.shape
-    words = -(-cols // per_word)
-    padded = torch.zeros((rows, words * per_word), dtype=torch.int64, device=values.device)
-    padded[:, :cols] = values.to(torch.int64)
-    shifts = bits * torch.arange(per_word, dtype=torch.int64, device=values.device)
-    packed = (padded.view(rows, words, per_word) << shifts).sum(-1)  # in [0, 2^32): wrap into int32
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
 
 
 def to_compressed_tensors(packed: PackedQuantWeight, where: str = "to_compressed_tensors") -> dict[str, torch.Tensor]:

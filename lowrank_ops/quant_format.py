@@ -176,15 +176,7 @@ def pack(
         if t.device != codes.device:
             raise ValueError(f"{what}: {name} is on {t.device} but codes are on {codes.device}")
 
-    if container_bits(bits) == 8:
-        qweight = codes.to(torch.uint8).contiguous()
-    else:
-        width = packed_width(n, bits)
-        padded = torch.zeros((m, width * CODES_PER_INT32), dtype=torch.int64, device=codes.device)
-        padded[:, :n] = codes.to(torch.int64)
-        shifts = 4 * torch.arange(CODES_PER_INT32, device=codes.device, dtype=torch.int64)
-        words = (padded.view(m, width, CODES_PER_INT32) << shifts).sum(-1)  # in [0, 2^32): wrap into int32
-        qweight = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    qweight = codes.to(torch.uint8).contiguous() if container_bits(bits) == 8 else pack_fields(codes, 4)
     return PackedQuantWeight(
         qweight=qweight,
         scales=scales.detach().to(dtype).contiguous(),
@@ -193,6 +185,24 @@ def pack(
         group_size=group_size,
         shape=(m, n),
     )
+
+
+def int32_words(words: torch.Tensor) -> torch.Tensor:
+    """Words held as int64 in [0, 2^32), as contiguous int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def pack_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned `bits`-wide values (r, k) packed along dim 1 into int32 (r, ceil(k / (32 / bits))): value j at bits
+    bits * (j % (32 / bits)) of word j // (32 / bits), low bits first, padding 0 -- layout v1's 4-bit qweight, and
+    compressed-tensors' packed fields (`lowrank_ops.compressed_tensors_format`)."""
+    per_word = 32 // bits
+    rows, cols = values.shape
+    words = -(-cols // per_word)
+    padded = torch.zeros((rows, words * per_word), dtype=torch.int64, device=values.device)
+    padded[:, :cols] = values.to(torch.int64)
+    shifts = bits * torch.arange(per_word, dtype=torch.int64, device=values.device)
+    return int32_words((padded.view(rows, words, per_word) << shifts).sum(-1))
 
 
 def unpack_qweight(qweight: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -315,9 +325,9 @@ def to_layout_v2(packed: PackedQuantWeight) -> PackedQuantWeight:
     codes[:m, :n] = unpack_codes(packed).long()
     words = (codes.view(_v2_view(n_blocks, k_blocks)) << _v2_shifts(codes.device)).sum(dim=(1, 5, 7))
     words = words.permute(0, 2, 1, 4, 3).reshape(n_blocks, k_blocks, 32, 4)  # (nb, kb, g, t, j) -> lane = 4 g + t
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = int32_words(words)
     scale_columns, zero_columns = _v2_group_columns(-(-m // 32), codes.device)
-    return dataclasses.replace(packed, qweight=words.contiguous(), scales=_gather_columns(packed.scales, scale_columns),
+    return dataclasses.replace(packed, qweight=words, scales=_gather_columns(packed.scales, scale_columns),
                                zeros=_gather_columns(packed.zeros, zero_columns).to(torch.uint8),
                                layout_version=LAYOUT_V2)  # fmt: skip
 
