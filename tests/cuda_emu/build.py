@@ -99,8 +99,8 @@ def build(
         else:
             sources.append(HERE / name)
     flags = ["-std=c++17", "-O2", "-g", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-             "-DLOWRANK_OPS_CUDA_EMU",  # csrc/: PDL wait / trigger and the sm80 intrinsics call the emulator's model
-             f"-I{overrides}", f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}"]  # fmt: skip
+             "-DLOWRANK_OPS_CUDA_EMU"]  # csrc/: PDL wait / trigger and the sm80 intrinsics call the emulator's model
+    includes = [f"-I{overrides}", f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}"]
     # One object per source, shared by the builds of a session (the siblings of out_dir) and keyed by the source, the
     # headers it may see and the flags: a seeded bug recompiles only the file it mutates (~10 s instead of ~40 s).
     objects_dir = out_dir.parent / "cuda_emu_objects"
@@ -108,11 +108,11 @@ def build(
     seen_headers = b"".join(p.read_bytes() for p in sorted(overrides.glob("*")) + headers)
     objects = []
     for source in sources:
-        key = hashlib.sha256(source.read_bytes() + seen_headers + " ".join(flags[:-4]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(source.read_bytes() + seen_headers + " ".join(flags).encode()).hexdigest()[:16]
         obj = objects_dir / f"{source.stem}-{key}.o"
         if not obj.exists():
             partial = obj.with_suffix(f".{os.getpid()}.tmp")
-            _run([cxx, *flags, "-c", str(source), "-o", str(partial)])
+            _run([cxx, *flags, *includes, "-c", str(source), "-o", str(partial)])
             os.replace(partial, obj)
         objects.append(obj)
     _run([cxx, "-shared", *map(str, objects), "-o", str(library)])
