@@ -27,8 +27,8 @@ activation, and get back which implementation runs. Rules (AUTO):
 
 - The CPU backend (ops in CPU_OPS: quant_lowrank_matmul, through PyTorch's int4 CPU kernel
   aten::_weight_int4pack_mm_for_cpu, kernels/quant_lowrank_matmul_cpu.py): AUTO picks it for CPU tensors when the
-  op says its arguments fit (`cpu_unsupported` is None: bf16 activations, bits <= 4, group size 32 / 64 / 128 /
-  256) on an AVX2 / AVX512 CPU, for M <= CPU_MAX_M rows; otherwise CPU tensors run the torch path. CPU_MAX_M:
+  op says its arguments fit (`cpu_unsupported` is None: bf16 activations, bits <= 4, group size a multiple of
+  32) on an AVX2 / AVX512 CPU, for M <= CPU_MAX_M rows; otherwise CPU tensors run the torch path. CPU_MAX_M:
   the kernel dequantises every 4-row block of x anew, so its time grows with M while the torch path dequantises
   once; measured on the 2-core AMD EPYC (AVX512, 1 thread, bf16, g = 128, r = 64, SmolLM2's four shapes) the CPU
   backend was 1.7-2.2x faster at M = 64 and tied at M = 128 (576 x 576: 1436 against 1378 us).

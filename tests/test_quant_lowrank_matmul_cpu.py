@@ -23,8 +23,10 @@ pytestmark = pytest.mark.skipif(
 
 # (M, n, m, r, group_size): M = 1, 3, 17 and CPU_MAX_M; n = 576 at g = 128 (SmolLM2: 4.5 groups, x padded), n = 200
 # at g = 32 (partial group), n = 4095 (odd, partial group); m not a multiple of 16 (padded rows); r = 0, 1, 24, 37;
-# a GQA k/v projection (192 x 576); g = 256 with n = 513.
+# a GQA k/v projection (192 x 576); g = 256 with n = 513; g = 96 and 512, which the kernel runs as groups of 32 / 256.
 SHAPES = [
+    (2, 576, 40, 8, 96),
+    (1, 1100, 32, 5, 512),
     (1, 576, 192, 24, 128),
     (3, 200, 33, 1, 32),
     (17, 576, 70, 0, 128),
@@ -113,7 +115,7 @@ def test_inference_tensors_run_the_torch_backend():
         (torch.float32, 4, 32, None, "takes bfloat16 activations, got torch.float32"),
         (torch.float16, 4, 32, None, "takes bfloat16 activations, got torch.float16"),
         (torch.bfloat16, 8, 32, None, "bits 2, 3, 4"),
-        (torch.bfloat16, 4, 16, None, r"group_size in \(32, 64, 128, 256\), got 16"),
+        (torch.bfloat16, 4, 16, None, r"groups of \(32, 64, 128, 256\): group_size must be a multiple .*, got 16"),
         (torch.bfloat16, 4, 32, torch.float32, "scales / zeros in x's dtype"),
     ],
 )
@@ -174,3 +176,62 @@ def test_eager_calls_without_autograd_skip_the_dispatch_and_agree_with_it(monkey
     assert calls and torch.equal(y.detach(), through_op)
     y.float().sum().backward()
     assert v.grad is not None and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize(("group_size", "n", "expected"),
+                         [(128, 576, 64), (128, 640, 128), (96, 576, 32), (512, 1100, 256), (128, 200, 128),
+                          (32, 200, 32), (16, 576, None), (48, 576, None)])  # fmt: skip
+def test_kernel_group_size(group_size, n, expected):
+    """The largest of aten's group sizes that divides the layer's, preferring one that divides n (no padded copy of
+    x): SmolLM2's n = 576 at g = 128 runs as groups of 64."""
+    assert cpu_kernel.kernel_group_size(group_size, n) == expected
+    if expected is not None:
+        args = _inputs((1, n, 16, 0, group_size), 4, torch.bfloat16, "cpu", bias=False, seed=5)
+        packing = cpu_kernel.cached_packing(*args[1:], n)
+        assert packing.group_size == expected and packing.k == -(-n // expected) * expected
+
+
+def test_repeated_calls_skip_the_checks_and_agree_with_the_full_path(monkeypatch):
+    """A call that repeats one on an unchanged layer runs the cached packing without the argument checks; anything
+    that could change the outcome (the layer's tensors, bits, x's dtype / width, a gradient, the backend asked for,
+    M above CPU_MAX_M) goes through the full path again."""
+    qmod = importlib.import_module("lowrank_ops.ops.quant_lowrank_matmul")
+    checks = []
+    real_checks = qmod.check_quant_lowrank_matmul_args
+    monkeypatch.setattr(qmod, "check_quant_lowrank_matmul_args", lambda *a: checks.append(1) or real_checks(*a))
+    x, q, s, z, v, u, b, bits, g = args = _inputs((3, 576, 192, 24, 128), 4, torch.bfloat16, "cpu", seed=6)
+    with torch.no_grad():
+        first = qmod.quant_lowrank_matmul(*args)
+        assert len(checks) == 1
+        assert torch.equal(qmod.quant_lowrank_matmul(x[None], *args[1:])[0], first) and len(checks) == 1
+        _check(first, args)
+
+        def full_path_again(*call_args):
+            before = len(checks)
+            y = qmod.quant_lowrank_matmul(*call_args)
+            assert len(checks) > before  # (twice through the custom op, which checks again)
+            return y
+
+        v2 = v.clone()  # equal values, another tensor: repacked
+        assert torch.equal(full_path_again(x, q, s, z, v2, u, b, bits, g), first)
+        assert torch.equal(qmod.quant_lowrank_matmul(x, q, s, z, v2, u, b, bits, g), first)
+        args3 = _inputs((3, 576, 192, 24, 128), 3, torch.bfloat16, "cpu", seed=6)
+        y3 = full_path_again(*args3)
+        _check(y3, args3)
+        # the same tensors read as 4-bit codes: the same W_hat, packed the 4-bit way (codes as they are, the zero term
+        # in the fp32 shrink / expand, where (q - 8) s and (8 - z) s cancel: more than 1.75x bf16's own rounding)
+        y4 = full_path_again(*args3[:-2], 4, 128)
+        torch.testing.assert_close(y4, y3, rtol=0.02, atol=0.02 * y3.abs().max().item())
+        with pytest.raises(TypeError, match="scales.dtype"):
+            full_path_again(x.float(), q, s, z, v2, u, b, bits, g)
+        big = torch.randn(backends.CPU_MAX_M + 1, 576).bfloat16()
+        with use_backend("torch"):
+            expected_big = op(big, q, s, z, v2, u, b, bits, g)
+        assert torch.equal(full_path_again(big, q, s, z, v2, u, b, bits, g), expected_big)
+        with use_backend("torch"):
+            _check(full_path_again(x, q, s, z, v2, u, b, bits, g), args)
+        with pytest.raises(ValueError, match="x.shape"):
+            full_path_again(x[:, :500], q, s, z, v2, u, b, bits, g)
+    v_grad = v2.clone().requires_grad_(True)
+    y = full_path_again(x, q, s, z, v_grad, u, b, bits, g)
+    assert y.requires_grad

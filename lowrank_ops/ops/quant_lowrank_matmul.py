@@ -26,7 +26,8 @@ Backends (chosen by `lowrank_ops.backends.select_backend`; on CUDA AUTO picks Tr
 - cpu: PyTorch's int4 CPU kernel (aten::_weight_int4pack_mm_for_cpu) on a packing of the base made on the first
   call and cached with fp32 copies of the factors (kernels/quant_lowrank_matmul_cpu.py); residual, bias and the
   zero-point term in one fp32 shrink and expand. Takes bf16 x with scales / zeros in bf16, bits 2 / 3 / 4,
-  group_size 32 / 64 / 128 / 256 (`cpu_unsupported_reason`); AUTO picks it on CPU for M <= 64 (backends.CPU_MAX_M).
+  group_size a multiple of 32 (`cpu_unsupported_reason`); AUTO picks it on CPU for M <= 64 (backends.CPU_MAX_M).
+  A call repeating one on an unchanged layer skips the argument checks (`_repeated_cpu_call`).
   Everything else on CPU (fp32 / fp16 x, bits 8, other group sizes, inference-mode weights) runs the torch
   backend, which stays the reference.
 - cuda: csrc/quant_lowrank_decode.cu (split-K shrink, then the dequantising GEMV with the expand fused, PDL)
@@ -42,8 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops.backends import Backend, BackendUnavailableError, cuda_dtype_unavailable_reason, select_backend
-from lowrank_ops.kernels.quant_lowrank_matmul_cpu import GROUP_SIZES as CPU_GROUP_SIZES
-from lowrank_ops.kernels.quant_lowrank_matmul_cpu import quant_lowrank_matmul_cpu
+from lowrank_ops.kernels import quant_lowrank_matmul_cpu as cpu_kernel
 from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 from lowrank_ops.quant_format import (
@@ -153,8 +153,9 @@ def cpu_unsupported_reason(x, qweight, scales, zeros, v, u, bias, bits: int, gro
                 "bf16 only: 22x slower than dense in fp32 at 1536 x 576, M = 1)")
     if bits > 4:
         return f"the CPU backend reads 4-bit codes (bits 2, 3, 4), got bits={bits}"
-    if group_size not in CPU_GROUP_SIZES:
-        return f"aten's int4 CPU kernel takes group_size in {CPU_GROUP_SIZES}, got {group_size}"
+    if cpu_kernel.kernel_group_size(group_size, x.shape[-1]) is None:
+        return (f"aten's int4 CPU kernel takes groups of {cpu_kernel.KERNEL_GROUP_SIZES}: group_size must be a "
+                f"multiple of one of them, got {group_size}")
     if scales.dtype != x.dtype:
         return f"the CPU backend takes scales / zeros in x's dtype {x.dtype}, got {scales.dtype}"
     if any(t is not None and t.is_inference() for t in (qweight, scales, zeros, v, u, bias)):
@@ -192,10 +193,33 @@ def quant_lowrank_matmul(
     Same as torch.ops.lowrank_ops.quant_lowrank_matmul, except that non-tensor arguments raise TypeError here
     instead of the dispatcher's RuntimeError.
     """
+    if (y := _repeated_cpu_call(x, qweight, scales, zeros, v, u, bias, bits, group_size)) is not None:
+        return y
     check_quant_lowrank_matmul_args(x, qweight, scales, zeros, v, u, bias, bits, group_size)
     if _eager_without_autograd(x, v, u, bias):
         return _quant_lowrank_matmul_impl(x, qweight, scales, zeros, v, u, bias, bits, group_size)
     return _quant_lowrank_matmul_op(x, qweight, scales, zeros, v, u, bias, bits, group_size)
+
+
+def _repeated_cpu_call(x, qweight, scales, zeros, v, u, bias, bits, group_size) -> torch.Tensor | None:
+    """The CPU backend's output when this call repeats, on an unchanged layer, one that passed the checks and ran the
+    CPU backend; else None (the caller then takes the full path).
+
+    A packing is cached only by such a call, under a key that says the layer's tensors are the same objects with the
+    same storage, version, shape and dtype and bits / group_size are equal (kernels/quant_lowrank_matmul_cpu.py), so
+    the layer's part of the checks holds. What is left is x's part (a bf16 CPU tensor, last dim n), the eager
+    no-gradient rule, and the dispatch rule, asked of select_backend as on the full path. Decode calls a layer once
+    per token with the same tensors: measured on a SmolLM2 layer (bf16, 1536 x 576, g = 128, r = 64, M = 1,
+    1 thread) this path costs the kernel plus ~25 us, the full path the kernel plus ~65 us."""
+    packing = cpu_kernel.packing_if_cached(qweight, scales, zeros, v, u, bias, bits, group_size)
+    if packing is None or not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    if x.dim() == 0 or x.shape[-1] != packing.n or not _eager_without_autograd(x, v, u, bias):
+        return None
+    m_rows = x.numel() // packing.n
+    if m_rows == 0 or select_backend(OP, x.device, m_rows) is not Backend.CPU:
+        return None
+    return cpu_kernel.run_packing(x.reshape(m_rows, packing.n), packing).reshape(*x.shape[:-1], packing.m)
 
 
 def _eager_without_autograd(*tensors: torch.Tensor | None) -> bool:
@@ -269,7 +293,7 @@ def _quant_lowrank_matmul_impl(x, qweight, scales, zeros, v, u, bias, bits: int,
     elif backend is Backend.CUDA:  # pragma: no cover - needs the extension and a GPU (tests/test_cuda_kernels.py)
         y2d = _quant_lowrank_matmul_cuda(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
     elif backend is Backend.CPU:
-        y2d = quant_lowrank_matmul_cpu(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
+        y2d = cpu_kernel.quant_lowrank_matmul_cpu(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
     else:
         y2d = _quant_lowrank_matmul_torch(x2d, qweight, scales, zeros, v, u, bias, bits, group_size)
     return y2d.reshape(*x.shape[:-1], qweight.shape[0])
