@@ -1,6 +1,7 @@
 """Packaging and the optional C++/CUDA build path (issue 2 §1, issue 9 §2).
 
-- The wheel ships `kernels/` as `lowrank_ops.kernels` and nothing top-level besides `lowrank_ops`.
+- The wheel ships `kernels/` as `lowrank_ops.kernels` and nothing top-level besides `lowrank_ops`; in a checkout,
+  `import kernels` from the root gets Hugging Face's package, not that directory.
 - Every csrc/*.cu compiles with plain nvcc for sm_90a and sm_80 (no torch, no GPU needed) with no register spills,
   and no kernel file includes torch; csrc/bindings.cpp passes a syntax-only g++ check against torch's headers.
 - setup.py's decision to build or skip the extension says why, and LOWRANK_OPS_BUILD_CUDA=1 makes a skip an error.
@@ -98,6 +99,34 @@ def _nvcc() -> str | None:
 def _kernel_files() -> list[Path]:
     """csrc files that must stay torch-free: everything except the binding file(s)."""
     return sorted(p for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
+
+
+def _hugging_face_kernels_installed() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_checkout_root_does_not_shadow_hugging_face_kernels():
+    """Python started in the checkout's root has `kernels/` first on sys.path; transformers >= 5 imports Hugging
+    Face's `kernels` when a Llama loads. That import must get the real package where it is installed, and a plain
+    ModuleNotFoundError where it is not -- never lowrank-ops' directory (which broke the README's snippets when run
+    from the root: ImportError: cannot import name 'CUDAProperties')."""
+    code = ("import os, sys\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent'); sys.exit()\n"
+            "print(os.path.dirname(os.path.abspath(kernels.__file__)))\n"
+            "import transformers.models.llama.modeling_llama\n")  # fmt: skip
+    result = _run([sys.executable, "-c", code], cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    where = result.stdout.strip().splitlines()[0]
+    if _hugging_face_kernels_installed():
+        assert Path(where) != REPO / "kernels" and (Path(where) / "__init__.py").is_file(), where
+    else:
+        assert where == "absent"
 
 
 def test_cuda_sources_are_torch_free_and_listed_in_setup():
