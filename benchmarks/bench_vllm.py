@@ -17,6 +17,10 @@ prefill of the short prompts, 5-8 tokens, included). Each model and batch is war
 gives median, min and max over the rounds; a variant against dense is a tie when its [min, max] overlaps dense's
 (the noise band on this machine), else faster / slower by the ratio of medians.
 
+--dtype bfloat16 serves bf16 copies of the same models (made once under --models-dir/bfloat16: every tensor, group
+scales included, rounded to bf16, as a user serving in bf16 would hold them), where the int4 base runs aten's int4 CPU
+kernel instead of dequantising in fp32; written as vllm-bfloat16-<device>.*.
+
 Writes vllm-<device>.json (header + rows) and a Markdown table beside it naming the machine.
 """
 
@@ -78,6 +82,33 @@ def saved_models(models_dir: Path) -> tuple[dict[str, Path], dict]:
     return dirs, seconds
 
 
+def bfloat16_models(dirs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """bf16 copies of the saved models under out_dir/<name> (made unless the stamp beside them matches the source's)."""
+    import torch
+    from test_vllm_plugin import SMOLLM2_STAMP, save_for_vllm
+    from transformers import AutoModelForCausalLM
+
+    from lowrank_ops.serialization import load_compressed
+
+    source_stamp = (next(iter(dirs.values())).parent / SMOLLM2_STAMP).read_text()
+    out = {name: out_dir / name for name in dirs}
+    if (out_dir / SMOLLM2_STAMP).exists() and (out_dir / SMOLLM2_STAMP).read_text() == source_stamp:
+        print(f"bench_vllm: reusing the bf16 copies in {out_dir}", flush=True)
+        return out
+    (out_dir / SMOLLM2_STAMP).unlink(missing_ok=True)  # written last: a stamp names a complete set
+    for name, path in dirs.items():
+        if name == "dense":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = load_compressed(path)
+        model.to(torch.bfloat16).config.dtype = torch.bfloat16
+        save_for_vllm(model, out[name])
+        del model
+        gc.collect()
+    (out_dir / SMOLLM2_STAMP).write_text(source_stamp)
+    return out
+
+
 def model_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -89,7 +120,7 @@ def markdown(header: dict, rows: list[dict]) -> str:
     lines = [
         f"# vLLM generation throughput ({header['device']}, {header['cores']} cores, {header['machine_note']})",
         "",
-        f"vLLM {header['vllm']} CPU build (torch {header['torch']}), float32, enforce_eager, max_model_len "
+        f"vLLM {header['vllm']} CPU build (torch {header['torch']}), {header['dtype']}, enforce_eager, max_model_len "
         f"{header['max_model_len']}, VLLM_CPU_OMP_THREADS_BIND={header['omp_threads_bind']}{binding}; "
         f"SmolLM2-135M-Instruct and its compressions (tests/test_vllm_plugin.py's "
         f"SMOLLM2_CASES) served through the lowrank_ops plugin. Greedy, {header['new_tokens']} new tokens per "
@@ -118,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-model-len", type=int, default=128)
     parser.add_argument("--machine-note", default="shared", help="said beside the device in the table")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16: serve bf16 copies of the models (see the module docstring)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeats < 3:
         parser.error("--repeats must be at least 3")
@@ -133,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     from lowrank_ops.assets import default_model_gguf_path
 
     dirs, compression_seconds = saved_models(args.models_dir)
+    if args.dtype == "bfloat16":
+        dirs = bfloat16_models(dirs, args.models_dir / "bfloat16")
     gguf = default_model_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     prompt_ids = [tokenizer(text)["input_ids"] for text in PROMPTS]
@@ -145,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     header = bench_header()
     header.update(bench="vllm", vllm=vllm.__version__, machine_note=args.machine_note, cores=os.cpu_count(),
                   omp_threads_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-                  kvcache_space_gib=os.environ["VLLM_CPU_KVCACHE_SPACE"], dtype="float32", enforce_eager=True,
+                  kvcache_space_gib=os.environ["VLLM_CPU_KVCACHE_SPACE"], dtype=args.dtype, enforce_eager=True,
                   max_model_len=args.max_model_len, new_tokens=args.new_tokens, batches=args.batches,
                   repeats=args.repeats, prompts=list(PROMPTS), **smollm2_stamp(),
                   compression_seconds=compression_seconds,
@@ -154,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     engines, load_seconds = {}, {}
     for name, path in dirs.items():
         start = time.perf_counter()
-        engines[name] = LLM(model=str(path), dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
+        engines[name] = LLM(model=str(path), dtype=args.dtype, enforce_eager=True, skip_tokenizer_init=True,
                             max_model_len=args.max_model_len, gpu_memory_utilization=0.2, seed=0)  # fmt: skip
         load_seconds[name] = time.perf_counter() - start
         print(f"bench_vllm: {name} loaded in {load_seconds[name]:.1f} s", flush=True)
@@ -198,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s_max"]  # fmt: skip
         row["verdict"] = "tie" if overlap else ("faster" if row["ratio_to_dense"] > 1 else "slower")
     header["wall_seconds"] = time.perf_counter() - t0
-    path = write_results(args.out, "vllm", header, rows)
+    path = write_results(args.out, "vllm" if args.dtype == "float32" else f"vllm-{args.dtype}", header, rows)
     table = markdown(header, rows)
     path.with_suffix(".md").write_text(table)
     print(table)

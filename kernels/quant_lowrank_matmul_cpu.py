@@ -30,11 +30,13 @@ Only bf16 activations: on x86 the kernel is vectorized (AVX512 / AVX2) for bf16 
 loop (so does aten's int8 weight-only kernel). Measured on the 2-core AMD EPYC (AVX512, 1 thread), 1536 x 576,
 g = 64, M = 1: bf16 51 us against 92 us for the dense bf16 F.linear and 74 us for dense fp32; fp32 1630 us.
 
-The packing is made on the first call and kept in `_CACHE` under the qweight tensor: B and SZ (n m / 2 + 4 m G bytes,
-about the size of the stored base) and the fp32 factors (4 (r + G + 1)(m + n) bytes: twice the bf16 residual, the
-memory this backend trades for speed). Its key is the data pointer and version counter of qweight, scales, zeros, v,
-u and bias: an in-place change (load_state_dict, copy_, an optimizer step) or a swapped storage repacks on the next
-call, a new tensor (module.to(...)) gets its own entry, and an entry goes when its qweight is garbage-collected.
+The packing is made on the first call and kept in `_CACHE` under the qweight tensor: B and SZ (n m / 2 + 4 m n / g'
+bytes, about the size of the stored base) and the fp32 factors (4 (r + G + 1)(m + n) bytes: twice the bf16 residual,
+the memory this backend trades for speed). Its key (`layer_key`) is bits, group_size and, of qweight, scales, zeros,
+v, u and bias, the identity, data pointer, version counter, shape and dtype: an in-place change (load_state_dict,
+copy_, an optimizer step), a swapped storage or another tensor repacks on the next call, a new qweight
+(module.to(...)) gets its own entry, and an entry goes when its qweight is garbage-collected. A matching key also
+tells the op that a call repeats an already checked one (`_repeated_cpu_call` in ops/quant_lowrank_matmul.py).
 Inference tensors have no version counter, so the op keeps them on the torch backend.
 """
 
