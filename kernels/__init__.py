@@ -9,7 +9,9 @@ if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess by tes
     # Imported as a top-level `kernels`: Python runs from the root of a source checkout (`python`, `python -c`,
     # `python -m` put the current directory first on sys.path), so this directory shadows Hugging Face's `kernels`,
     # which transformers >= 5 imports when its models load (ImportError: cannot import name 'CUDAProperties'). Load
-    # the real package in this module's place (the import system returns what sys.modules holds at the end).
+    # the real package in this module's place (the import system returns what sys.modules holds at the end). Where
+    # none is installed this module stays: transformers' probe imports it, finds no version and moves on (raising
+    # here instead breaks that probe in transformers 5.19).
     import importlib.machinery
     import importlib.util
     import os
@@ -19,10 +21,7 @@ if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess by tes
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
     )
-    if _spec is None:
-        del sys.modules[__name__]
-        raise ModuleNotFoundError("No module named 'kernels' (this is lowrank-ops' kernels/, imported as "
-                                  "lowrank_ops.kernels)", name="kernels")  # fmt: skip
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _module
-    _spec.loader.exec_module(_module)
+    if _spec is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
