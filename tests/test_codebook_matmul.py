@@ -287,3 +287,24 @@ def test_gpu_cuda_graph_capture_and_pdl_chain():
         inputs = [x, *outs[:-1]]
         for (weights, shared), h, y in zip(layers, inputs, outs):
             _check(y, (h, *weights), shared)
+
+
+@pytest.mark.parametrize("shared", MODES)
+def test_eager_calls_without_autograd_skip_the_dispatch_and_agree_with_it(monkeypatch, shared):
+    """As for lowrank_matmul: eager calls with nothing to differentiate run the implementation directly, with the
+    same bits as the custom op; a call recording a gradient (of the codebook here) goes through the op."""
+    import importlib
+
+    module = importlib.import_module("lowrank_ops.ops.codebook_matmul")
+    x, codebook, index, v, u, b = _inputs((3, 64, 40, 8, 4), shared, torch.float32, "cpu", seed=8)
+    through_op = torch.ops.lowrank_ops.codebook_matmul(x, codebook, index, v, u, b, shared)
+    calls = []
+    real = module._codebook_matmul_op
+    monkeypatch.setattr(module, "_codebook_matmul_op", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(module.codebook_matmul(x, codebook, index, v, u, b, shared=shared), through_op)
+    assert not calls, "no gradient to record: the dispatch is skipped"
+    codebook.requires_grad_(True)
+    y = module.codebook_matmul(x, codebook, index, v, u, b, shared=shared)
+    assert calls and torch.equal(y.detach(), through_op)
+    y.sum().backward()
+    assert codebook.grad is not None and codebook.grad.shape == codebook.shape

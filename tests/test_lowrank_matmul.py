@@ -171,3 +171,24 @@ def test_gpu_cuda_graph_capture():
     x.copy_(torch.randn_like(x))
     graph.replay()
     _check(y, x, v, u, b)
+
+
+def test_eager_calls_without_autograd_skip_the_dispatch_and_agree_with_it(monkeypatch):
+    """The public function runs the op's implementation directly when nothing needs a gradient (eager), and through
+    the custom op otherwise: both give the same bits, and a call that records a gradient still reaches the op."""
+    import importlib
+
+    module = importlib.import_module("lowrank_ops.ops.lowrank_matmul")
+    x, v, u, b = _inputs((3, 70, 33, 5), torch.float32, "cpu", seed=7)
+    through_op = torch.ops.lowrank_ops.lowrank_matmul(x, v, u, b)
+    calls = []
+    real = module._lowrank_matmul_op
+    monkeypatch.setattr(module, "_lowrank_matmul_op", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        assert torch.equal(module.lowrank_matmul(x, v.requires_grad_(True), u, b), through_op)
+    assert torch.equal(module.lowrank_matmul(x, v.detach(), u, b), through_op)
+    assert not calls, "no gradient to record: the dispatch is skipped"
+    y = module.lowrank_matmul(x, v, u, b)
+    assert calls and torch.equal(y.detach(), through_op)
+    y.sum().backward()
+    assert v.grad is not None and v.grad.shape == v.shape

@@ -1,4 +1,5 @@
-"""Argument checks that several ops share: the optional low-rank residual (v, u), the bias, dtypes and devices."""
+"""Argument checks that several ops share: the optional low-rank residual (v, u), the bias, dtypes and devices; and
+the rule that lets an eager call without autograd skip the custom op's dispatch."""
 
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ def check_same_dtype_and_device(op: str, x: torch.Tensor, same_dtype: dict, same
     for name, t in same_device.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+
+
+def eager_without_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when a call may skip its custom op's dispatch (and the op's second round of argument checks) and run the
+    implementation directly: eager (not traced by torch.compile) and no gradient to record. Measured on SmolLM2's
+    layers (M = 1, 1 thread, the 2-core machine): quant_lowrank_matmul on the CPU backend (bf16, 1536 x 576, g64,
+    r = 64) 190 -> 172 us and 167 -> 134 us in two runs; every op's dispatch plus checks cost tens of us a call, as
+    much as the GEMMs of a small factored layer."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)

@@ -27,6 +27,8 @@ Backends (chosen by `lowrank_ops.backends.select_backend`):
 - cuda: not yet.
 Registered with torch.library (fake implementation for torch.compile, autograd for x, codebook, v, u and bias;
 the index gets no gradient), so it composes with torch.compile(fullgraph=True) and CUDA-graph capture.
+The Python function runs the implementation directly, without the custom op's dispatch, when the call is eager
+and records no gradient (`_checks.eager_without_autograd`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops.backends import DECODE_MAX_M, Backend, select_backend
-from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
+from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, eager_without_autograd, shape_of
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 
 OP = "codebook_matmul"
@@ -148,6 +150,8 @@ def codebook_matmul(
     instead of the dispatcher's RuntimeError.
     """
     check_codebook_matmul_args(x, codebook, index, v, u, bias, shared)
+    if eager_without_autograd(x, codebook, v, u, bias):
+        return _codebook_matmul_impl(x, codebook, index, v, u, bias, shared)
     return _codebook_matmul_op(x, codebook, index, v, u, bias, shared)
 
 
@@ -162,6 +166,11 @@ def _codebook_matmul_op(
     shared: str = "rows",
 ) -> torch.Tensor:
     check_codebook_matmul_args(x, codebook, index, v, u, bias, shared)
+    return _codebook_matmul_impl(x, codebook, index, v, u, bias, shared)
+
+
+def _codebook_matmul_impl(x, codebook, index, v, u, bias, shared: str) -> torch.Tensor:
+    """The op's body after its checks: pick the backend (the one dispatch point) and run it."""
     x2d = x.reshape(-1, x.shape[-1])
     m_rows = x2d.shape[0]
     backend = select_backend(OP, x.device, m_rows)

@@ -11,6 +11,8 @@ Backends (chosen by `lowrank_ops.backends.select_backend`):
   torch.ops.lowrank_ops.lowrank_matmul_cuda: M <= 16, fp16 / bf16, only when requested (not chosen by AUTO yet).
 Registered with torch.library (fake implementation for torch.compile, autograd formula for training the
 factors), so it composes with torch.compile(fullgraph=True) and CUDA-graph capture.
+The Python function runs the implementation directly, without the custom op's dispatch, when the call is eager
+and records no gradient (`_checks.eager_without_autograd`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lowrank_ops.backends import (
     cuda_dtype_unavailable_reason,
     select_backend,
 )
-from lowrank_ops.ops._checks import shape_of
+from lowrank_ops.ops._checks import eager_without_autograd, shape_of
 
 OP = "lowrank_matmul"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,6 +107,8 @@ def lowrank_matmul(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torc
     instead of the dispatcher's RuntimeError.
     """
     check_lowrank_matmul_args(x, v, u, bias)
+    if eager_without_autograd(x, v, u, bias):
+        return _lowrank_matmul_impl(x, v, u, bias)
     return _lowrank_matmul_op(x, v, u, bias)
 
 
@@ -113,6 +117,11 @@ def _lowrank_matmul_op(
     x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     check_lowrank_matmul_args(x, v, u, bias)
+    return _lowrank_matmul_impl(x, v, u, bias)
+
+
+def _lowrank_matmul_impl(x, v, u, bias) -> torch.Tensor:
+    """The op's body after its checks: pick the backend (the one dispatch point) and run it."""
     x2d = x.reshape(-1, x.shape[-1])
     backend = select_backend(OP, x.device, x2d.shape[0])
     if x.dtype == torch.float64 and backend is not Backend.TORCH:

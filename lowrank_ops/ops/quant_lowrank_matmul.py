@@ -35,6 +35,8 @@ Backends (chosen by `lowrank_ops.backends.select_backend`; on CUDA AUTO picks Tr
   and zeros in x's dtype, bits 2 / 3 / 4; only when requested (not chosen by AUTO yet).
 Registered with torch.library (fake implementation, autograd for x, v, u and bias -- W_hat is frozen: qweight,
 scales and zeros get no gradient), so it composes with torch.compile(fullgraph=True) and CUDA graphs.
+The Python function runs the implementation directly, without the custom op's dispatch, when the call is eager
+and records no gradient (`_checks.eager_without_autograd`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ import torch.nn.functional as F
 
 from lowrank_ops.backends import Backend, BackendUnavailableError, cuda_dtype_unavailable_reason, select_backend
 from lowrank_ops.kernels import quant_lowrank_matmul_cpu as cpu_kernel
-from lowrank_ops.ops._checks import check_residual_args, check_same_dtype_and_device, shape_of
+from lowrank_ops.ops._checks import (
+    check_residual_args,
+    check_same_dtype_and_device,
+    eager_without_autograd,
+    shape_of,
+)
 from lowrank_ops.ops.lowrank_matmul import RANK_PAD_MULTIPLE, _pad_rank
 from lowrank_ops.quant_format import (
     PackedQuantWeight,
@@ -196,7 +203,7 @@ def quant_lowrank_matmul(
     if (y := _repeated_cpu_call(x, qweight, scales, zeros, v, u, bias, bits, group_size)) is not None:
         return y
     check_quant_lowrank_matmul_args(x, qweight, scales, zeros, v, u, bias, bits, group_size)
-    if _eager_without_autograd(x, v, u, bias):
+    if eager_without_autograd(x, v, u, bias):
         return _quant_lowrank_matmul_impl(x, qweight, scales, zeros, v, u, bias, bits, group_size)
     return _quant_lowrank_matmul_op(x, qweight, scales, zeros, v, u, bias, bits, group_size)
 
@@ -215,24 +222,12 @@ def _repeated_cpu_call(x, qweight, scales, zeros, v, u, bias, bits, group_size) 
     packing = cpu_kernel.packing_if_cached(qweight, scales, zeros, v, u, bias, bits, group_size)
     if packing is None or not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return None
-    if x.dim() == 0 or x.shape[-1] != packing.n or not _eager_without_autograd(x, v, u, bias):
+    if x.dim() == 0 or x.shape[-1] != packing.n or not eager_without_autograd(x, v, u, bias):
         return None
     m_rows = x.numel() // packing.n
     if m_rows == 0 or select_backend(OP, x.device, m_rows) is not Backend.CPU:
         return None
     return cpu_kernel.run_packing(x.reshape(m_rows, packing.n), packing).reshape(*x.shape[:-1], packing.m)
-
-
-def _eager_without_autograd(*tensors: torch.Tensor | None) -> bool:
-    """True when the call may skip the custom op's dispatch and run its implementation directly: eager (not traced by
-    torch.compile) and no gradient to record. Measured on a SmolLM2 layer on the CPU backend (bf16, 1536 x 576, g64,
-    r = 64, M = 1, 1 thread, best of 20-30 interleaved rounds, two runs on the 2-core machine): 190 -> 172 us and
-    167 -> 134 us through the dispatch (which also repeated the argument checks) -> directly; dense bf16 F.linear
-    117 / 87 us in the same runs. Of the direct call, aten's int4 kernel is ~50 us, the fp32 residual ~20 us, Python
-    the rest."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def quant_lowrank_matmul_packed(
