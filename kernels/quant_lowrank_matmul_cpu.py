@@ -33,8 +33,8 @@ g = 64, M = 1: bf16 51 us against 92 us for the dense bf16 F.linear and 74 us fo
 The packing is made on the first call and kept in `_CACHE` under the qweight tensor: B and SZ (n m / 2 + 4 m n / g'
 bytes, about the size of the stored base) and the fp32 factors (4 (r + G + 1)(m + n) bytes: twice the bf16 residual,
 the memory this backend trades for speed). Its key (`layer_key`) is bits, group_size and, of qweight, scales, zeros,
-v, u and bias, the identity, data pointer, version counter, shape and dtype: an in-place change (load_state_dict,
-copy_, an optimizer step), a swapped storage or another tensor repacks on the next call, a new qweight
+v, u and bias, the data pointer, version counter, shape, strides and dtype: an in-place change (load_state_dict,
+copy_, an optimizer step), a swapped storage or a tensor viewed differently repacks on the next call, a new qweight
 (module.to(...)) gets its own entry, and an entry goes when its qweight is garbage-collected. A matching key also
 tells the op that a call repeats an already checked one (`_repeated_cpu_call` in ops/quant_lowrank_matmul.py).
 Inference tensors have no version counter, so the op keeps them on the torch backend.
@@ -87,12 +87,12 @@ _CACHE: dict[int, CpuInt4Packing] = {}
 
 
 def _fingerprint(t):
-    """What says a tensor argument is the one a packing was made of, unchanged: its identity, storage, version
-    counter (moved by every in-place write), shape and dtype. Anything else stands for itself (and never matches a
-    tensor's fingerprint)."""
+    """What says a tensor argument holds what a packing was made of: its data pointer, version counter (moved by every
+    in-place write), shape, strides and dtype. Anything else stands for itself (and never matches a tensor's
+    fingerprint). The cache slot itself is the qweight object's: callers pass the same tensors on every call."""
     if not isinstance(t, torch.Tensor):
         return t
-    return id(t), t.data_ptr(), t._version, t.shape, t.dtype
+    return t.data_ptr(), t._version, t.shape, t.stride(), t.dtype
 
 
 def layer_key(qweight, scales, zeros, v, u, bias, bits: int, group_size: int) -> tuple:

@@ -235,3 +235,17 @@ def test_repeated_calls_skip_the_checks_and_agree_with_the_full_path(monkeypatch
     v_grad = v2.clone().requires_grad_(True)
     y = full_path_again(x, q, s, z, v_grad, u, b, bits, g)
     assert y.requires_grad
+
+
+def test_module_compiles_fullgraph_after_eager_calls():
+    """torch.compile(fullgraph=True) of a layer whose packing an eager call already cached: the traced call takes the
+    custom op (dynamo never looks into the cache) and gives the eager bits."""
+    _, q, s, z, v, u, bias, _, _ = _inputs((1, 576, 192, 16, 128), 4, torch.bfloat16, "cpu", bias=True, seed=9)
+    layer = QuantLowRankLinear(576, 192, bits=4, group_size=128, rank=16, dtype=torch.bfloat16)
+    layer.load_state_dict({"qweight": q, "scales": s, "zeros": z, "v": v, "u": u, "bias": bias})
+    x = torch.randn(2, 576).bfloat16()
+    with torch.no_grad():
+        eager = layer(x)
+        assert id(layer.qweight) in cpu_kernel._CACHE
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), eager)

@@ -59,8 +59,11 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-import lowrank_ops.ops  # noqa: F401  (registers torch.ops.lowrank_ops.*)
 from lowrank_ops.formats import two_of_four_violation
+
+# the ops' Python functions: they take the custom op under torch.compile and with autograd, and run eager inference
+# calls directly (ops/_checks.eager_without_autograd; the CPU int4 backend's repeated-call path)
+from lowrank_ops.ops import codebook_matmul, lowrank_matmul, quant_lowrank_matmul
 from lowrank_ops.quant_format import CODES_PER_INT32, LAYOUT_VERSION, container_bits, num_groups, packed_width
 
 QUANT_METHOD = "lowrank_ops"
@@ -397,7 +400,7 @@ def _shard_runner(name: str, entry: dict | None, t: dict[str, torch.Tensor], che
         return lambda x, bias: F.linear(x, weight, bias)
     if kind == "LowRankLinear":
         if fused:
-            return lambda x, bias: torch.ops.lowrank_ops.lowrank_matmul(x, v, u, bias)
+            return lambda x, bias: lowrank_matmul(x, v, u, bias)
         return lambda x, bias: F.linear(F.linear(x, v), u, bias)
     if kind == "SparseLowRankLinear":
         weight = t["weight"]
@@ -405,13 +408,13 @@ def _shard_runner(name: str, entry: dict | None, t: dict[str, torch.Tensor], che
             raise ValueError(f"lowrank_ops vLLM plugin: {name}.weight is not 2:4 sparse (row {bad[0]}, columns "
                              f"{bad[1]}..{bad[1] + 3} hold {bad[2]} non-zeros); the file is corrupt")  # fmt: skip
         if v is not None and fused:
-            return lambda x, bias: F.linear(x, weight, bias) + torch.ops.lowrank_ops.lowrank_matmul(x, v, u)
+            return lambda x, bias: F.linear(x, weight, bias) + lowrank_matmul(x, v, u)
         return lambda x, bias: residual(F.linear(x, weight, bias), x)
     if kind == "QuantLowRankLinear":
         qweight, scales, zeros = t["qweight"], t["scales"], t["zeros"]
         bits, group = entry["bits"], entry["group_size"]
         fv, fu = (v, u) if fused else (None, None)
-        return lambda x, bias: residual(torch.ops.lowrank_ops.quant_lowrank_matmul(
+        return lambda x, bias: residual(quant_lowrank_matmul(
             x, qweight, scales, zeros, fv, fu, bias, bits, group), x)  # fmt: skip
     # SharedChannelLinear
     codebook, index, shared = t["codebook"], t["index"], entry["shared"]
@@ -420,8 +423,7 @@ def _shard_runner(name: str, entry: dict | None, t: dict[str, torch.Tensor], che
         raise ValueError(f"lowrank_ops vLLM plugin: {name}.index spans [{int(index.min())}, {int(index.max())}], "
                          f"outside [0, {clusters}) (clusters); the file is corrupt")  # fmt: skip
     fv, fu = (v, u) if fused else (None, None)
-    return lambda x, bias: residual(torch.ops.lowrank_ops.codebook_matmul(
-        x, codebook, index, fv, fu, bias, shared), x)  # fmt: skip
+    return lambda x, bias: residual(codebook_matmul(x, codebook, index, fv, fu, bias, shared=shared), x)
 
 
 def register() -> None:

@@ -212,13 +212,15 @@ def _repeated_cpu_call(x, qweight, scales, zeros, v, u, bias, bits, group_size) 
     """The CPU backend's output when this call repeats, on an unchanged layer, one that passed the checks and ran the
     CPU backend; else None (the caller then takes the full path).
 
-    A packing is cached only by such a call, under a key that says the layer's tensors are the same objects with the
-    same storage, version, shape and dtype and bits / group_size are equal (kernels/quant_lowrank_matmul_cpu.py), so
-    the layer's part of the checks holds. What is left is x's part (a bf16 CPU tensor, last dim n), the eager
+    A packing is cached only by such a call, under a key that says the layer's tensors have the same storage, version,
+    shape, strides and dtype and bits / group_size are equal (kernels/quant_lowrank_matmul_cpu.py), so the layer's
+    part of the checks holds. What is left is x's part (a bf16 CPU tensor, last dim n), the eager
     no-gradient rule, and the dispatch rule, asked of select_backend as on the full path. Decode calls a layer once
     per token with the same tensors: measured on a SmolLM2 layer (bf16, 1536 x 576, g = 128, r = 64, M = 1,
     1 thread, quiet 2-core machine) a module call took 134-161 us before and 108-112 us with this path (aten's
     kernel alone: 54-60 us; the fp32 residual and zero term most of the rest)."""
+    if torch.compiler.is_compiling():  # traced: the custom op (dynamo need not look into the cache)
+        return None
     packing = cpu_kernel.packing_if_cached(qweight, scales, zeros, v, u, bias, bits, group_size)
     if packing is None or not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return None
