@@ -192,3 +192,8 @@ def test_eager_calls_without_autograd_skip_the_dispatch_and_agree_with_it(monkey
     assert calls and torch.equal(y.detach(), through_op)
     y.sum().backward()
     assert v.grad is not None and v.grad.shape == v.shape
+    calls.clear()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        module.lowrank_matmul(x, v, u, b)
+    assert calls, "under torch.profiler the call goes through the op"
+    assert any(e.key == "lowrank_ops::lowrank_matmul" for e in prof.key_averages()), "so the profile names it"

@@ -53,7 +53,8 @@ def eager_without_autograd(*tensors: torch.Tensor | None) -> bool:
     implementation directly: eager (not traced by torch.compile) and no gradient to record. Measured on SmolLM2's
     layers (M = 1, 1 thread, the 2-core machine): quant_lowrank_matmul on the CPU backend (bf16, 1536 x 576, g64,
     r = 64) 190 -> 172 us and 167 -> 134 us in two runs; every op's dispatch plus checks cost tens of us a call, as
-    much as the GEMMs of a small factored layer."""
-    if torch.compiler.is_compiling():
+    much as the GEMMs of a small factored layer. Under torch.profiler the call goes through the op, so that a profile
+    names it (lowrank_ops::...) instead of scattering its time over aten kernels (the check costs about 70 ns)."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
         return False
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
