@@ -117,7 +117,8 @@ def _fake_layer(cls, tp_rank: int, tp_size: int, **attrs):
 
 def _run_rank(cls, modules: dict[str, torch.nn.Module], shard_ids, x: torch.Tensor, tp_rank: int, tp_size: int,
               row: bool, **attrs) -> torch.Tensor:  # fmt: skip
-    """Build, load and apply the plugin's method for rank `tp_rank` of one vLLM layer made of `modules`."""
+    """Build, load and apply the plugin's method for rank `tp_rank` of one vLLM layer made of `modules`, in x's
+    dtype (vLLM's params_dtype)."""
     from lowrank_ops.integrations.vllm import LowRankOpsLinearMethod
     from lowrank_ops.modules import CompressedLinear
 
@@ -133,7 +134,7 @@ def _run_rank(cls, modules: dict[str, torch.nn.Module], shard_ids, x: torch.Tens
         replicas = attrs.get("num_kv_head_replicas", 1)
         local_out = [o // tp_size if i == 0 or replicas == 1 else o * replicas // tp_size for i, o in enumerate(outs)]
         local_in = n
-    method.create_weights(layer, local_in, local_out, n, sum(outs), torch.float32, weight_loader=None)
+    method.create_weights(layer, local_in, local_out, n, sum(outs), x.dtype, weight_loader=None)
     for shard_id, module in zip(shard_ids, modules.values()):
         for key, tensor in module.state_dict().items():
             if key == "bias":
@@ -209,17 +210,12 @@ def tp_layers():
     return _tp_layers()
 
 
-@pytest.mark.parametrize("tp_size", [2, 4])
-def test_tensor_parallel_split_matches_unsplit(tp_layers, tp_size):
-    """Column-parallel (QKV with q / k / v of different kinds and ranks, gate/up) and row-parallel (o, down) layers
-    split over tp_size ranks: the ranks' outputs concatenated / summed equal the unsplit layer (accuracy rule: error
-    against float64 at most twice the unsplit op's own error plus 1e-6 of the output scale)."""
+def _tp_cases(tp_layers, tp_size: int) -> list[tuple]:
+    """(class, modules, shard ids, row-parallel, extra attributes) of vLLM layers made of the tiny models' modules."""
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
     lowrank, int4, swsc_rows, swsc_cols, sparse, dense = tp_layers
-    generator = torch.Generator().manual_seed(3)
     cases = [
-        # (class, modules, shard ids, row-parallel, extra attributes)
         (QKVParallelLinear, _qkv(lowrank.self_attn.q_proj, int4.self_attn.k_proj, swsc_rows.self_attn.v_proj),
          ["q", "k", "v"], False, {"num_kv_head_replicas": 1}),
         (QKVParallelLinear, _qkv(sparse.self_attn.q_proj, swsc_cols.self_attn.k_proj, dense.self_attn.v_proj),
@@ -235,29 +231,72 @@ def test_tensor_parallel_split_matches_unsplit(tp_layers, tp_size):
     if tp_size == 4:  # more ranks than the 2 KV heads: k and v rows are replicated in pairs of ranks
         for i in (0, 1, 4):
             cases[i] = (*cases[i][:4], {"num_kv_head_replicas": 2})
-    for cls, modules, shard_ids, row, attrs in cases:
-        kinds = {name: type(m).__name__ for name, m in modules.items()}
+    return cases
+
+
+def _check_split(cls, modules, shard_ids, row, attrs, x: torch.Tensor, tp_size: int) -> None:
+    """The ranks' outputs of one layer, concatenated / summed, against float64: error at most twice the unsplit
+    modules' own error (their forward in x's dtype) plus 1e-6 of the output scale."""
+    kinds = {name: type(m).__name__ for name, m in modules.items()}
+    weight = torch.cat([_dense64(m) for m in modules.values()])
+    biases = [m.bias for m in modules.values()]
+    want = x.double() @ weight.T
+    if biases[0] is not None:
+        want = want + torch.cat([b.detach().double() for b in biases])
+    unsplit = torch.cat([m(x).detach() for m in modules.values()], dim=-1).double()
+    outs = [_run_rank(cls, modules, shard_ids, x, t, tp_size, row, **attrs) for t in range(tp_size)]
+    assert all(o.dtype == x.dtype for o in outs), (cls.__name__, kinds, [o.dtype for o in outs])
+    if row:
+        got = sum(o.double() for o in outs)
+    else:
+        replicas = attrs.get("num_kv_head_replicas", 1)
+        # each rank: [q_t, k_t, v_t]; gather shard by shard, keeping one copy of replicated KV rows
+        sizes = [m.out_features // tp_size if i == 0 or replicas == 1 else m.out_features * replicas // tp_size
+                 for i, m in enumerate(modules.values())]  # fmt: skip
+        pieces = [list(o.double().split(sizes, dim=-1)) for o in outs]
+        got = torch.cat([torch.cat([pieces[t][i] for t in range(0, tp_size, 1 if i == 0 else replicas)], dim=-1)
+                         for i in range(len(sizes))], dim=-1)  # fmt: skip
+    scale = want.abs().max().item()
+    err, err_unsplit = (got - want).abs().max().item(), (unsplit - want).abs().max().item()
+    assert err <= 2 * err_unsplit + 1e-6 * scale, (cls.__name__, kinds, x.dtype, tp_size, err, err_unsplit, scale)
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_tensor_parallel_split_matches_unsplit(tp_layers, tp_size):
+    """Column-parallel (QKV with q / k / v of different kinds and ranks, gate/up) and row-parallel (o, down) layers
+    split over tp_size ranks equal the unsplit layer (float32; accuracy rule in _check_split)."""
+    generator = torch.Generator().manual_seed(3)
+    for cls, modules, shard_ids, row, attrs in _tp_cases(tp_layers, tp_size):
         x = torch.randn(5, next(iter(modules.values())).in_features, generator=generator)
-        weight = torch.cat([_dense64(m) for m in modules.values()])
-        biases = [m.bias for m in modules.values()]
-        want = x.double() @ weight.T
-        if biases[0] is not None:
-            want = want + torch.cat([b.detach().double() for b in biases])
-        unsplit = torch.cat([m(x).detach() for m in modules.values()], dim=-1).double()
-        outs = [_run_rank(cls, modules, shard_ids, x, t, tp_size, row, **attrs) for t in range(tp_size)]
-        if row:
-            got = sum(o.double() for o in outs)
-        else:
-            replicas = attrs.get("num_kv_head_replicas", 1)
-            # each rank: [q_t, k_t, v_t]; gather shard by shard, keeping one copy of replicated KV rows
-            sizes = [m.out_features // tp_size if i == 0 or replicas == 1 else m.out_features * replicas // tp_size
-                     for i, m in enumerate(modules.values())]  # fmt: skip
-            pieces = [list(o.double().split(sizes, dim=-1)) for o in outs]
-            got = torch.cat([torch.cat([pieces[t][i] for t in range(0, tp_size, 1 if i == 0 else replicas)], dim=-1)
-                             for i in range(len(sizes))], dim=-1)  # fmt: skip
-        scale = want.abs().max().item()
-        err, err_unsplit = (got - want).abs().max().item(), (unsplit - want).abs().max().item()
-        assert err <= 2 * err_unsplit + 1e-6 * scale, (cls.__name__, kinds, tp_size, err, err_unsplit, scale)
+        _check_split(cls, modules, shard_ids, row, attrs, x, tp_size)
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_bfloat16_layers_run_vllms_cpu_gemm(tp_layers, tp_size, monkeypatch):
+    """In bf16 on the CPU every dense-form GEMM of a layer (dense shards, 2:4 bases, factors, codebooks) runs the GEMM
+    vLLM gives its own dense layers (prepacked oneDNN: twice F.linear's speed here, see cpu_gemm) and the int base
+    the package's int4 kernel; each layer, unsplit and split, is as accurate as the modules' own bf16 forward
+    (rule in _check_split; 1, 8 and 5 rows)."""
+    import copy
+
+    from lowrank_ops.integrations import vllm as plugin
+
+    dispatched = []
+    real = plugin.dispatch_cpu_unquantized_gemm
+    monkeypatch.setattr(plugin, "dispatch_cpu_unquantized_gemm", lambda layer, remove_weight: dispatched.append(
+        tuple(layer.weight.shape)) or real(layer, remove_weight))  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    for case, (cls, modules, shard_ids, row, attrs) in enumerate(_tp_cases(tp_layers, tp_size)):
+        modules = {name: copy.deepcopy(m).to(torch.bfloat16) for name, m in modules.items()}
+        x = torch.randn((1, 8, 5)[case % 3], next(iter(modules.values())).in_features, generator=generator)
+        dispatched.clear()
+        _check_split(cls, modules, shard_ids, row, attrs, x.to(torch.bfloat16), tp_size)
+        # per rank: one prepacked GEMM for each dense weight (dense shard, 2:4 base) and codebook, two for each factor
+        # pair but the int base's (fused into the int4 kernel's fp32 residual)
+        expected = sum((k in ("Linear", "SparseLowRankLinear", "SharedChannelLinear"))
+                       + 2 * (getattr(m, "rank", 0) > 0 and k != "QuantLowRankLinear")
+                       for m in modules.values() for k in [type(m).__name__])  # fmt: skip
+        assert len(dispatched) == tp_size * expected, (cls.__name__, list(modules), dispatched)
 
 
 def test_packed_base_split_must_follow_groups():

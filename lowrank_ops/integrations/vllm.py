@@ -57,6 +57,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.model_executor.utils import set_weight_attrs
 
 from lowrank_ops.formats import two_of_four_violation
@@ -64,6 +65,7 @@ from lowrank_ops.formats import two_of_four_violation
 # the ops' Python functions: they take the custom op under torch.compile and with autograd, and run eager inference
 # calls directly (ops/_checks.eager_without_autograd; the CPU int4 backend's repeated-call path)
 from lowrank_ops.ops import codebook_matmul, lowrank_matmul, quant_lowrank_matmul
+from lowrank_ops.ops.codebook_matmul import segment_sum
 from lowrank_ops.quant_format import CODES_PER_INT32, LAYOUT_VERSION, container_bits, num_groups, packed_width
 
 QUANT_METHOD = "lowrank_ops"
@@ -385,45 +387,90 @@ def _residual_fits(v: torch.Tensor | None, u: torch.Tensor | None) -> bool:
     return v is not None and v.shape[0] <= min(u.shape[0], v.shape[1])
 
 
+# vLLM's own CPU GEMMs run only bf16 / fp16 shards: measured on the 2-core AMD EPYC (1 thread, vLLM 0.32), its
+# prepacked oneDNN GEMM against F.linear, M = 1: bf16 1536 x 576 37 vs 119 us, 192 x 576 11 vs 23 us, a 1536 x 576
+# rank-64 U (V x) 19 vs 43 us; but in fp32 the thin factors lose (rank 64: 22 vs 15 us), so fp32 keeps F.linear.
+_VLLM_GEMM_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def cpu_gemm(weight: torch.Tensor):
+    """(x, bias) -> x W^T + b for a (out, in) weight, run by the GEMM vLLM gives its own dense layers on the CPU
+    (`dispatch_cpu_unquantized_gemm`: a oneDNN primitive on a copy of W prepacked once, or sgl-kernel's on AMX CPUs):
+    vLLM's dense bf16 layers never run F.linear, and a factored layer compared with them must not either. F.linear
+    where that does not apply (GPU, fp32, an empty weight). The prepacked copy costs W's bytes again."""
+    if weight.device.type != "cpu" or weight.dtype not in _VLLM_GEMM_DTYPES or weight.numel() == 0:
+        return lambda x, bias=None: F.linear(x, weight, bias)
+    holder = nn.Module()
+    holder.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(holder, remove_weight=False)
+    return lambda x, bias=None: holder.cpu_linear(x, holder.weight, bias)
+
+
 def _shard_runner(name: str, entry: dict | None, t: dict[str, torch.Tensor], check_pattern: bool = True):
     """A function (x, bias) -> y computing one shard on this rank's tensors `t`, checked here, once: the codebook
-    index range, and the 2:4 pattern where `check_pattern` (this rank's columns start on a run of 4)."""
+    index range, and the 2:4 pattern where `check_pattern` (this rank's columns start on a run of 4).
+
+    On the CPU in bf16 / fp16, every dense-form GEMM (a dense shard, the 2:4 base stored dense, the factors, the
+    codebook) runs vLLM's own CPU GEMM (`cpu_gemm`), in the order of the ops' torch paths; the int base runs
+    quant_lowrank_matmul (aten's int4 kernel, residual fused). Elsewhere every shard runs the package's ops."""
     kind = None if entry is None else entry["module"]
     v, u = t.get("v"), t.get("u")
     fused = _residual_fits(v, u)
+    some = next(iter(t.values()))
+    vllm_gemm = some.device.type == "cpu" and some.dtype in _VLLM_GEMM_DTYPES
+    if v is not None and (vllm_gemm or not fused):
+        shrink, expand = cpu_gemm(v), cpu_gemm(u)
 
-    def residual(y, x):
-        return y if v is None or fused else y + F.linear(F.linear(x, v), u)
+        def residual(y, x):
+            return y + expand(shrink(x))
+    else:
+        def residual(y, x):
+            return y
 
     if kind is None:
-        weight = t["weight"]
-        return lambda x, bias: F.linear(x, weight, bias)
+        return cpu_gemm(t["weight"])
     if kind == "LowRankLinear":
-        if fused:
-            return lambda x, bias: lowrank_matmul(x, v, u, bias)
-        return lambda x, bias: F.linear(F.linear(x, v), u, bias)
+        if vllm_gemm or not fused:
+            return lambda x, bias: expand(shrink(x), bias)
+        return lambda x, bias: lowrank_matmul(x, v, u, bias)
     if kind == "SparseLowRankLinear":
         weight = t["weight"]
         if check_pattern and (bad := two_of_four_violation(weight)) is not None:
             raise ValueError(f"lowrank_ops vLLM plugin: {name}.weight is not 2:4 sparse (row {bad[0]}, columns "
                              f"{bad[1]}..{bad[1] + 3} hold {bad[2]} non-zeros); the file is corrupt")  # fmt: skip
-        if v is not None and fused:
-            return lambda x, bias: F.linear(x, weight, bias) + lowrank_matmul(x, v, u)
-        return lambda x, bias: residual(F.linear(x, weight, bias), x)
+        base = cpu_gemm(weight)
+        if v is not None and fused and not vllm_gemm:
+            return lambda x, bias: base(x, bias) + lowrank_matmul(x, v, u)
+        return lambda x, bias: residual(base(x, bias), x)
     if kind == "QuantLowRankLinear":
         qweight, scales, zeros = t["qweight"], t["scales"], t["zeros"]
         bits, group = entry["bits"], entry["group_size"]
         fv, fu = (v, u) if fused else (None, None)
-        return lambda x, bias: residual(quant_lowrank_matmul(
-            x, qweight, scales, zeros, fv, fu, bias, bits, group), x)  # fmt: skip
+        run = (lambda y, x: y) if fused else residual
+        return lambda x, bias: run(quant_lowrank_matmul(x, qweight, scales, zeros, fv, fu, bias, bits, group), x)
     # SharedChannelLinear
     codebook, index, shared = t["codebook"], t["index"], entry["shared"]
     clusters = entry["clusters"]
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= clusters):
         raise ValueError(f"lowrank_ops vLLM plugin: {name}.index spans [{int(index.min())}, {int(index.max())}], "
                          f"outside [0, {clusters}) (clusters); the file is corrupt")  # fmt: skip
+    if vllm_gemm:
+        by_codebook = cpu_gemm(codebook)
+        if shared == "rows":  # y = (x C^T)[:, idx]
+            return lambda x, bias: _add_bias(residual(by_codebook(x).index_select(-1, index), x), bias)
+        entries = codebook.shape[1]  # y = s(x) C^T, s(x)_j = sum of x_f over idx[f] = j
+        return lambda x, bias: _add_bias(residual(by_codebook(_segment_sum(x, index, entries)), x), bias)
     fv, fu = (v, u) if fused else (None, None)
     return lambda x, bias: residual(codebook_matmul(x, codebook, index, fv, fu, bias, shared=shared), x)
+
+
+def _segment_sum(x: torch.Tensor, index: torch.Tensor, entries: int) -> torch.Tensor:
+    """codebook_matmul's segment sum (fp32 accumulation, one rounding to x's dtype) over x's last dimension."""
+    return segment_sum(x.reshape(-1, x.shape[-1]), index, entries).to(x.dtype).reshape(*x.shape[:-1], entries)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.add_(bias)
 
 
 def register() -> None:
