@@ -416,9 +416,10 @@ def _shard_runner(name: str, entry: dict | None, t: dict[str, torch.Tensor], che
     kind = None if entry is None else entry["module"]
     v, u = t.get("v"), t.get("u")
     fused = _residual_fits(v, u)
-    some = next(iter(t.values()))
-    vllm_gemm = some.device.type == "cpu" and some.dtype in _VLLM_GEMM_DTYPES
-    if v is not None and (vllm_gemm or not fused):
+    dense_form = [t[k] for k in ("weight", "codebook", "v") if k in t]  # the float tensors a GEMM would take
+    vllm_gemm = bool(dense_form) and dense_form[0].device.type == "cpu" and dense_form[0].dtype in _VLLM_GEMM_DTYPES
+    # the residual runs beside the op where it does not fit the op, or on vLLM's GEMM (not the int4 kernel's fused one)
+    if v is not None and (not fused or (vllm_gemm and kind != "QuantLowRankLinear")):
         shrink, expand = cpu_gemm(v), cpu_gemm(u)
 
         def residual(y, x):
@@ -446,8 +447,7 @@ def _shard_runner(name: str, entry: dict | None, t: dict[str, torch.Tensor], che
         qweight, scales, zeros = t["qweight"], t["scales"], t["zeros"]
         bits, group = entry["bits"], entry["group_size"]
         fv, fu = (v, u) if fused else (None, None)
-        run = (lambda y, x: y) if fused else residual
-        return lambda x, bias: run(quant_lowrank_matmul(x, qweight, scales, zeros, fv, fu, bias, bits, group), x)
+        return lambda x, bias: residual(quant_lowrank_matmul(x, qweight, scales, zeros, fv, fu, bias, bits, group), x)
     # SharedChannelLinear
     codebook, index, shared = t["codebook"], t["index"], entry["shared"]
     clusters = entry["clusters"]
